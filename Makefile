@@ -1,0 +1,56 @@
+# shardrec — the two set-up commands of the README are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# The stamp depends on the files that define the stack, so editing them re-runs setup;
+# otherwise a second `make setup` finds the stamp and does nothing.
+STAMP := $(VENV)/.shardrec-setup
+NPROC ?= 2
+DEMO_CONFIG := launch/configs/deepfm_synthetic.toml
+DEMO_DATA := datasets/synthetic_ctr_demo
+
+.PHONY: setup demo test test-fast clean-data help
+
+help:
+	@echo "make setup  - create .venv with the pinned stack (idempotent)"
+	@echo "make demo   - generate the demo dataset and train DeepFM on 2 CPU ranks"
+	@echo "make test   - run the test suite"
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	@# torchrec declares the CUDA fbgemm-gpu as a dependency: install it without deps, then
+	@# the fbgemm build that matches this machine and torchrec's real runtime needs.
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing fbgemm-gpu 1.8.0"; \
+		$(PIP) install -q --no-deps fbgemm-gpu==1.8.0; \
+	else \
+		echo "no NVIDIA GPU: installing fbgemm-gpu-cpu 1.8.0"; \
+		$(PIP) install -q --no-deps fbgemm-gpu-cpu==1.8.0; \
+	fi
+	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest
+	@# --no-deps: the stack above is already resolved, and pip would otherwise try to pull the
+	@# CUDA fbgemm-gpu back in through torchrec's metadata.
+	$(PIP) install -q --no-deps -e .
+	@$(PY) -c "import torch, torchrec, fbgemm_gpu, pyarrow; print('stack ok: torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	@touch $(STAMP)
+
+$(DEMO_DATA)/meta.json: | $(STAMP)
+	$(PY) -m data.synth ctr --out $(DEMO_DATA) --preset demo
+
+demo: $(STAMP) $(DEMO_DATA)/meta.json
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m trainer --config $(DEMO_CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
+
+clean-data:
+	rm -rf datasets runs

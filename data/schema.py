@@ -1,0 +1,293 @@
+"""Feature schema of a dataset directory: ``schema.json`` beside the parquet shards.
+
+A schema lists every feature the model sees and the label(s):
+
+* ``dense`` features are float32 columns; they form ``Batch.dense`` of shape ``[B, Dd]`` in
+  schema order.
+* ``sparse`` features are ``list<int64>`` columns of ids that are pooled (sum or mean) per
+  row; they form the pooled ``KeyedJaggedTensor`` ``Batch.sparse`` (one key per feature).
+* ``sequence`` features are ``list<int64>`` columns kept unpooled, truncated to the most
+  recent ``max_len`` ids; they form ``Batch.sequence``. A sequence feature may name a
+  ``timestamps`` column (``list<int64>``, same lengths) that becomes ``Batch.timestamps``.
+
+Every sparse or sequence feature looks up an embedding ``table``; several features may share
+one table (they must then agree on ``num_embeddings`` and ``embedding_dim``).
+
+Example::
+
+    schema = Schema(
+        features=[
+            FeatureSpec("d0", "dense"),
+            FeatureSpec("user", "sparse", table="user", num_embeddings=1000, embedding_dim=16),
+        ],
+        labels=[LabelSpec("click")],
+    )
+    schema.save("datasets/x")          # writes datasets/x/schema.json
+    Schema.load("datasets/x").tables()  # {"user": TableSpec(...)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+FEATURE_KINDS = ("dense", "sparse", "sequence")
+POOLINGS = ("sum", "mean")
+LABEL_KINDS = ("binary", "regression")
+SCHEMA_FILE = "schema.json"
+META_FILE = "meta.json"
+SCHEMA_VERSION = 1
+
+# torchrec keeps tables in nn.ModuleDicts: a table named like a ModuleDict attribute
+# (``items``, ``keys``, ...) silently breaks EmbeddingBagCollection / EmbeddingCollection.
+RESERVED_NAMES = frozenset(
+    {"items", "keys", "values", "update", "pop", "clear", "get", "copy", "fromkeys",
+     "setdefault", "popitem", "type", "to", "forward", "training", "state_dict"}
+)
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SchemaError(ValueError):
+    """A schema that is malformed or inconsistent; the message names the offending entry."""
+
+
+@dataclass
+class FeatureSpec:
+    """One input feature.
+
+    Args:
+        name: column name in the parquet files and key in the KJT.
+        kind: ``dense`` | ``sparse`` | ``sequence``.
+        table: embedding table looked up by a sparse/sequence feature (default: its name).
+        num_embeddings: rows of that table; ids must lie in ``[0, num_embeddings)``.
+        embedding_dim: columns of that table.
+        pooling: ``sum`` | ``mean`` for sparse features.
+        max_len: sequence features keep only their most recent ``max_len`` ids.
+        timestamps: for sequence features, the ``list<int64>`` column of event times.
+    """
+
+    name: str
+    kind: str
+    table: Optional[str] = None
+    num_embeddings: int = 0
+    embedding_dim: int = 0
+    pooling: str = "sum"
+    max_len: int = 0
+    timestamps: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind != "dense" and self.table is None:
+            self.table = self.name
+
+
+@dataclass
+class LabelSpec:
+    """A training target column: ``binary`` (float32 0/1) or ``regression`` (float32)."""
+
+    name: str
+    kind: str = "binary"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """An embedding table derived from the features that look it up."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    features: tuple
+    kind: str  # "sparse" (pooled, EmbeddingBagCollection) or "sequence" (EmbeddingCollection)
+    pooling: str = "sum"
+
+
+@dataclass
+class Schema:
+    """Features and labels of a dataset; see the module docstring."""
+
+    features: List[FeatureSpec]
+    labels: List[LabelSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- views -------------------------------------------------------------------------
+    def of_kind(self, kind: str) -> List[FeatureSpec]:
+        return [f for f in self.features if f.kind == kind]
+
+    @property
+    def dense_features(self) -> List[FeatureSpec]:
+        return self.of_kind("dense")
+
+    @property
+    def sparse_features(self) -> List[FeatureSpec]:
+        return self.of_kind("sparse")
+
+    @property
+    def sequence_features(self) -> List[FeatureSpec]:
+        return self.of_kind("sequence")
+
+    @property
+    def dense_dim(self) -> int:
+        return len(self.dense_features)
+
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature {name!r}; features are {[f.name for f in self.features]}")
+
+    def tables(self, kind: Optional[str] = None) -> Dict[str, TableSpec]:
+        """Embedding tables in first-use order, optionally only ``sparse`` or ``sequence``."""
+        grouped: Dict[str, List[FeatureSpec]] = {}
+        for f in self.features:
+            if f.kind == "dense" or (kind is not None and f.kind != kind):
+                continue
+            grouped.setdefault(f.table, []).append(f)  # type: ignore[arg-type]
+        return {
+            name: TableSpec(
+                name=name,
+                num_embeddings=fs[0].num_embeddings,
+                embedding_dim=fs[0].embedding_dim,
+                features=tuple(f.name for f in fs),
+                kind=fs[0].kind,
+                pooling=fs[0].pooling,
+            )
+            for name, fs in grouped.items()
+        }
+
+    def columns(self) -> List[str]:
+        """Every parquet column the schema reads (features, timestamps, labels)."""
+        cols = [f.name for f in self.features]
+        cols += [f.timestamps for f in self.sequence_features if f.timestamps]
+        cols += [label.name for label in self.labels]
+        return cols
+
+    # -- validation --------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`SchemaError` naming the first inconsistent feature, table or label."""
+        seen: Dict[str, str] = {}
+        for i, f in enumerate(self.features):
+            where = f"feature #{i} {f.name!r}"
+            if not _NAME_RE.match(f.name or ""):
+                raise SchemaError(f"{where}: name must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
+            if f.name in seen:
+                raise SchemaError(f"{where}: duplicate feature name (also feature {seen[f.name]})")
+            seen[f.name] = str(i)
+            if f.kind not in FEATURE_KINDS:
+                raise SchemaError(f"{where}: kind {f.kind!r} is not one of {list(FEATURE_KINDS)}")
+            if f.kind == "dense":
+                continue
+            if f.name in RESERVED_NAMES or f.table in RESERVED_NAMES:
+                raise SchemaError(
+                    f"{where}: name/table {f.table!r} clashes with an nn.ModuleDict attribute "
+                    f"and breaks torchrec embedding modules; rename it (e.g. '{f.table}_id')"
+                )
+            if not _NAME_RE.match(f.table or ""):
+                raise SchemaError(f"{where}: table name {f.table!r} must be an identifier")
+            if f.num_embeddings <= 0:
+                raise SchemaError(f"{where}: num_embeddings must be > 0, got {f.num_embeddings}")
+            if f.embedding_dim <= 0:
+                raise SchemaError(f"{where}: embedding_dim must be > 0, got {f.embedding_dim}")
+            if f.kind == "sparse" and f.pooling not in POOLINGS:
+                raise SchemaError(f"{where}: pooling {f.pooling!r} is not one of {list(POOLINGS)}")
+            if f.kind == "sequence" and f.max_len <= 0:
+                raise SchemaError(f"{where}: sequence features need max_len > 0, got {f.max_len}")
+            if f.kind != "sequence" and f.timestamps:
+                raise SchemaError(f"{where}: only sequence features may name a timestamps column")
+        by_table: Dict[str, FeatureSpec] = {}
+        for f in self.features:
+            if f.kind == "dense":
+                continue
+            first = by_table.setdefault(f.table, f)  # type: ignore[arg-type]
+            for attr in ("kind", "num_embeddings", "embedding_dim", "pooling"):
+                if getattr(first, attr) != getattr(f, attr):
+                    raise SchemaError(
+                        f"features {first.name!r} and {f.name!r} share table {f.table!r} but "
+                        f"disagree on {attr} ({getattr(first, attr)!r} vs {getattr(f, attr)!r})"
+                    )
+        for j, label in enumerate(self.labels):
+            if label.kind not in LABEL_KINDS:
+                raise SchemaError(
+                    f"label #{j} {label.name!r}: kind {label.kind!r} is not one of {list(LABEL_KINDS)}"
+                )
+            if label.name in seen:
+                raise SchemaError(f"label {label.name!r} has the same name as a feature")
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        feats = []
+        for f in self.features:
+            d = dataclasses.asdict(f)
+            # Keep the JSON readable: drop fields that do not apply to this kind.
+            if f.kind == "dense":
+                d = {"name": f.name, "kind": "dense"}
+            else:
+                if f.kind == "sparse":
+                    d.pop("max_len")
+                    d.pop("timestamps")
+                else:
+                    d.pop("pooling")
+            feats.append(d)
+        return {
+            "version": SCHEMA_VERSION,
+            "features": feats,
+            "labels": [dataclasses.asdict(label) for label in self.labels],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], source: str = "schema") -> "Schema":
+        try:
+            feats = [FeatureSpec(**f) for f in d["features"]]
+            labels = [LabelSpec(**label) for label in d.get("labels", [])]
+        except (KeyError, TypeError) as e:
+            raise SchemaError(f"{source}: malformed schema ({e}); expected keys 'features' "
+                              f"(list of {{name, kind, table, ...}}) and 'labels'") from e
+        try:
+            return cls(features=feats, labels=labels)
+        except SchemaError as e:
+            raise SchemaError(f"{source}: {e}") from None
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, SCHEMA_FILE)
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> "Schema":
+        path = os.path.join(directory, SCHEMA_FILE)
+        if not os.path.exists(path):
+            raise SchemaError(
+                f"{path} not found: a dataset directory needs schema.json beside its parquet "
+                f"files (create one with `python -m data.synth` or `python -m data.convert`)"
+            )
+        with open(path) as fh:
+            try:
+                d = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise SchemaError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see
+    a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_meta(directory: str) -> Dict[str, Any]:
+    """``meta.json`` of a dataset directory ({} when absent)."""
+    path = os.path.join(directory, META_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)

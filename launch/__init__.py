@@ -1,0 +1,1 @@
+"""Launch helpers and configs (``launch/configs/<model>_<data>.toml``)."""

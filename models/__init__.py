@@ -1,0 +1,34 @@
+"""Model registry: ``get_model_spec(name)`` → :class:`models.spec.ModelSpec`.
+
+Models are imported lazily so that ``python -m trainer --help`` and the config validator do
+not pay for every model's imports. Nothing under ``models/`` imports distributed code: models
+receive unsharded embedding modules built on the meta device and ``sharding/`` wraps them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List
+
+from models.spec import ModelSpec
+
+# name → module that defines ``MODEL_SPEC``
+_MODEL_MODULES: Dict[str, str] = {
+    "deepfm": "models.deepfm",
+}
+
+
+def list_models() -> List[str]:
+    return sorted(_MODEL_MODULES)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registered spec for ``name``; unknown names list the known ones."""
+    if name not in _MODEL_MODULES:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    spec = importlib.import_module(_MODEL_MODULES[name]).MODEL_SPEC
+    assert spec.name == name, f"{_MODEL_MODULES[name]}.MODEL_SPEC is named {spec.name!r}"
+    return spec
+
+
+__all__ = ["ModelSpec", "get_model_spec", "list_models"]

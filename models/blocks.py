@@ -1,0 +1,76 @@
+"""Building blocks shared by the models: embedding collections from a schema, pooled-field
+stacking, and the CTR task wrapper that owns the loss.
+
+torchrec's own blocks (``MLP``, ``FactorizationMachine``, ``CrossNet`` ...) are used directly
+by the models; only what torchrec lacks lives here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from data.batch import Batch
+from data.schema import Schema
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def pooled_table_configs(schema: Schema, embedding_dim: Optional[int] = None
+                         ) -> List[EmbeddingBagConfig]:
+    """One ``EmbeddingBagConfig`` per pooled table of ``schema``.
+
+    Args:
+        embedding_dim: override every table's dim (models whose interaction needs one dim).
+    """
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=embedding_dim or t.embedding_dim,
+            feature_names=list(t.features),
+            pooling=_POOLING[t.pooling],
+        )
+        for t in schema.tables("sparse").values()
+    ]
+
+
+def build_ebc(schema: Schema, device: str = "meta",
+              embedding_dim: Optional[int] = None) -> EmbeddingBagCollection:
+    """Unsharded ``EmbeddingBagCollection`` over the schema's pooled tables on ``device``."""
+    return EmbeddingBagCollection(
+        tables=pooled_table_configs(schema, embedding_dim),
+        device=torch.device(device),
+    )
+
+
+def stack_fields(pooled: KeyedTensor, feature_names: List[str], dim: int) -> torch.Tensor:
+    """``[B, F, dim]`` from a KeyedTensor of F pooled features of width ``dim``, in
+    ``feature_names`` order (sharded and unsharded EBCs may order keys differently)."""
+    by_name = pooled.to_dict()
+    return torch.cat([by_name[n] for n in feature_names], dim=1).reshape(
+        -1, len(feature_names), dim)
+
+
+class CTRTask(nn.Module):
+    """Wraps a ``Batch`` → logits ``[B]`` model with binary cross-entropy.
+
+    ``forward(batch)`` returns ``(loss, (loss, logits, labels))`` — the contract of torchrec's
+    train pipelines (first element is backpropagated, second is handed to metrics).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]]:
+        logits = self.model(batch)
+        loss = self.loss_fn(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)

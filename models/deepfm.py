@@ -1,0 +1,141 @@
+"""DeepFM (Guo et al. 2017) over sharded pooled embeddings.
+
+    logit = b + Σ_f w_f + dense·β                      first order
+          + ½ Σ_d [(Σ_i e_i)_d² − Σ_i e_id²]           FM second order over F+1 fields
+          + MLP(flatten(e_0 … e_F))                    deep part
+
+``e_1 … e_F`` are the pooled embeddings of the F sparse features (dim D); ``e_0`` is the
+dense features projected into the same D-space, so dense inputs take part in both the FM and
+the deep part. The last column of every table is the per-id first-order weight ``w`` and the
+other ``D = width − 1`` columns are the FM vector: one sharded lookup serves both terms,
+instead of a second set of tables with its own all-to-all. (The width itself must stay a
+multiple of 4, which fbgemm's fused kernels require, so the weight is carved out of it
+rather than appended.)
+
+Shapes: ``Batch.dense [B, Dd]``, ``Batch.sparse`` KJT with F keys → logits ``[B]``.
+
+Example::
+
+    spec = get_model_spec("deepfm")
+    model = spec.build(schema, spec.make_args("default"), "cpu")
+    logits = model(batch)      # [B]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torchrec.modules.deepfm import FactorizationMachine
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mlp import MLP
+
+from data.batch import Batch
+from data.schema import Schema
+from models.blocks import build_ebc, stack_fields
+from models.spec import ModelSpec
+
+
+@dataclass
+class DeepFMArgs:
+    """Arguments of :class:`DeepFM`."""
+
+    #: table width (FM vector = width - 1, plus the first-order column); a multiple of 4.
+    #: ``None`` uses the schema's (then all tables must agree).
+    embedding_dim: Optional[int] = None
+    #: hidden layer sizes of the deep MLP (a final linear layer maps to one logit).
+    deep_dims: List[int] = field(default_factory=lambda: [256, 128])
+    #: hidden sizes of the dense-feature projection before the last linear to D.
+    dense_dims: List[int] = field(default_factory=lambda: [64])
+
+
+def table_width(schema: Schema, args: DeepFMArgs) -> int:
+    """The one table width DeepFM needs, from args or the (uniform) schema."""
+    if args.embedding_dim:
+        width = args.embedding_dim
+    else:
+        dims = {t.embedding_dim for t in schema.tables("sparse").values()}
+        if len(dims) != 1:
+            raise ValueError(f"DeepFM needs one embedding_dim for all pooled tables; the "
+                             f"schema has {sorted(dims)}: set model.args.embedding_dim")
+        width = dims.pop()
+    if width % 4 or width < 8:
+        raise ValueError(f"DeepFM table width {width} must be a multiple of 4 and >= 8 "
+                         f"(fbgemm kernels need multiples of 4); set model.args.embedding_dim")
+    return width
+
+
+class DeepFM(nn.Module):
+    """See the module docstring.
+
+    Args:
+        ebc: unsharded EBC whose tables are ``D + 1`` wide (last column: first-order weight).
+        feature_names: the pooled features, in the order their fields are stacked.
+        dense_in: number of dense features ``Dd``.
+        args: :class:`DeepFMArgs`.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
+                 args: DeepFMArgs) -> None:
+        super().__init__()
+        dims = {c.embedding_dim for c in ebc.embedding_bag_configs()}
+        if len(dims) != 1:
+            raise ValueError(f"DeepFM tables must share one width, got {sorted(dims)}")
+        self.dim = dims.pop() - 1
+        self.ebc = ebc
+        self.feature_names = list(feature_names)
+        self.dense_in = dense_in
+        num_fields = len(self.feature_names) + (1 if dense_in else 0)
+        if dense_in:
+            self.dense_proj = nn.Sequential(
+                MLP(dense_in, args.dense_dims) if args.dense_dims else nn.Identity(),
+                nn.Linear(args.dense_dims[-1] if args.dense_dims else dense_in, self.dim),
+            )
+            self.dense_linear = nn.Linear(dense_in, 1)
+        self.fm = FactorizationMachine()
+        self.deep = nn.Sequential(
+            MLP(num_fields * self.dim, args.deep_dims),
+            nn.Linear(args.deep_dims[-1] if args.deep_dims else num_fields * self.dim, 1),
+        )
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def fields(self, batch: Batch) -> tuple:
+        """``(fields [B, F(+1), D], first_order [B])`` — the shared representation."""
+        emb = stack_fields(self.ebc(batch.sparse), self.feature_names, self.dim + 1)
+        vectors = emb[:, :, : self.dim]
+        first = emb[:, :, self.dim].sum(dim=1)
+        if self.dense_in:
+            vectors = torch.cat([self.dense_proj(batch.dense).unsqueeze(1), vectors], dim=1)
+            first = first + self.dense_linear(batch.dense).squeeze(1)
+        return vectors, first
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        vectors, first = self.fields(batch)
+        second = self.fm([vectors]).squeeze(1)
+        deep = self.deep(vectors.flatten(1)).squeeze(1)
+        return first + second + deep + self.bias
+
+
+def build_deepfm(schema: Schema, args: DeepFMArgs, device: str = "meta") -> DeepFM:
+    names = [f for t in schema.tables("sparse").values() for f in t.features]
+    ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args))
+    model = DeepFM(ebc, names, schema.dense_dim, args)
+    if device != "meta":
+        model.to(device)
+    return model
+
+
+MODEL_SPEC = ModelSpec(
+    name="deepfm",
+    args_cls=DeepFMArgs,
+    build=build_deepfm,
+    flavours={
+        "default": DeepFMArgs(),
+        "small": DeepFMArgs(deep_dims=[64, 32], dense_dims=[32]),
+        "large": DeepFMArgs(deep_dims=[1024, 512, 256], dense_dims=[256]),
+    },
+    task="ctr",
+    description="DeepFM: first-order + FM + deep MLP over pooled embeddings and dense inputs",
+)

@@ -1,0 +1,47 @@
+"""What a registered model provides to the trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Type
+
+from torch import nn
+
+from data.schema import Schema
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model family: its class, argument dataclass, named flavours and builder.
+
+    Args:
+        name: registry name (``model.name`` in configs).
+        args_cls: dataclass of the model's arguments (``[model.args]`` in configs).
+        flavours: named argument presets (``model.flavour``); ``default`` must exist.
+        build: ``build(schema, args, device)`` → the unsharded model (a ``Batch`` → logits
+            module) with its embedding collections on ``device`` (``meta`` for sharding).
+        task: the task wrapper kind the trainer puts around it (``ctr``).
+        description: one line for ``--help`` and error messages.
+    """
+
+    name: str
+    args_cls: Type[Any]
+    build: Callable[[Schema, Any, str], nn.Module]
+    flavours: Mapping[str, Any] = field(default_factory=dict)
+    task: str = "ctr"
+    description: str = ""
+
+    def make_args(self, flavour: str = "default",
+                  overrides: Optional[Dict[str, Any]] = None) -> Any:
+        """The flavour's args with ``overrides`` applied; unknown names list valid ones."""
+        if flavour not in self.flavours:
+            raise KeyError(f"model {self.name!r} has no flavour {flavour!r}; flavours: "
+                           f"{', '.join(sorted(self.flavours))}")
+        overrides = dict(overrides or {})
+        valid = {f.name for f in dataclasses.fields(self.args_cls)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise KeyError(f"model.args: unknown key(s) {unknown} for model {self.name!r}; "
+                           f"valid keys: {', '.join(sorted(valid))}")
+        return dataclasses.replace(self.flavours[flavour], **overrides)

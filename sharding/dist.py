@@ -1,0 +1,115 @@
+"""Process-group set-up from the launcher's environment.
+
+``torchrun`` / ``torchx`` export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. A plain ``python -m trainer``
+has none of them and runs as a world of one on a free local port, through the same code path.
+
+Device and backend default from the machine: CUDA present → ``cuda:LOCAL_RANK`` with nccl,
+otherwise CPU with gloo; both can be overridden (``dist.device`` / ``dist.backend``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """``auto`` → ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"dist.device={device!r} but CUDA is not available on this machine; "
+                             f"use 'cpu' or 'auto'")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("dist.backend='nccl' needs a CUDA device; use 'gloo' (or 'auto') on CPU")
+    return backend
+
+
+def init_distributed(backend: str = "auto", device: str = "auto",
+                     cpu_threads: Optional[int] = None, timeout_s: float = 600.0) -> DistContext:
+    """Join (or create) the default process group and pick this rank's device.
+
+    Args:
+        backend: ``auto`` | ``gloo`` | ``nccl``.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        cpu_threads: intra-op threads per rank on CPU; ``None`` = cores / local ranks, so
+            co-located ranks do not oversubscribe the cores.
+        timeout_s: collective timeout.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if "MASTER_ADDR" not in os.environ:
+        if world_size != 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun "
+                               "or torchx, which set the rendezvous variables")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+    dev = resolve_device(device, local_rank)
+    backend = resolve_backend(backend, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        threads = cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        from datetime import timedelta
+
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    return DistContext(rank, world_size, local_rank, local_world_size, dev, backend)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""shardrec trainer: config, loop, metrics. Entry point: ``python -m trainer``."""

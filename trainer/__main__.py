@@ -1,0 +1,60 @@
+"""``python -m trainer --config FILE.toml [--section.key=value ...]`` (also under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from trainer.config import ConfigError, load_config, print_help
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    if "--list-models" in argv:
+        from models import get_model_spec, list_models
+
+        for name in list_models():
+            print(f"{name}: {get_model_spec(name).description}")
+        return 0
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            print("error: --config needs a file", file=sys.stderr)
+            return 2
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    else:
+        for i, a in enumerate(argv):
+            if a.startswith("--config="):
+                config_path = a.split("=", 1)[1]
+                del argv[i]
+                break
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Our own progress on rank 0 only; torchrec's INFO chatter (per-batch pipeline notes,
+    # TBE arguments) stays at WARNING.
+    for name in ("trainer", "sharding", "data", "models"):
+        logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    try:
+        cfg = load_config(config_path, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from trainer.trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Run configuration: dataclass sections, a TOML file, and ``--section.key=value`` overrides.
+
+Precedence is CLI > file > defaults. Every problem — unknown section or key, wrong type,
+value outside its choices — is collected and reported at once before any work starts, with
+the valid keys or choices listed. The resolved config is written to the run directory as
+TOML so a run can be repeated exactly.
+
+Example::
+
+    cfg = load_config("launch/configs/deepfm_synthetic.toml",
+                      ["--training.steps=100", "--data.batch_size", "2048"])
+    cfg.training.steps      # 100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+class ConfigError(ValueError):
+    """One or more invalid config entries; the message lists each with the fix."""
+
+
+def _f(default: Any, help: str, choices: Optional[Sequence[Any]] = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """Which over-arch to train (``models.get_model_spec``) and its arguments."""
+
+    name: str = _f("deepfm", "registered model name (see `python -m trainer --list-models`)")
+    flavour: str = _f("default", "named argument preset of the model")
+    args: Dict[str, Any] = _f({}, "overrides of the model's argument dataclass "
+                                  "([model.args] table; keys depend on the model)")
+
+
+@dataclass
+class DataConfig:
+    """Dataset directory and reader options."""
+
+    path: str = _f("datasets/synthetic_ctr_demo",
+                   "dataset directory (schema.json, meta.json, train/ and eval/ parquet)")
+    train_split: str = _f("train", "subdirectory with the training parquet files")
+    eval_split: str = _f("eval", "subdirectory with the evaluation parquet files")
+    batch_size: int = _f(4096, "training examples per rank per step")
+    eval_batch_size: int = _f(0, "evaluation examples per rank per step (0: batch_size)")
+    shuffle: bool = _f(True, "shuffle row-group order and rows within row groups each epoch")
+    prefetch: int = _f(4, "batches built ahead in a background thread (0: inline)")
+
+
+@dataclass
+class TrainingConfig:
+    """Length of training, optimizers and cadence."""
+
+    steps: int = _f(0, "training steps (batches per rank); 0: derive from epochs")
+    epochs: float = _f(1.0, "passes over the training split when steps = 0")
+    dense_optimizer: str = _f("adam", "optimizer of dense (non-embedding) parameters",
+                              choices=("adam", "adamw", "adagrad", "sgd"))
+    dense_lr: float = _f(1e-3, "dense learning rate")
+    dense_weight_decay: float = _f(0.0, "dense weight decay")
+    sparse_optimizer: str = _f("rowwise_adagrad",
+                               "fused optimizer of the embedding tables (runs in backward)",
+                               choices=("rowwise_adagrad", "adagrad", "adam", "sgd"))
+    sparse_lr: float = _f(0.05, "embedding learning rate")
+    sparse_weight_decay: float = _f(0.0, "embedding weight decay")
+    sparse_eps: float = _f(1e-8, "epsilon of the adaptive embedding optimizers")
+    eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
+    eval_batches: int = _f(0, "evaluation batches per rank (0: the whole eval split)")
+    log_every: int = _f(50, "rank-0 log line every N steps")
+    seed: int = _f(0, "seed of model init and data shuffling")
+    run_dir: str = _f("runs/default", "where the resolved config, logs and metrics go")
+
+
+@dataclass
+class ShardingConfig:
+    """Planner inputs."""
+
+    hbm_gb: Optional[float] = _f(None, "per-rank GPU memory cap in GiB (default: the GPU's)")
+    ddr_gb: Optional[float] = _f(None, "per-rank host memory cap in GiB "
+                                       "(default: host memory / local ranks)")
+    storage_reservation: float = _f(0.15, "fraction of memory the planner keeps free",
+                                    )
+
+
+@dataclass
+class MetricsConfig:
+    """Training and evaluation metrics."""
+
+    window_batches: int = _f(100, "training AUC/NE window, in batches per rank")
+
+
+@dataclass
+class DistConfig:
+    """Process group and device."""
+
+    backend: str = _f("auto", "collective backend (auto: nccl on CUDA, gloo on CPU)",
+                      choices=("auto", "gloo", "nccl"))
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK if available)")
+    cpu_threads: int = _f(0, "intra-op threads per rank on CPU (0: cores / local ranks)")
+    timeout_s: float = _f(600.0, "collective timeout in seconds")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+# -- type checking / coercion --------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or none"
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ``ConfigError`` naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, args[0], key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def dataclass_from_dict(cls: type, values: Dict[str, Any], prefix: str,
+                        errors: List[str]) -> Any:
+    """Build ``cls`` from ``values``; append every problem to ``errors`` (names prefixed)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: Dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            errors.append(f"unknown key '{prefix}{key}'; valid keys in [{prefix.rstrip('.')}]: "
+                          f"{', '.join(fields)}")
+            continue
+        try:
+            v = coerce(value, hints[key], prefix + key)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        choices = fields[key].metadata.get("choices")
+        if choices and v not in choices:
+            errors.append(f"{prefix}{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+            continue
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+# -- CLI overrides -------------------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    """A CLI value as a TOML literal (``3``, ``1e-3``, ``true``, ``[64, 32]``, ``"x"``), or
+    the raw string when it is not one (so ``--data.path=datasets/x`` needs no quotes)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(argv: Sequence[str]) -> List[Tuple[str, Any]]:
+    """``--a.b=c`` / ``--a.b c`` pairs → [("a.b", value)]."""
+    out: List[Tuple[str, Any]] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like "
+                              f"--section.key=value (e.g. --training.steps=100)")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value (--section.key=value)")
+            key, text = arg[2:], argv[i + 1]
+            i += 1
+        out.append((key, parse_value(text)))
+        i += 1
+    return out
+
+
+def _set_path(tree: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--{key}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults ← TOML file ← CLI overrides, validated all at once."""
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} not found")
+        with open(path, "rb") as fh:
+            try:
+                tree = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    errors: List[str] = []
+    sections: Dict[str, Any] = {}
+    for name, values in tree.items():
+        if name not in SECTIONS:
+            errors.append(f"unknown section [{name}]; valid sections: {', '.join(SECTIONS)}")
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"[{name}] must be a table, got {values!r}")
+            continue
+        sections[name] = dataclass_from_dict(SECTIONS[name], values, f"{name}.", errors)
+    cfg = Config(**sections)
+    errors += validate(cfg)
+    if errors:
+        src = f" ({path})" if path else ""
+        raise ConfigError(f"invalid config{src}:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def validate(cfg: Config) -> List[str]:
+    """Cross-field checks; model args are checked against the model's own dataclass."""
+    errors: List[str] = []
+    if cfg.data.batch_size <= 0:
+        errors.append(f"data.batch_size must be > 0, got {cfg.data.batch_size}")
+    if cfg.data.eval_batch_size < 0:
+        errors.append("data.eval_batch_size must be >= 0")
+    if cfg.training.steps < 0:
+        errors.append("training.steps must be >= 0")
+    if cfg.training.steps == 0 and cfg.training.epochs <= 0:
+        errors.append("set training.steps > 0 or training.epochs > 0")
+    if cfg.training.log_every <= 0:
+        errors.append("training.log_every must be > 0")
+    from models import get_model_spec
+
+    try:
+        spec = get_model_spec(cfg.model.name)
+    except KeyError as e:
+        errors.append(f"model.name: {e.args[0]}")
+        return errors
+    if cfg.model.flavour not in spec.flavours:
+        errors.append(f"model.flavour: {cfg.model.flavour!r} is not a flavour of "
+                      f"{spec.name!r}; flavours: {', '.join(sorted(spec.flavours))}")
+        return errors
+    args_errors: List[str] = []
+    parsed = dataclass_from_dict(spec.args_cls, cfg.model.args, "model.args.", args_errors)
+    errors += args_errors
+    if not args_errors:
+        # keep only the keys the user set, now with their checked types
+        cfg.model.args = {k: getattr(parsed, k) for k in cfg.model.args}
+    return errors
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (``None`` values are omitted: they mean "default")."""
+    lines: List[str] = []
+    for section, values in cfg.to_dict().items():
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is None or isinstance(v, dict):
+                continue
+            lines.append(f"{k} = {_toml_value(v)}")
+        for k, table in nested.items():
+            lines.append(f"\n[{section}.{k}]")
+            for kk, vv in table.items():
+                if vv is not None:
+                    lines.append(f"{kk} = {_toml_value(vv)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, run_dir: str) -> str:
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.toml")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(to_toml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def help_text() -> str:
+    """Every config key with its type, default and meaning (``python -m trainer --help``)."""
+    out = ["usage: python -m trainer --config FILE.toml [--section.key=value ...]",
+           "       torchrun --nproc_per_node N -m trainer --config FILE.toml [...]",
+           "",
+           "Values: CLI overrides > TOML file > defaults. Config keys:"]
+    for name, cls in SECTIONS.items():
+        out.append(f"\n[{name}]  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(choices)})" if choices else ""
+            out.append(f"  --{name}.{f.name} ({_type_name(hints[f.name])}, default "
+                       f"{default!r}): {f.metadata.get('help', '')}{extra}")
+    return "\n".join(out)
+
+
+def print_help() -> None:
+    sys.stdout.write(help_text() + "\n")
