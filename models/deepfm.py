@@ -28,13 +28,12 @@ from typing import List, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.deepfm import FactorizationMachine
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, stack_fields
+from models.blocks import FactorizationMachine, build_ebc, stack_fields
 from models.spec import ModelSpec
 
 
@@ -113,7 +112,7 @@ class DeepFM(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         vectors, first = self.fields(batch)
-        second = self.fm([vectors]).squeeze(1)
+        second = self.fm(vectors)
         deep = self.deep(vectors.flatten(1)).squeeze(1)
         return first + second + deep + self.bias
 
