@@ -120,10 +120,13 @@ def test_two_nodes_on_one_host(tiny_data: Path, tmp_path: Path,
     out = _ok(_torchx(["run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'torchx_logs'}",
                        "launch/components.py:train", "--nnodes", "2", "--nproc_per_node", "1",
                        "--rdzv_port", str(free_port()), "--config", CONFIG, "--",
-                       *_overrides(tiny_data, run_dir), "--dist.cpu_threads=1"],
+                       *_overrides(tiny_data, run_dir), "--dist.device=cpu",
+                       "--dist.backend=gloo", "--dist.cpu_threads=1"],
                       _env(empty_torchxconfig)), "torchx run --nnodes 2")
-    # Each "node" is one torchrun agent with one local rank; c10d rendezvous joined them.
-    assert "rank 0/2 (local 0/1)" in out and "final auc=" in out
+    # Each "node" is one torchrun agent with one local rank; c10d rendezvous joined them, and
+    # the --dist overrides reached the process-group set-up.
+    assert "rank 0/2 (local 0/1): device cpu, backend gloo, 1 intra-op threads" in out
+    assert "final auc=" in out
     final = [r for r in _records(run_dir) if r["split"] == "final"]
     assert len(final) == 1 and final[0]["steps"] == STEPS
 
