@@ -33,6 +33,8 @@ from torchx.specs.finder import ComponentValidationException
 # ours), from the directory it was started in. That directory is what the job runs: local_cwd
 # starts the ranks there and cluster schedulers ship it as the workspace. So the config checks
 # below import the trainer from there, not from whatever copy happens to be installed.
+# (The exec also puts this file's top-level names into torchx's finder module: don't define
+# one that shadows a finder name, such as ``validate``.)
 _JOB_ROOT = os.getcwd()
 if _JOB_ROOT not in sys.path:
     sys.path.insert(0, _JOB_ROOT)
