@@ -34,10 +34,13 @@ $(STAMP): setup.cfg Makefile
 		$(PIP) install -q --no-deps fbgemm-gpu-cpu==1.8.0; \
 	fi
 	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest
+	@# The [torchx] extra of setup.cfg, named here because the project itself is installed with
+	@# --no-deps below; neither package touches the torch/torchrec/fbgemm pins above.
+	$(PIP) install -q "torchx==0.7.0" "kubernetes==36.0.3"
 	@# --no-deps: the stack above is already resolved, and pip would otherwise try to pull the
 	@# CUDA fbgemm-gpu back in through torchrec's metadata.
 	$(PIP) install -q --no-deps -e .
-	@$(PY) -c "import torch, torchrec, fbgemm_gpu, pyarrow; print('stack ok: torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	@$(PY) -c "import torch, torchrec, fbgemm_gpu, pyarrow, torchx; print('stack ok: torch', torch.__version__, '| torchrec', torchrec.__version__, '| torchx', torchx.__version__)"
 	@touch $(STAMP)
 
 $(DEMO_DATA)/meta.json: | $(STAMP)

@@ -74,6 +74,53 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _cgroup_cpu_limit() -> Optional[float]:
+    """CPUs allowed by this container's CFS quota (cgroup v2, then v1), ``None`` if unlimited.
+
+    Kubernetes and docker ``--cpus`` limit a pod by quota, not by affinity, so
+    ``os.sched_getaffinity`` still reports every host core; without this, ranks in a 4-CPU pod
+    on a 64-core host would each start 64 / local-ranks threads and thrash.
+    """
+    candidates = (("/sys/fs/cgroup/cpu.max", None),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as fh:
+                fields = fh.read().split()
+            if period_path is not None:
+                with open(period_path) as fh:
+                    fields.append(fh.read().strip())
+        except OSError:
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = float(fields[0]), float(fields[1])
+        except ValueError:
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity (slurm/cpuset), capped by a CFS quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, int(limit)))
+    return max(1, cores)
+
+
+def cpu_threads_per_rank(local_world_size: int, requested: Optional[int] = None) -> int:
+    """Intra-op threads for one CPU rank: ``requested``, else usable cores / local ranks (>= 1)."""
+    if requested:
+        return requested
+    return max(1, available_cpus() // max(1, local_world_size))
+
+
 def init_distributed(backend: str = "auto", device: str = "auto",
                      cpu_threads: Optional[int] = None, timeout_s: float = 600.0) -> DistContext:
     """Join (or create) the default process group and pick this rank's device.
@@ -81,8 +128,8 @@ def init_distributed(backend: str = "auto", device: str = "auto",
     Args:
         backend: ``auto`` | ``gloo`` | ``nccl``.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-        cpu_threads: intra-op threads per rank on CPU; ``None`` = cores / local ranks, so
-            co-located ranks do not oversubscribe the cores.
+        cpu_threads: intra-op threads per rank on CPU; ``None`` = usable cores (affinity,
+            container CPU quota) / local ranks, so co-located ranks do not oversubscribe them.
         timeout_s: collective timeout.
     """
     rank = _env_int("RANK", 0)
@@ -100,8 +147,11 @@ def init_distributed(backend: str = "auto", device: str = "auto",
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
-        threads = cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(cpu_threads_per_rank(local_world_size, cpu_threads))
+    # One line a user can check against the launcher they used (rank 0 logs at INFO).
+    logger.info("rank %d/%d (local %d/%d): device %s, backend %s, %d intra-op threads",
+                rank, world_size, local_rank, local_world_size, dev, backend,
+                torch.get_num_threads())
     if not dist.is_initialized():
         from datetime import timedelta
 

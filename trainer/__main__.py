@@ -52,8 +52,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from trainer.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as e:  # noqa: BLE001 — any failure must become an exit code + one line
+        report_failure(rank, e)
+        return 1
     return 0
+
+
+def report_failure(rank: int, error: BaseException) -> None:
+    """Tell people and schedulers why this rank died.
+
+    The traceback goes to the log (stderr, and rank 0's ``train.log``); torchrun's error file
+    gets the exception so its failure summary names the root-cause rank; and the last line on
+    stderr is ``rank R failed: <ExcType>: <message>`` on one line, for scripts and scheduler UIs
+    that show only a job's tail.
+    """
+    logging.getLogger("trainer").error("training failed", exc_info=error)
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    # Writes only when torchrun/torchelastic set TORCHELASTIC_ERROR_FILE for this worker.
+    get_error_handler().record_exception(error)
+    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"rank {rank} failed: {type(error).__name__}: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
