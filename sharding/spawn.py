@@ -1,4 +1,5 @@
-"""Run a function on N gloo ranks, each in its own spawned process, and collect results.
+"""Run a function on N gloo ranks, each in its own spawned process, and collect results
+(multi-process tests and benchmarks).
 
 Each rank sets the rendezvous environment, joins the default process group through
 ``sharding.dist.init_distributed`` (the trainer's path) and returns a picklable value.
