@@ -77,6 +77,9 @@ class TrainingConfig:
     sparse_lr: float = _f(0.05, "embedding learning rate")
     sparse_weight_decay: float = _f(0.0, "embedding weight decay")
     sparse_eps: float = _f(1e-8, "epsilon of the adaptive embedding optimizers")
+    dense_dtype: str = _f("fp32", "autocast dtype of the dense and over-arch compute "
+                                  "(embeddings, loss and optimizer state stay fp32)",
+                          choices=("fp32", "bf16", "fp16"))
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
     eval_batches: int = _f(0, "evaluation batches per rank (0: the whole eval split)")
     log_every: int = _f(50, "rank-0 log line every N steps")

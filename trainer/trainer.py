@@ -53,11 +53,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, schema: Schema) -> nn.Module:
+def build_model(cfg: Config, schema: Schema, device_type: str = "cpu") -> nn.Module:
     """The unsharded task model (embeddings on meta) with its fused sparse optimizer."""
     spec = get_model_spec(cfg.model.name)
     args = spec.make_args(cfg.model.flavour, cfg.model.args)
-    model = CTRTask(spec.build(schema, args, "meta"))
+    model = CTRTask(spec.build(schema, args, "meta"), cfg.training.dense_dtype, device_type)
     t = cfg.training
     apply_sparse_optimizer(model, t.sparse_optimizer, t.sparse_lr, t.sparse_weight_decay,
                            t.sparse_eps)
@@ -142,7 +142,7 @@ def train(cfg: Config) -> Dict[str, Any]:
         schema = Schema.load(cfg.data.path)
         meta = load_meta(cfg.data.path)
         train_reader, eval_reader = build_readers(cfg, ctx, schema)
-        dmp, _ = shard_model(build_model(cfg, schema), ctx, cfg.data.batch_size,
+        dmp, _ = shard_model(build_model(cfg, schema, ctx.device.type), ctx, cfg.data.batch_size,
                              hbm_gb=cfg.sharding.hbm_gb, ddr_gb=cfg.sharding.ddr_gb,
                              storage_reservation=cfg.sharding.storage_reservation)
         optimizer = build_optimizer(cfg, dmp)
