@@ -186,30 +186,51 @@ def truncate_recent(lengths: np.ndarray, values: np.ndarray, max_len: int
 # -- columnar chunks ---------------------------------------------------------------------------
 @dataclass
 class Jagged:
-    """A jagged int64 column: ``offsets`` [N+1] (from 0) and flat ``values``."""
+    """A jagged int64 column: ``offsets`` [N+1] (from 0) and flat ``values``. ``width`` is
+    the common row length when every row has the same one (e.g. 1 for single-id features),
+    else -1; fixed-width columns gather rows as a 2-D view instead of index arithmetic."""
 
     offsets: np.ndarray
     values: np.ndarray
+    width: int = -1
+
+    @staticmethod
+    def of(offsets: np.ndarray, values: np.ndarray) -> "Jagged":
+        """A Jagged with its ``width`` detected (one vectorised pass per row group)."""
+        n = offsets.size - 1
+        width = -1
+        if n > 0 and int(offsets[-1]) % n == 0:
+            w = int(offsets[-1]) // n
+            if bool(np.all(np.diff(offsets) == w)):
+                width = w
+        return Jagged(offsets, values, width)
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets.size - 1
 
     @property
     def lengths(self) -> np.ndarray:
+        if self.width >= 0:
+            return np.full(self.num_rows, self.width, dtype=np.int64)
         return np.diff(self.offsets)
 
-    def take(self, perm: np.ndarray) -> "Jagged":
-        n = self.offsets.size - 1
-        width = int(self.offsets[-1]) // n if n else 0
-        if n and np.array_equal(self.offsets, np.arange(n + 1, dtype=np.int64) * width):
-            # Fixed width (e.g. single-id features): a row gather of a 2-D view.
-            return Jagged(self.offsets, self.values.reshape(n, width)[perm].ravel())
-        lengths = self.lengths[perm]
-        new_off = np.zeros(n + 1, dtype=np.int64)
+    def take(self, rows: np.ndarray) -> "Jagged":
+        m = rows.size
+        if self.width >= 0:
+            values = self.values if self.width == 1 else \
+                self.values.reshape(self.num_rows, self.width)
+            return Jagged(np.arange(m + 1, dtype=np.int64) * self.width,
+                          values[rows].reshape(-1), self.width)
+        lengths = np.diff(self.offsets)[rows]
+        new_off = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(lengths, out=new_off[1:])
-        idx = np.repeat(self.offsets[:-1][perm] - new_off[:-1], lengths) + np.arange(new_off[-1])
+        idx = np.repeat(self.offsets[:-1][rows] - new_off[:-1], lengths) + np.arange(new_off[-1])
         return Jagged(new_off, self.values[idx])
 
     def slice(self, a: int, b: int) -> "Jagged":
         return Jagged(self.offsets[a:b + 1] - self.offsets[a],
-                      self.values[self.offsets[a]:self.offsets[b]])
+                      self.values[self.offsets[a]:self.offsets[b]], self.width)
 
     @staticmethod
     def concat(parts: Sequence["Jagged"]) -> "Jagged":
@@ -218,14 +239,21 @@ class Jagged:
         shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] +
                                  [p.offsets[1:] + s for p, s in zip(parts, shifts)])
-        return Jagged(offsets, np.concatenate([p.values for p in parts]))
+        widths = {p.width for p in parts}
+        return Jagged(offsets, np.concatenate([p.values for p in parts]),
+                      widths.pop() if len(widths) == 1 else -1)
 
 
 @dataclass
 class Chunk:
-    """Decoded rows: ``ids`` [N], ``dense`` [N, Dd], ``labels`` [N, T], and one ``Jagged``
-    per sparse feature, per sequence feature and per sequence timestamps column (in that
-    order; a sequence without timestamps gets ``None``)."""
+    """Decoded rows: ``ids`` [N], ``dense`` [N, Dd], ``labels`` [N, T], the sparse features,
+    and one ``Jagged`` per sequence feature and per sequence timestamps column (``None`` for a
+    sequence without timestamps).
+
+    Sparse features are either one ``Jagged`` each (``sparse``) or, when every sparse feature
+    has exactly one id per row (Criteo-style), one matrix ``single_ids`` [N, F]: a batch then
+    gathers its rows of all F features with one fancy index instead of F.
+    """
 
     ids: np.ndarray
     dense: np.ndarray
@@ -233,35 +261,53 @@ class Chunk:
     sparse: List[Jagged]
     sequence: List[Jagged]
     timestamps: List[Optional[Jagged]]
+    single_ids: Optional[np.ndarray] = None
 
     @property
     def num_rows(self) -> int:
         return int(self.ids.size)
 
-    def take(self, perm: np.ndarray) -> "Chunk":
-        return Chunk(self.ids[perm], self.dense[perm], self.labels[perm],
-                     [j.take(perm) for j in self.sparse], [j.take(perm) for j in self.sequence],
-                     [None if j is None else j.take(perm) for j in self.timestamps])
+    def sparse_jagged(self) -> List[Jagged]:
+        if self.single_ids is None:
+            return self.sparse
+        offsets = np.arange(self.num_rows + 1, dtype=np.int64)
+        return [Jagged(offsets, np.ascontiguousarray(self.single_ids[:, k]), 1)
+                for k in range(self.single_ids.shape[1])]
+
+    def take(self, rows: np.ndarray) -> "Chunk":
+        return Chunk(self.ids[rows], self.dense[rows], self.labels[rows],
+                     [j.take(rows) for j in self.sparse], [j.take(rows) for j in self.sequence],
+                     [None if j is None else j.take(rows) for j in self.timestamps],
+                     None if self.single_ids is None else self.single_ids[rows])
 
     def slice(self, a: int, b: int) -> "Chunk":
         return Chunk(self.ids[a:b], self.dense[a:b], self.labels[a:b],
                      [j.slice(a, b) for j in self.sparse], [j.slice(a, b) for j in self.sequence],
-                     [None if j is None else j.slice(a, b) for j in self.timestamps])
+                     [None if j is None else j.slice(a, b) for j in self.timestamps],
+                     None if self.single_ids is None else self.single_ids[a:b])
 
     @staticmethod
     def concat(parts: Sequence["Chunk"]) -> "Chunk":
         if len(parts) == 1:
             return parts[0]
         p0 = parts[0]
+        if all(p.single_ids is not None for p in parts):
+            single: Optional[np.ndarray] = np.concatenate([p.single_ids for p in parts])
+            sparse: List[Jagged] = []
+        else:
+            single = None
+            per_part = [p.sparse_jagged() for p in parts]
+            sparse = [Jagged.concat([sp[k] for sp in per_part]) for k in range(len(per_part[0]))]
         return Chunk(
             np.concatenate([p.ids for p in parts]),
             np.concatenate([p.dense for p in parts]),
             np.concatenate([p.labels for p in parts]),
-            [Jagged.concat([p.sparse[k] for p in parts]) for k in range(len(p0.sparse))],
+            sparse,
             [Jagged.concat([p.sequence[k] for p in parts]) for k in range(len(p0.sequence))],
             [None if p0.timestamps[k] is None else
              Jagged.concat([p.timestamps[k] for p in parts])  # type: ignore[misc]
              for k in range(len(p0.timestamps))],
+            single,
         )
 
 
@@ -294,9 +340,9 @@ def _check_ids(f: FeatureSpec, jag: Jagged, where: Where) -> Jagged:
         raise DataError(f"{where.at(row_of(k))}: column {f.name!r} has negative id {int(v[k])}; "
                         f"ids must lie in [0, {f.num_embeddings}) (table {f.table!r})")
     if f.out_of_range == "hash":
-        return Jagged(jag.offsets, v % f.num_embeddings)
+        return Jagged(jag.offsets, v % f.num_embeddings, jag.width)
     if f.out_of_range == "clamp":
-        return Jagged(jag.offsets, np.minimum(v, f.num_embeddings - 1))
+        return Jagged(jag.offsets, np.minimum(v, f.num_embeddings - 1), jag.width)
     k = int(np.argmax(v >= f.num_embeddings))
     raise DataError(f"{where.at(row_of(k))}: column {f.name!r} has id {int(v[k])} >= "
                     f"num_embeddings {f.num_embeddings} of table {f.table!r}; fix the data, "
@@ -355,7 +401,7 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
                                 f"label must be in {allowed}")
     sparse = []
     for f in schema.sparse_features:
-        jag = Jagged(*offsets_from_list_column(table.column(f.name)))
+        jag = Jagged.of(*offsets_from_list_column(table.column(f.name)))
         sparse.append(_check_ids(f, jag, where) if validate else jag)
     sequence: List[Jagged] = []
     timestamps: List[Optional[Jagged]] = []
@@ -376,9 +422,14 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
             lengths, tv = truncate_recent(ts.lengths, ts.values, f.max_len)
             ts = Jagged(_offsets(lengths), tv)
         lengths, values = truncate_recent(jag.lengths, jag.values, f.max_len)
-        sequence.append(Jagged(_offsets(lengths), values))
+        sequence.append(Jagged.of(_offsets(lengths), values))
         timestamps.append(ts)
-    return Chunk(np.asarray(ids, dtype=np.int64), dense, labels, sparse, sequence, timestamps)
+    single_ids = None
+    if sparse and all(j.width == 1 for j in sparse):
+        single_ids = np.stack([j.values for j in sparse], axis=1)
+        sparse = []
+    return Chunk(np.asarray(ids, dtype=np.int64), dense, labels, sparse, sequence, timestamps,
+                 single_ids)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -414,9 +465,19 @@ def chunk_to_batch(chunk: Chunk, schema: Schema) -> Batch:
     labels = torch.from_numpy(np.ascontiguousarray(chunk.labels))
     if labels.shape[1] == 1:
         labels = labels[:, 0]
+    sparse_keys = [f.name for f in schema.sparse_features]
+    if chunk.single_ids is not None:
+        # Key-major KJT values of single-id features: the transposed [B, F] matrix.
+        sparse = KeyedJaggedTensor(
+            keys=sparse_keys,
+            values=torch.from_numpy(np.ascontiguousarray(chunk.single_ids.T).reshape(-1)),
+            lengths=torch.ones(chunk.single_ids.size, dtype=torch.int32),
+        )
+    else:
+        sparse = _kjt(sparse_keys, chunk.sparse)
     return Batch(
         dense=torch.from_numpy(np.ascontiguousarray(chunk.dense)),
-        sparse=_kjt([f.name for f in schema.sparse_features], chunk.sparse),
+        sparse=sparse,
         labels=labels.contiguous(),
         sequence=sequence,
         timestamps=timestamps,
@@ -589,7 +650,11 @@ class ParquetReader:
         self._start_batch = self._next_batch = int(state["batch"])
 
     # -- iteration ------------------------------------------------------------------------------
-    def _load_window(self, plan: EpochPlan, w: int, files: Dict[str, pq.ParquetFile]) -> Chunk:
+    def _load_window(self, plan: EpochPlan, w: int, files: Dict[str, pq.ParquetFile]
+                     ) -> Tuple[Chunk, Optional[np.ndarray]]:
+        """The window's rows in file order and, when shuffling, their permutation (batches
+        gather their rows through it directly, so rows are copied once, not permuted then
+        sliced)."""
         chunks = []
         for g in plan.windows[w]:
             pf = files.get(g.path)
@@ -604,29 +669,30 @@ class ParquetReader:
             chunks.append(decode_table(t, self.schema, ids, Where(g.path, g.index, g.row_in_file),
                                        self.validate))
         chunk = Chunk.concat(chunks)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, w])
-            chunk = chunk.take(rng.permutation(chunk.num_rows))
-        return chunk
+        if not self.shuffle:
+            return chunk, None
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, w])
+        return chunk, rng.permutation(chunk.num_rows)
 
     def _batches(self, plan: EpochPlan, start_batch: int, stop: threading.Event
                  ) -> Iterator[Batch]:
         files: Dict[str, pq.ParquetFile] = {}
         b = self.batch_size
         pos, end = start_batch * b, plan.num_batches * b
-        cached: Tuple[int, Optional[Chunk]] = (-1, None)
+        cached: Tuple[int, Optional[Chunk], Optional[np.ndarray]] = (-1, None, None)
         pieces: List[Chunk] = []
         have = 0
         while pos < end and not stop.is_set():
             p = pos % plan.rows  # > rows only with remainder="pad": wrap around
             w = int(np.searchsorted(plan.window_starts, p, side="right") - 1)
             if cached[0] != w:
-                cached = (w, self._load_window(plan, w, files))
-            chunk = cached[1]
+                cached = (w, *self._load_window(plan, w, files))
+            _, chunk, perm = cached
             assert chunk is not None
             offset = p - int(plan.window_starts[w])
             take = min(chunk.num_rows - offset, b - have)
-            pieces.append(chunk.slice(offset, offset + take))
+            pieces.append(chunk.slice(offset, offset + take) if perm is None
+                          else chunk.take(perm[offset:offset + take]))
             have += take
             pos += take
             if have == b:

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rows per parquet shard (default 1000000)")
         p.add_argument("--row-group-rows", type=int, default=65_536,
                        help="rows per row group, the unit dealt to ranks (default 65536)")
+        p.add_argument("--compression", default="lz4",
+                       choices=("lz4", "snappy", "zstd", "gzip", "none"),
+                       help="parquet compression (default lz4: the fastest to decode)")
         p.add_argument("--skip-bad-lines", type=int, default=0,
                        help="drop up to N malformed lines instead of failing (default 0)")
         p.add_argument("--no-progress", dest="progress", action="store_false",

@@ -173,7 +173,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
            for j, name in enumerate(CATEGORICAL)],
         labels=[LabelSpec("label", "binary")],
     )
-    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows) as writer:
+    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows,
+                       args.compression) as writer:
         progress = Progress(inputs, args.progress, desc="criteo")
         for fi, path in enumerate(inputs):
             for first_row, batch, line_map in read_delimited(path, COLUMNS, "\t", bad_lines,

@@ -175,7 +175,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
     schema = spec.schema()
     label_kind = spec.label.get("kind", "binary")
     bad_lines = BadLines(args.skip_bad_lines)
-    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows) as writer:
+    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows,
+                       args.compression) as writer:
         progress = Progress(inputs, args.progress, desc="csv")
         for fi, path in enumerate(inputs):
             for first_row, batch, line_map in _batches(path, spec, bad_lines, progress):

@@ -199,7 +199,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
         "args": {k: v for k, v in vars(args).items() if k not in ("inputs", "func")},
         "bad_lines_skipped": bad_lines.count,
     }
-    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows) as writer:
+    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows,
+                       args.compression) as writer:
         if args.task == "sequential":
             schema, facts = write_sequences(writer, user, item, ts, action, args.max_len,
                                             args.embedding_dim, args.min_interactions)

@@ -89,7 +89,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
         "timestamps": "from the file" if with_ts else "line order",
         "bad_lines_skipped": bad_lines.count,
     }
-    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows) as writer:
+    with DatasetWriter(out, args.overwrite, args.rows_per_file, args.row_group_rows,
+                       args.compression) as writer:
         schema, facts = write_sequences(writer, np.concatenate(users), np.concatenate(items),
                                         np.concatenate(times), None, args.max_len,
                                         args.embedding_dim, args.min_interactions)
