@@ -205,6 +205,23 @@ class Jagged:
                 width = w
         return Jagged(offsets, values, width)
 
+    @staticmethod
+    def from_column(col: pa.ChunkedArray | pa.Array,
+                    unit_offsets: Optional[np.ndarray] = None) -> "Jagged":
+        """A list column as a Jagged; the fixed-width check runs on Arrow's own offsets, so
+        single-id columns skip the int64 offsets copy (and share ``unit_offsets``, the
+        ``arange(N + 1)`` of the row group, when given)."""
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        raw = arr.offsets.to_numpy()
+        values = arr.values.to_numpy(zero_copy_only=False)[raw[0]:raw[-1]]
+        values = values.astype(np.int64, copy=False)
+        n = raw.size - 1
+        if n > 0 and int(raw[-1] - raw[0]) == n and bool(np.all(np.diff(raw) == 1)):
+            if unit_offsets is None or unit_offsets.size != n + 1:
+                unit_offsets = np.arange(n + 1, dtype=np.int64)
+            return Jagged(unit_offsets, values, 1)
+        return Jagged.of(raw.astype(np.int64) - int(raw[0]), values)
+
     @property
     def num_rows(self) -> int:
         return self.offsets.size - 1
@@ -221,7 +238,7 @@ class Jagged:
             values = self.values if self.width == 1 else \
                 self.values.reshape(self.num_rows, self.width)
             return Jagged(np.arange(m + 1, dtype=np.int64) * self.width,
-                          values[rows].reshape(-1), self.width)
+                          np.take(values, rows, axis=0).reshape(-1), self.width)
         lengths = np.diff(self.offsets)[rows]
         new_off = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(lengths, out=new_off[1:])
@@ -275,10 +292,12 @@ class Chunk:
                 for k in range(self.single_ids.shape[1])]
 
     def take(self, rows: np.ndarray) -> "Chunk":
-        return Chunk(self.ids[rows], self.dense[rows], self.labels[rows],
+        # np.take(axis=0) gathers rows of 2-D arrays ~2.5x faster than fancy indexing.
+        return Chunk(self.ids[rows], np.take(self.dense, rows, axis=0),
+                     np.take(self.labels, rows, axis=0),
                      [j.take(rows) for j in self.sparse], [j.take(rows) for j in self.sequence],
                      [None if j is None else j.take(rows) for j in self.timestamps],
-                     None if self.single_ids is None else self.single_ids[rows])
+                     None if self.single_ids is None else np.take(self.single_ids, rows, axis=0))
 
     def slice(self, a: int, b: int) -> "Chunk":
         return Chunk(self.ids[a:b], self.dense[a:b], self.labels[a:b],
@@ -400,8 +419,9 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
                 raise DataError(f"{where.at(r)}: label {lab.name!r} is {y[r]}; a {lab.kind} "
                                 f"label must be in {allowed}")
     sparse = []
+    unit_offsets = np.arange(n + 1, dtype=np.int64)
     for f in schema.sparse_features:
-        jag = Jagged.of(*offsets_from_list_column(table.column(f.name)))
+        jag = Jagged.from_column(table.column(f.name), unit_offsets)
         sparse.append(_check_ids(f, jag, where) if validate else jag)
     sequence: List[Jagged] = []
     timestamps: List[Optional[Jagged]] = []
