@@ -605,6 +605,12 @@ class ParquetReader:
                             f"{self.num_rows} rows but meta.json says {expected}; files were "
                             f"added or removed after the dataset was written")
         self._columns = self.schema.columns()
+        if len(self) == 0:
+            rows = [sum(g.num_rows for g in gs) for gs in self._assignment()]
+            raise DataError(
+                f"{os.path.join(dataset_dir, split)}: no full batch of {batch_size} rows on "
+                f"every rank (rows per rank: {rows}); lower the batch size, write smaller row "
+                f"groups (--row-group-rows) so ranks get even shares, or use remainder='pad'")
 
     @property
     def num_rows(self) -> int:

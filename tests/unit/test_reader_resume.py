@@ -137,3 +137,11 @@ def test_load_state_dict_rejects_other_settings(dataset: str) -> None:
     other = ParquetReader(dataset, "train", 4, prefetch=0)
     with pytest.raises(DataError, match=r"saved batch_size=8 but this run has batch_size=4"):
         other.load_state_dict(state)
+
+
+def test_no_full_batch_is_an_error(dataset: str) -> None:
+    # 2 ranks: 50 rows each (alternating 10-row groups); batch 64 fits on neither.
+    with pytest.raises(DataError, match=r"no full batch of 64 rows on every rank \(rows per "
+                                        r"rank: \[\d+, \d+\]\).*remainder='pad'"):
+        ParquetReader(dataset, "train", 64, rank=0, world_size=2)
+    assert len(ParquetReader(dataset, "train", 64, rank=0, world_size=2, remainder="pad")) == 1
