@@ -113,21 +113,36 @@ def _parse(path: str, batch: pa.RecordBatch, first_row: int, line_map: Any,
 
 
 class Vocabulary:
-    """Per-feature counts of 64-bit value hashes, merged chunk by chunk with numpy."""
+    """Per-feature counts of 64-bit value hashes. Each chunk is reduced to its distinct keys
+    and counts; those are merged into the running table only once they outgrow it, so the
+    total sorting work stays proportional to the input (not chunks × vocabulary)."""
 
     def __init__(self, num_features: int) -> None:
         self.keys = [np.zeros(0, np.uint64) for _ in range(num_features)]
         self.counts = [np.zeros(0, np.int64) for _ in range(num_features)]
+        self._pending: List[List[Tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(num_features)]
+        self._pending_size = [0] * num_features
 
     def add(self, j: int, h: np.ndarray) -> None:
-        keys = np.concatenate([self.keys[j], h])
-        counts = np.concatenate([self.counts[j], np.ones(h.size, np.int64)])
+        keys, counts = np.unique(h, return_counts=True)
+        self._pending[j].append((keys, counts.astype(np.int64)))
+        self._pending_size[j] += keys.size
+        if self._pending_size[j] > max(self.keys[j].size, 1 << 20):
+            self._merge(j)
+
+    def _merge(self, j: int) -> None:
+        if not self._pending[j]:
+            return
+        keys = np.concatenate([self.keys[j]] + [k for k, _ in self._pending[j]])
+        counts = np.concatenate([self.counts[j]] + [c for _, c in self._pending[j]])
         uniq, inverse = np.unique(keys, return_inverse=True)
         self.keys[j] = uniq
         self.counts[j] = np.bincount(inverse, weights=counts, minlength=uniq.size).astype(np.int64)
+        self._pending[j], self._pending_size[j] = [], 0
 
     def freeze(self, min_count: int) -> None:
         for j in range(len(self.keys)):
+            self._merge(j)
             keep = self.counts[j] >= min_count
             self.keys[j], self.counts[j] = self.keys[j][keep], self.counts[j][keep]
 

@@ -209,12 +209,10 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
                     return "malformed"
 
                 if bad_any.any():
-                    if line_map is None:
-                        i = int(np.flatnonzero(bad_any)[0])
-                        bad_lines.add(path, None, f"row {first_row + i}: {problem(i)}")
+                    if line_map is None:  # parquet input: rows, not lines
+                        for i in np.flatnonzero(bad_any).tolist():
+                            bad_lines.add(path, None, f"row {first_row + i}: {problem(i)}")
                         keep = ~bad_any
-                        for _ in range(int(bad_any.sum()) - 1):
-                            bad_lines.add(path, None, "another bad row")
                     else:
                         keep = report_bad_rows(path, bad_any, first_row, line_map, batch,
                                                problem, bad_lines)

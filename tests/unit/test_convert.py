@@ -342,3 +342,51 @@ def test_csv_bad_label_and_missing_column(tmp_path) -> None:
     with pytest.raises(ConvertError, match=r"y.tsv: column\(s\) \['age', 'site', 'tags'\] "
                                            r"named in the spec are missing"):
         csv_conv.convert([str(g)], str(tmp_path / "o"), _ns(csv_conv, ["--spec", spec]))
+
+
+def test_streaming_blocks_and_line_numbers_after_skipped_lines(tmp_path) -> None:
+    from data.convert.common import BadLines
+    from data.convert.text import integer_column, read_delimited, report_bad_rows
+
+    f = tmp_path / "x.tsv"
+    lines = [f"{i}\t{i * 10}\n" for i in range(1, 31)]
+    lines[4] = "only-one-field\n"        # line 5: wrong field count (skipped by the parser)
+    lines[24] = "25\tnot-a-number\n"     # line 25: bad value (found by the converter)
+    f.write_text("".join(lines))
+    bad = BadLines(limit=2)
+    seen_lines, values, blocks = [], [], 0
+    for first_row, batch, line_map in read_delimited(str(f), ["a", "b"], "\t", bad,
+                                                     block_size=64):
+        blocks += 1
+        b, is_bad = integer_column(batch.column(1))
+        keep = report_bad_rows(str(f), is_bad, first_row, line_map, batch,
+                               lambda i: "column b: expected an integer", bad)
+        rows = np.arange(batch.num_rows)
+        seen_lines += line_map.lines(first_row + rows)[keep].tolist()
+        values += b[keep].tolist()
+    assert blocks > 3  # streamed in many small blocks, not read whole
+    expected = [i for i in range(1, 31) if i not in (5, 25)]
+    assert seen_lines == expected and values == [i * 10 for i in expected]
+    assert bad.count == 2 and "x.tsv:25: column b" in bad.examples[1]
+
+
+def test_vocabulary_counts_across_chunks() -> None:
+    from data.convert.criteo import Vocabulary
+
+    v = Vocabulary(1)
+    for chunk in ([5, 7, 5], [7, 9], [5]):
+        v.add(0, np.array(chunk, dtype=np.uint64))
+    v.freeze(min_count=2)
+    assert v.keys[0].tolist() == [5, 7] and v.counts[0].tolist() == [3, 2]
+    assert v.lookup(0, np.array([7, 9, 5, 1], dtype=np.uint64)).tolist() == [2, 0, 1, 0]
+
+
+def test_csv_parquet_bad_row_names_row(tmp_path) -> None:
+    pq.write_table(pa.table({"click": [1, 2], "price": [1.0, 2.0], "age": [1, 2],
+                             "site": ["a", "b"], "tags": ["x", "y"]}), tmp_path / "x.parquet")
+    from data.convert import csv as csv_conv
+
+    with pytest.raises(ConvertError, match=r"x.parquet: row 1: column 'click' \(label\): "
+                                           r"expected 0 or 1"):
+        csv_conv.convert([str(tmp_path / "x.parquet")], str(tmp_path / "o"),
+                         _ns(csv_conv, ["--spec", _spec(tmp_path)]))
