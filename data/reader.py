@@ -646,13 +646,22 @@ class ParquetReader:
         return self._num_batches(self._assignment())
 
     # -- resumable position ---------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, batch: Optional[int] = None) -> Dict[str, Any]:
         """The read position: ``epoch`` and ``batch`` (batches of it handed out so far), plus
-        the settings the position is only meaningful under."""
+        the settings the position is only meaningful under.
+
+        Args:
+            batch: record this position instead — e.g. the batches the model has finished
+                when a train pipeline still holds some handed-out batches in flight (they
+                have to be read again after a restart).
+        """
+        if batch is not None and not 0 <= batch <= self._next_batch:
+            raise ValueError(f"batch {batch} is not in [0, {self._next_batch}] (batches handed "
+                             f"out this epoch)")
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "batch": self._next_batch,
+            "batch": self._next_batch if batch is None else batch,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "seed": self.seed,

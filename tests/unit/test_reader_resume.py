@@ -145,3 +145,17 @@ def test_no_full_batch_is_an_error(dataset: str) -> None:
                                         r"rank: \[\d+, \d+\]\).*remainder='pad'"):
         ParquetReader(dataset, "train", 64, rank=0, world_size=2)
     assert len(ParquetReader(dataset, "train", 64, rank=0, world_size=2, remainder="pad")) == 1
+
+
+def test_state_dict_at_an_earlier_batch_for_in_flight_pipelines(dataset: str) -> None:
+    full = ids_of(ParquetReader(dataset, "train", 8, shuffle=True, prefetch=2))
+    r = ParquetReader(dataset, "train", 8, shuffle=True, prefetch=2)
+    it = iter(r)
+    for _ in range(5):  # a pipeline pulled 5 batches but trained on only 3
+        next(it)
+    state = r.state_dict(batch=3)
+    resumed = ParquetReader(dataset, "train", 8, shuffle=True, prefetch=2)
+    resumed.load_state_dict(state)
+    assert ids_of(resumed) == full[3:]
+    with pytest.raises(ValueError, match=r"batch 6 is not in \[0, 5\]"):
+        r.state_dict(batch=6)
