@@ -47,6 +47,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -418,6 +419,14 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
                 allowed = "{0, 1}" if lab.kind == "binary" else "finite values"
                 raise DataError(f"{where.at(r)}: label {lab.name!r} is {y[r]}; a {lab.kind} "
                                 f"label must be in {allowed}")
+    for f in schema.sparse_features + schema.sequence_features:
+        col = table.column(f.name)
+        if validate and pc.list_flatten(col).null_count:
+            flat_nulls = np.asarray(pc.is_null(pc.list_flatten(col)), dtype=bool)
+            k = int(np.argmax(flat_nulls))
+            parents = np.asarray(pc.list_parent_indices(col), dtype=np.int64)
+            raise DataError(f"{where.at(int(parents[k]))}: column {f.name!r} holds a null id; "
+                            f"ids must be integers in [0, {f.num_embeddings})")
     sparse = []
     unit_offsets = np.arange(n + 1, dtype=np.int64)
     for f in schema.sparse_features:

@@ -91,6 +91,14 @@ def test_negative_id(tmp_path) -> None:
         _read_all(_write(tmp_path, cols))
 
 
+def test_null_id_inside_a_list(tmp_path) -> None:
+    cols = _columns()
+    cols["s0"] = pa.array([[1], [2], [3], [4], [5], [6], [None], [1]], pa.list_(pa.int64()))
+    with pytest.raises(DataError, match=r"part-00001.parquet, row group 1, row 2: column 's0' "
+                                        r"holds a null id"):
+        _read_all(_write(tmp_path, cols))
+
+
 def test_id_out_of_range_error_hash_clamp(tmp_path) -> None:
     cols = _columns()
     cols["s0"] = pa.array([[1], [2], [3], [12, 4], [5], [1], [1], [1]], pa.list_(pa.int64()))
