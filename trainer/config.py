@@ -59,6 +59,12 @@ class DataConfig:
     eval_batch_size: int = _f(0, "evaluation examples per rank per step (0: batch_size)")
     shuffle: bool = _f(True, "shuffle row-group order and rows within row groups each epoch")
     prefetch: int = _f(4, "batches built ahead in a background thread (0: inline)")
+    shuffle_buffer_rows: int = _f(0, "rows shuffled together across consecutive row groups "
+                                     "(0: shuffle within each row group)")
+    remainder: str = _f("drop", "rows that do not fill a batch on every rank: drop them, or "
+                                "pad by wrapping around to the rank's first rows",
+                        choices=("drop", "pad"))
+    validate: bool = _f(True, "check ids, dense values, labels and timestamps while reading")
 
 
 @dataclass

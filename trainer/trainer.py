@@ -78,9 +78,12 @@ def build_optimizer(cfg: Config, dmp: DistributedModelParallel) -> CombinedOptim
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema) -> tuple:
     d = cfg.data
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema,
+                  validate=d.validate)
     train = ParquetReader(d.path, d.train_split, d.batch_size, shuffle=d.shuffle,
-                          seed=cfg.training.seed, **common)  # type: ignore[arg-type]
+                          seed=cfg.training.seed, remainder=d.remainder,
+                          shuffle_buffer_rows=d.shuffle_buffer_rows,
+                          **common)  # type: ignore[arg-type]
     evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
                                shuffle=False, **common)  # type: ignore[arg-type]
     return train, evaluation
