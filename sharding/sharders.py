@@ -46,6 +46,18 @@ SEQUENCE_SHARDING_TYPES = [
 ]
 
 
+# Kernels we offer: fbgemm's fused TBE (HBM or host memory), UVM with or without an HBM
+# cache (GPU only), and the dense kernel of data-parallel tables. torchrec also lists its
+# key-value / SSD kernels on CUDA, which need an SSD-backed fbgemm build we do not ship, so a
+# dry-run plan for a GPU cluster must not pick them.
+SUPPORTED_KERNELS = (
+    EmbeddingComputeKernel.FUSED.value,
+    EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+    EmbeddingComputeKernel.FUSED_UVM.value,
+    EmbeddingComputeKernel.DENSE.value,
+)
+
+
 class PooledSharder(EmbeddingBagCollectionSharder):
     """EBC sharder that also offers row-wise and table-row-wise on CPU."""
 
@@ -55,6 +67,10 @@ class PooledSharder(EmbeddingBagCollectionSharder):
             types += [t for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
                       if t not in types]
         return types
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return [k for k in super().compute_kernels(sharding_type, compute_device_type)
+                if k in SUPPORTED_KERNELS]
 
 
 class SequenceSharder(EmbeddingCollectionSharder):
@@ -66,7 +82,8 @@ class SequenceSharder(EmbeddingCollectionSharder):
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         kernels = super().compute_kernels(sharding_type, compute_device_type)
-        return [k for k in kernels if k != EmbeddingComputeKernel.DENSE.value]
+        return [k for k in kernels
+                if k in SUPPORTED_KERNELS and k != EmbeddingComputeKernel.DENSE.value]
 
 
 def fused_optimizer_kwargs(name: str, lr: float, weight_decay: float = 0.0, eps: float = 1e-8,

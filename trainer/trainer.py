@@ -28,12 +28,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
 from data.reader import ParquetReader
-from data.schema import Schema, load_meta
+from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
 from models.blocks import CTRTask
 from sharding.dist import DistContext, destroy_distributed, init_distributed
-from sharding.parallel import shard_model
-from sharding.sharders import apply_sparse_optimizer
+from sharding.constraints import apply_table_optimizers, resolve_table_settings
+from sharding.parallel import shard_model_from_config
 from trainer.config import Config, save_config
 from trainer.metrics import CTRMetrics, MetricsFile, format_final
 
@@ -54,13 +54,12 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, schema: Schema) -> nn.Module:
-    """The unsharded task model (embeddings on meta) with its fused sparse optimizer."""
+    """The unsharded task model (embeddings on meta) with each table's fused optimizer
+    (``[training] sparse_*``, or ``[sharding.tables.NAME]`` where a table sets its own)."""
     spec = get_model_spec(cfg.model.name)
     args = spec.make_args(cfg.model.flavour, cfg.model.args)
     model = CTRTask(spec.build(schema, args, "meta"))
-    t = cfg.training
-    apply_sparse_optimizer(model, t.sparse_optimizer, t.sparse_lr, t.sparse_weight_decay,
-                           t.sparse_eps)
+    apply_table_optimizers(model, resolve_table_settings(schema, cfg.sharding, cfg.training))
     return model
 
 
@@ -139,12 +138,12 @@ def train(cfg: Config) -> Dict[str, Any]:
             save_config(cfg, t.run_dir)
             _log_to_file(os.path.join(t.run_dir, "train.log"))
         seed_everything(t.seed)
-        schema = Schema.load(cfg.data.path)
+        schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         train_reader, eval_reader = build_readers(cfg, ctx, schema)
-        dmp, _ = shard_model(build_model(cfg, schema), ctx, cfg.data.batch_size,
-                             hbm_gb=cfg.sharding.hbm_gb, ddr_gb=cfg.sharding.ddr_gb,
-                             storage_reservation=cfg.sharding.storage_reservation)
+        dmp, _ = shard_model_from_config(
+            build_model(cfg, schema), ctx, cfg.sharding,
+            resolve_table_settings(schema, cfg.sharding, cfg.training), cfg.data.batch_size)
         optimizer = build_optimizer(cfg, dmp)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
