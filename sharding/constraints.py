@@ -10,6 +10,9 @@ the table names its own. From those settings:
 * :func:`apply_table_optimizers` attaches each table's fused optimizer to its weight with
   ``apply_optimizer_in_backward``; the sharders read it per table (``_optimizer_classes`` /
   ``_optimizer_kwargs``), so tables with different optimizers land in different fused kernels.
+* data-parallel tables are not fused: DMP hands them to DDP like dense parameters, so
+  :func:`data_parallel_table_optimizers` gives them their table's optimizer as a regular
+  (after-backward, on DDP-averaged gradients) optimizer instead of the dense one.
 
 Example::
 
@@ -21,19 +24,22 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+import re
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import CacheParams
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 
 from data.schema import Schema, TableSpec
 from sharding.sharders import (
     FUSED_OPTIMIZERS,
     POOLED_SHARDING_TYPES,
     SEQUENCE_SHARDING_TYPES,
+    TABLE_OPTIMIZERS,
     fused_optimizer_kwargs,
 )
 
@@ -42,6 +48,8 @@ if TYPE_CHECKING:
 
 # Kernels that need a GPU (UVM = host memory mapped into the GPU's address space).
 GPU_ONLY_KERNELS = ("fused_uvm", "fused_uvm_caching")
+# fbgemm's CPU fused kernels implement only the exact SGD / Adagrad family (Adam asserts).
+CPU_FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
 class ShardingConfigError(ValueError):
@@ -59,6 +67,7 @@ class TableSettings:
         compute_kernel: the kernel, or ``None`` for the planner's choice.
         cache_load_factor: fraction of rows cached in HBM (``fused_uvm_caching`` only).
         pooling_factor: average ids per example per feature (planner estimate).
+        min_partition: narrowest column-wise shard.
         optimizer / lr / weight_decay / eps: the fused optimizer that updates the table.
     """
 
@@ -67,6 +76,7 @@ class TableSettings:
     compute_kernel: Optional[str]
     cache_load_factor: Optional[float]
     pooling_factor: float
+    min_partition: Optional[int]
     optimizer: str
     lr: float
     weight_decay: float
@@ -111,6 +121,7 @@ def resolve_table_settings(schema: Schema, sharding: "ShardingConfig",
                                       sharding.pooling_factor
                                       if table.kind == "sparse" and sharding.pooling_factor
                                       else default_pf)),
+            min_partition=pick("min_partition", sharding.min_partition),
             optimizer=pick("optimizer", training.sparse_optimizer),
             lr=float(pick("lr", training.sparse_lr)),
             weight_decay=float(pick("weight_decay", training.sparse_weight_decay)),
@@ -172,8 +183,8 @@ def build_constraints(settings: Dict[str, TableSettings], compute_device: str
     """Planner constraints keyed by table name for a ``compute_device`` (cpu | cuda) run.
 
     Raises:
-        ShardingConfigError: a GPU-only kernel (UVM) requested for a CPU plan, naming the
-            table.
+        ShardingConfigError: a GPU-only kernel (UVM) or fused optimizer (Adam) requested for
+            a CPU plan, naming the table.
     """
     errors: List[str] = []
     out: Dict[str, ParameterConstraints] = {}
@@ -183,6 +194,13 @@ def build_constraints(settings: Dict[str, TableSettings], compute_device: str
                           f"compute_device cuda (this plan is for {compute_device}); use "
                           f"\"fused\"")
             continue
+        if (compute_device != "cuda" and s.optimizer not in CPU_FUSED_OPTIMIZERS
+                and s.sharding_types != ("data_parallel",)):
+            errors.append(f"table {name!r}: fused optimizer {s.optimizer!r} runs only on GPU "
+                          f"(fbgemm's CPU kernels support {', '.join(CPU_FUSED_OPTIMIZERS)}); "
+                          f"pick one of those for a {compute_device} run, or make the table "
+                          f"data_parallel")
+            continue
         cache = None
         if s.compute_kernel == "fused_uvm_caching" and s.cache_load_factor is not None:
             cache = CacheParams(load_factor=s.cache_load_factor)
@@ -190,6 +208,7 @@ def build_constraints(settings: Dict[str, TableSettings], compute_device: str
         out[name] = ParameterConstraints(
             sharding_types=list(s.sharding_types) if s.sharding_types else None,
             compute_kernels=[s.compute_kernel] if s.compute_kernel else None,
+            min_partition=s.min_partition,
             pooling_factors=[s.pooling_factor] * n_features,
             feature_names=list(s.table.features),
             cache_params=cache,
@@ -238,3 +257,29 @@ def apply_table_optimizers(model: nn.Module, settings: Dict[str, TableSettings])
         apply_optimizer_in_backward(
             FUSED_OPTIMIZERS[s.optimizer], [weight],
             fused_optimizer_kwargs(s.optimizer, s.lr, s.weight_decay, s.eps))
+
+
+_TABLE_PARAM = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
+
+
+def data_parallel_table_optimizers(dmp: nn.Module, settings: Dict[str, TableSettings]
+                                   ) -> Tuple[List[KeyedOptimizer], Set[str]]:
+    """Optimizers for the data-parallel tables of a sharded model, and the parameter names
+    they own (to keep them out of the dense optimizer).
+
+    Sharded tables carry ``_in_backward_optimizers`` (their fused update); a table weight
+    without it was replicated (data-parallel) and gets its gradient from DDP's all-reduce.
+    """
+    optimizers: List[KeyedOptimizer] = []
+    owned: Set[str] = set()
+    for fqn, param in dmp.named_parameters():
+        m = _TABLE_PARAM.search(fqn)
+        if m is None or m.group(1) not in settings or hasattr(param, "_in_backward_optimizers"):
+            continue
+        s = settings[m.group(1)]
+        cls = TABLE_OPTIMIZERS[s.optimizer]
+        kwargs = fused_optimizer_kwargs(s.optimizer, s.lr, s.weight_decay, s.eps)
+        optimizers.append(KeyedOptimizerWrapper(
+            {fqn: param}, lambda params, cls=cls, kwargs=kwargs: cls(params, **kwargs)))
+        owned.add(fqn)
+    return optimizers, owned

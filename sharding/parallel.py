@@ -68,6 +68,9 @@ def shard_model_from_config(model: nn.Module, ctx: DistContext, sharding: Any,
         batch_size: per-rank batch size, for the planner's estimates.
     """
     sharders = build_sharders()
+    # Device checks of the per-table settings (GPU-only kernels and optimizers) hold for a
+    # saved plan too.
+    constraints = build_constraints(settings, ctx.device.type)
     if sharding.plan_file:
         plan, header = load_plan(sharding.plan_file)
         check_plan(plan, header, model, ctx.world_size, ctx.device.type,
@@ -78,7 +81,7 @@ def shard_model_from_config(model: nn.Module, ctx: DistContext, sharding: Any,
         topology = topology_from_config(sharding, ctx.world_size, ctx.local_world_size,
                                         ctx.device.type)
         planner = build_planner(topology, batch_size,
-                                build_constraints(settings, ctx.device.type),
+                                constraints,
                                 sharding.storage_reservation)
         plan = plan_model(model, sharders, planner, topology, sharding.storage_reservation,
                           collective=True)

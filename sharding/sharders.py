@@ -31,6 +31,16 @@ FUSED_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "sgd": trec_optim.SGD,
 }
 
+# The same optimizers as plain (after-backward) torch optimizers, for data-parallel tables:
+# DDP replicates those, so no fused kernel updates them. torchrec.optim's SGD / Adam /
+# Adagrad are placeholders that only name the fused update; RowWiseAdagrad is a real one.
+TABLE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
 POOLED_SHARDING_TYPES = [
     ShardingType.DATA_PARALLEL.value,
     ShardingType.TABLE_WISE.value,

@@ -110,6 +110,8 @@ class TableShardingConfig:
                                                   "fused_uvm_caching (GPU only)")
     pooling_factor: Optional[float] = _f(None, "average ids per example per feature (planner "
                                                "hint for compute and comms estimates)")
+    min_partition: Optional[int] = _f(None, "column_wise: narrowest column shard (a multiple "
+                                            "of 4; torchrec's default keeps dims <= 128 whole)")
     optimizer: Optional[str] = _f(None, "fused optimizer of this table",
                                   choices=SPARSE_OPTIMIZERS)
     lr: Optional[float] = _f(None, "learning rate of this table")
@@ -138,6 +140,7 @@ class ShardingConfig:
                                                   "fused_uvm_caching tables")
     pooling_factor: Optional[float] = _f(None, "default ids per example per pooled feature "
                                                "(sequence tables default to max_len)")
+    min_partition: Optional[int] = _f(None, "default narrowest column_wise shard")
     tables: Dict[str, Any] = _f({}, "per-table overrides: [sharding.tables.NAME] with keys "
                                     "of TableShardingConfig", entries=TableShardingConfig)
     plan_file: str = _f("", "use this saved plan (python -m sharding.plan --out) instead of "
@@ -404,7 +407,7 @@ def _validate_sharding(s: ShardingConfig) -> List[str]:
                       f"`python -m sharding.plan --config ... --out {s.plan_file}`)")
     entries: List[Tuple[str, Dict[str, Any]]] = [
         ("sharding.", {"cache_load_factor": s.cache_load_factor,
-                       "pooling_factor": s.pooling_factor})]
+                       "pooling_factor": s.pooling_factor, "min_partition": s.min_partition})]
     entries += [(f"sharding.tables.{name}.", t) for name, t in s.tables.items()]
     for prefix, t in entries:
         clf = t.get("cache_load_factor")
@@ -413,6 +416,10 @@ def _validate_sharding(s: ShardingConfig) -> List[str]:
         for key in ("pooling_factor", "lr"):
             if t.get(key) is not None and t[key] <= 0:
                 errors.append(f"{prefix}{key} must be > 0, got {t[key]}")
+        mp = t.get("min_partition")
+        if mp is not None and (mp <= 0 or mp % 4):
+            errors.append(f"{prefix}min_partition must be a positive multiple of 4 (fbgemm "
+                          f"needs 4-aligned column shards), got {mp}")
         if t.get("weight_decay") is not None and t["weight_decay"] < 0:
             errors.append(f"{prefix}weight_decay must be >= 0, got {t['weight_decay']}")
         if t.get("sharding_types") == []:
