@@ -90,7 +90,8 @@ def format_report(report: Dict[str, Any], table_shapes: Dict[str, Tuple[int, int
                      f"{shards}")
     tier = "hbm" if report["compute_device"] == "cuda" else "ddr"
     lines.append("")
-    lines.append(f"per-rank memory ({tier.upper()} used / capacity; DDR used) and estimated "
+    also = "; DDR used" if tier == "hbm" else ""
+    lines.append(f"per-rank memory ({tier.upper()} used / capacity{also}) and estimated "
                  f"embedding time per step:")
     for r in report["ranks"]:
         used, cap = r[tier], r[f"{tier}_cap"]

@@ -218,7 +218,8 @@ def capacity_message(model: nn.Module, topology: Topology, storage_reservation: 
         "largest tables:",
     ]
     for name, (rows, dim, b) in largest:
-        flag = "  <- larger than one rank: needs row_wise / table_row_wise / column_wise"             if b > usable else ""
+        flag = ("  <- larger than one rank: needs row_wise / table_row_wise / column_wise"
+                if b > usable else "")
         lines.append(f"  {name:<24} {rows:>12,} x {dim:<5} {_gib(b):>12}{flag}")
     lines.append("knobs:")
     lines.append(f"  - more ranks (now {topology.world_size}) or more memory per rank "
