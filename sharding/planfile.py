@@ -159,6 +159,8 @@ def check_plan(plan: ShardingPlan, header: Dict[str, Any], model: nn.Module, wor
     if header.get("compute_device") not in (None, compute_device):
         errors.append(f"the plan is for {header.get('compute_device')} and this job runs on "
                       f"{compute_device}: re-plan with --compute-device {compute_device}")
+    if errors:  # a plan for another world or device: per-shard complaints would be noise
+        raise PlanFileError(f"{source} does not match this job:\n  - " + "\n  - ".join(errors))
     tables = model_tables(model)
     for path, module_tables in tables.items():
         module_plan = plan.plan.get(path)
