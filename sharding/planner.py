@@ -214,7 +214,9 @@ def capacity_message(model: nn.Module, topology: Topology, storage_reservation: 
         f"{_gib(total)} (weights + fused optimizer state), and each rank has "
         f"{_gib(cap)} {tier.upper()} of which {_gib(usable)} is usable after the "
         f"{storage_reservation:.0%} storage reservation ({_gib(usable * topology.world_size)} "
-        f"in all; dense parameters and batches need their share too).",
+        f"in all; dense parameters and batches need their share too)"
+        + (f"; UVM kernels can also use {_gib(topology.devices[0].storage.ddr)} of host DDR "
+           f"per rank." if device == "cuda" else "."),
         "largest tables:",
     ]
     for name, (rows, dim, b) in largest:
