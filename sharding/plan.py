@@ -190,13 +190,10 @@ def run(argv: Sequence[str]) -> int:
     if args.plot:
         from sharding.plot import plot_rank_memory
 
-        legend = plot_rank_memory(report, args.plot,
-                                  f"{cfg.model.name}: {args.world_size} {args.compute_device} "
-                                  f"ranks, memory by table")
-        print(f"drew per-rank memory by table to {args.plot}")
-        if legend:
-            print("  (matplotlib not installed: bars without text; colours: "
-                  + ", ".join(legend) + ")")
+        renderer = plot_rank_memory(report, args.plot,
+                                    f"{cfg.model.name}: {args.world_size} {args.compute_device} "
+                                    f"ranks, memory by table")
+        print(f"drew per-rank memory by table to {args.plot} ({renderer})")
     print(f"planned in {time.perf_counter() - start:.1f} s")
     return 0
 

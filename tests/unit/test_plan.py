@@ -267,3 +267,28 @@ def test_trainer_path_uses_plan_file(tmp_path: Any, monkeypatch: pytest.MonkeyPa
         assert [tuple(s.metadata.shard_sizes) for s in shards] == [(64, 8), (64, 8)]
     finally:
         destroy_distributed()
+
+
+def test_builtin_png_renderer_draws_stacked_bars(tmp_path: Any) -> None:
+    import struct
+    import zlib
+
+    from sharding.plot import _by_table, _color, _png_bars
+
+    report = {"ranks": [{"by_table": {"big": 3 * 1024**3, "small": 1024**3}},
+                        {"by_table": {"small": 1024**3}}]}
+    tables, grid = _by_table(report)
+    assert tables == ["big", "small"] and grid.tolist() == [[3 * 1024**3, 0], [1024**3] * 2]
+    path = str(tmp_path / "m.png")
+    _png_bars(grid, tables, path, "memory")
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (n,) = struct.unpack(">I", data[idat - 4:idat])
+    raw = zlib.decompress(data[idat + 4:idat + 4 + n])
+    assert len(raw) == h * (1 + 3 * w)
+    stride = 1 + 3 * w  # each row: filter byte, then RGB pixels
+    pixels = {raw[y * stride + 1 + 3 * x:y * stride + 4 + 3 * x] for y in range(h)
+              for x in range(w)}
+    assert bytes(_color(0)) in pixels and bytes(_color(1)) in pixels
