@@ -25,6 +25,7 @@ from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import (
+    HardwareConfig,
     KernelConfig,
     ParameterConstraints,
     PlannerError,
@@ -76,13 +77,18 @@ def build_topology(world_size: int, local_world_size: int, compute_device: str,
         hbm_cap_bytes=int(hbm_gb * GB) if hbm_gb is not None else 0,
         ddr_cap_bytes=int(ddr_gb * GB),
     )
+    # Bandwidths go through HardwareConfig (GB/s → torchrec's bytes/ms), which the factory
+    # reads only with use_hardware_based_bandwidth; unset ones keep torchrec's defaults.
+    # (Setting Topology attributes afterwards would not reach its comms model.)
+    hardware = HardwareConfig(
+        intra_host_bw=intra_host_bw_gbps * GB / 1000 if intra_host_bw_gbps else None,
+        inter_host_bw=inter_host_bw_gbps * GB / 1000 if inter_host_bw_gbps else None,
+    )
+    overridden = bool(intra_host_bw_gbps or inter_host_bw_gbps)
     topology = TopologyFactory.create_topology(
-        trainer_config=trainer, kernel_config=KernelConfig(compute_device=compute_device))
-    # Bandwidth overrides: GB/s → bytes/ms.
-    if intra_host_bw_gbps is not None:
-        topology._intra_host_bw = intra_host_bw_gbps * GB / 1000  # type: ignore[attr-defined]
-    if inter_host_bw_gbps is not None:
-        topology._inter_host_bw = inter_host_bw_gbps * GB / 1000  # type: ignore[attr-defined]
+        trainer_config=trainer, hardware_config=hardware,
+        kernel_config=KernelConfig(compute_device=compute_device,
+                                   use_hardware_based_bandwidth=overridden))
     return topology
 
 

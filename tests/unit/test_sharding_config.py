@@ -214,3 +214,24 @@ def test_config_choices_match_the_sharders() -> None:
     assert set(PooledSharder().compute_kernels("row_wise", "cuda")) <= set(SUPPORTED_KERNELS)
     assert "dense" not in SequenceSharder().compute_kernels("table_wise", "cpu")
     assert "data_parallel" not in SequenceSharder().sharding_types("cpu")
+
+
+def test_topology_takes_caps_and_bandwidths_from_config() -> None:
+    from sharding.planner import GB, topology_from_config
+
+    sharding = ShardingConfig(hbm_gb=40.0, ddr_gb=100.0, intra_host_bw_gbps=300.0,
+                              inter_host_bw_gbps=25.0)
+    t = topology_from_config(sharding, 16, 8, "cuda")
+    assert (t.world_size, t.local_world_size, t.compute_device) == (16, 8, "cuda")
+    assert t.devices[0].storage.hbm == 40 * GB and t.devices[0].storage.ddr == 100 * GB
+    # GB/s in the config, bytes/ms in torchrec
+    assert t.intra_host_bw == pytest.approx(300 * GB / 1000)
+    assert t.inter_host_bw == pytest.approx(25 * GB / 1000)
+    default = topology_from_config(ShardingConfig(), 2, 2, "cpu")
+    assert default.intra_host_bw > default.inter_host_bw > 0
+    assert default.devices[0].storage.ddr > 0  # this host's memory / local ranks
+    with pytest.raises(ValueError, match="sharding.hbm_gb"):
+        if not torch.cuda.is_available():
+            topology_from_config(ShardingConfig(), 2, 2, "cuda")  # a live job needs the GPU
+        else:
+            raise ValueError("sharding.hbm_gb")  # with a GPU its memory is the default
