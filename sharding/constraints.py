@@ -95,6 +95,21 @@ def resolve_table_settings(schema: Schema, sharding: "ShardingConfig",
         ShardingConfigError: listing every ``[sharding.tables.NAME]`` that names no table
             (with the valid names) and every sharding type / kernel a table cannot use.
     """
+    settings, errors = _resolve(schema, sharding, training)
+    if errors:
+        raise ShardingConfigError("invalid sharding settings:\n  - " + "\n  - ".join(errors))
+    return settings
+
+
+def table_settings_errors(schema: Schema, sharding: "ShardingConfig",
+                          training: "TrainingConfig") -> List[str]:
+    """The problems :func:`resolve_table_settings` would raise, as a list (for the config
+    validator, which reports every problem at once)."""
+    return _resolve(schema, sharding, training)[1]
+
+
+def _resolve(schema: Schema, sharding: "ShardingConfig", training: "TrainingConfig"
+             ) -> Tuple[Dict[str, TableSettings], List[str]]:
     tables = schema.tables()
     errors: List[str] = []
     for name in sharding.tables:
@@ -129,9 +144,7 @@ def resolve_table_settings(schema: Schema, sharding: "ShardingConfig",
         )
         errors += _check_table(settings, where=_where(name, override))
         out[name] = settings
-    if errors:
-        raise ShardingConfigError("invalid sharding settings:\n  - " + "\n  - ".join(errors))
-    return out
+    return out, errors
 
 
 def _where(name: str, override: Dict[str, Any]) -> str:

@@ -233,3 +233,20 @@ def test_topology_takes_caps_and_bandwidths_from_config() -> None:
     if not torch.cuda.is_available():  # a live cuda job without a GPU cannot guess its HBM
         with pytest.raises(ValueError, match="sharding.hbm_gb"):
             topology_from_config(ShardingConfig(), 2, 2, "cuda")
+
+
+def test_config_check_reports_unknown_tables_with_the_other_errors(tmp_path: Any) -> None:
+    """With the schema at hand, table names are checked when the config loads."""
+    schema().save(str(tmp_path))
+    path = write(tmp_path, f"""
+[data]
+path = "{tmp_path}"
+[training]
+steps = -1
+[sharding.tables.usr]
+lr = 0.1
+""")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "training.steps must be >= 0" in str(e.value)
+    assert "the model has no table 'usr'; its tables are: user, ad, item" in str(e.value)
