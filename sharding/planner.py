@@ -37,6 +37,8 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from sharding.constraints import table_weights
+
 logger = logging.getLogger(__name__)
 
 GB = 1024**3
@@ -188,8 +190,6 @@ _OPTIMIZER_STATE = {"SGD": 0.0, "Adam": 2.0, "Adagrad": 1.0}
 
 def table_bytes(model: nn.Module) -> Dict[str, Tuple[int, int, int]]:
     """Table name → (rows, dim, bytes of weights + fused optimizer state)."""
-    from sharding.constraints import table_weights
-
     out: Dict[str, Tuple[int, int, int]] = {}
     for name, w in table_weights(model).items():
         rows, dim = w.shape
