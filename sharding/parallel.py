@@ -74,7 +74,7 @@ def shard_model_from_config(model: nn.Module, ctx: DistContext, sharding: Any,
     if sharding.plan_file:
         plan, header = load_plan(sharding.plan_file)
         check_plan(plan, header, model, ctx.world_size, ctx.device.type,
-                   source=sharding.plan_file)
+                   source=sharding.plan_file, local_world_size=ctx.local_world_size)
         if ctx.is_main:
             logger.info("using the saved plan %s", sharding.plan_file)
     else:

@@ -145,12 +145,13 @@ def model_tables(model: nn.Module) -> Dict[str, Dict[str, Tuple[int, int]]]:
 
 
 def check_plan(plan: ShardingPlan, header: Dict[str, Any], model: nn.Module, world_size: int,
-               compute_device: str, source: str = "plan") -> None:
+               compute_device: str, source: str = "plan",
+               local_world_size: Optional[int] = None) -> None:
     """Raise :class:`PlanFileError` listing every way ``plan`` does not fit this job.
 
-    Checks the world size and device the plan was made for, that every table of the model
-    has a placement and the plan names no other table, that ranks lie in the world, and that
-    each table's shards tile exactly its ``rows x dim``.
+    Checks the world size, device (and on GPUs the ranks per host) the plan was made for,
+    that every table of the model has a placement and the plan names no other table, that
+    ranks lie in the world, and that each table's shards tile exactly its ``rows x dim``.
     """
     errors: List[str] = []
     if header.get("world_size") != world_size:
@@ -159,6 +160,12 @@ def check_plan(plan: ShardingPlan, header: Dict[str, Any], model: nn.Module, wor
     if header.get("compute_device") not in (None, compute_device):
         errors.append(f"the plan is for {header.get('compute_device')} and this job runs on "
                       f"{compute_device}: re-plan with --compute-device {compute_device}")
+    if (compute_device == "cuda" and local_world_size is not None
+            and header.get("local_world_size") not in (None, local_world_size)):
+        # shards name their GPU as cuda:(rank % local world size)
+        errors.append(f"the plan is for {header.get('local_world_size')} GPUs per host, this "
+                      f"job has {local_world_size}: re-plan with --local-world-size "
+                      f"{local_world_size}")
     if errors:  # a plan for another world or device: per-shard complaints would be noise
         raise PlanFileError(f"{source} does not match this job:\n  - " + "\n  - ".join(errors))
     tables = model_tables(model)

@@ -190,6 +190,9 @@ def test_plan_file_mismatches_name_the_table(tmp_path: Any) -> None:
         check_plan(loaded, header, model, 4, "cpu")
     with pytest.raises(PlanFileError, match="the plan is for cpu and this job runs on cuda"):
         check_plan(loaded, header, model, 2, "cuda")
+    gpu, gpu_header = plan_from_dict({**d, "compute_device": "cuda"})
+    with pytest.raises(PlanFileError, match="the plan is for 2 GPUs per host, this job has 1"):
+        check_plan(gpu, gpu_header, model, 2, "cuda", local_world_size=1)
     other, _ = tiny_model([64, 48, 40])  # a third table the plan does not know
     with pytest.raises(PlanFileError, match="table 't2' of 'model.ebc' has no placement"):
         check_plan(loaded, header, other, 2, "cpu")
