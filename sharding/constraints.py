@@ -215,7 +215,9 @@ def build_constraints(settings: Dict[str, TableSettings], compute_device: str
                           f"data_parallel")
             continue
         cache = None
-        if s.compute_kernel == "fused_uvm_caching" and s.cache_load_factor is not None:
+        # Also when the kernel is the planner's choice: should it pick UVM caching, the
+        # table's load factor applies instead of torchrec's default.
+        if s.cache_load_factor is not None and s.compute_kernel in (None, "fused_uvm_caching"):
             cache = CacheParams(load_factor=s.cache_load_factor)
         n_features = len(s.table.features)
         out[name] = ParameterConstraints(

@@ -146,9 +146,10 @@ def plan_tiny(model: torch.nn.Module, schema: Schema, world: int, device: str,
     from sharding.sharders import build_sharders
     from trainer.config import ShardingConfig, TrainingConfig
 
-    sharding = ShardingConfig(
-        tables={t: {"sharding_types": [st]} for t, st in types.items()},
-        min_partition=8, **sharding_kw)
+    tables: Dict[str, Dict[str, Any]] = {t: {"sharding_types": [st]} for t, st in types.items()}
+    for t, extra in sharding_kw.pop("tables", {}).items():
+        tables.setdefault(t, {}).update(extra)
+    sharding = ShardingConfig(tables=tables, min_partition=8, **sharding_kw)
     training = TrainingConfig(sparse_optimizer="rowwise_adagrad")
     settings = resolve_table_settings(schema, sharding, training)
     apply_table_optimizers(model, settings)
@@ -179,6 +180,19 @@ def test_plan_file_round_trip_for_every_sharding_type(tmp_path: Any) -> None:
             assert str(sa.placement) == str(sb.placement)
         assert len(a.sharding_spec.shards) == len(b.sharding_spec.shards)  # type: ignore
     check_plan(loaded, header, model, 4, "cpu")  # matches the model it was made for
+
+
+def test_uvm_caching_and_its_load_factor_survive_the_plan_file(tmp_path: Any) -> None:
+    model, schema = tiny_model([64, 48])
+    plan = plan_tiny(model, schema, 2, "cuda", {"t0": "row_wise"}, hbm_gb=1.0, ddr_gb=4.0,
+                     tables={"t0": {"compute_kernel": "fused_uvm_caching",
+                                    "cache_load_factor": 0.3}})
+    ps = plan.plan["model.ebc"]["t0"]  # type: ignore[index]
+    assert ps.compute_kernel == "fused_uvm_caching" and ps.cache_params.load_factor == 0.3
+    loaded, _ = load_plan(save_plan(str(tmp_path / "p.json"), plan, 2, 2, "cuda", 32))
+    again = loaded.plan["model.ebc"]["t0"]  # type: ignore[index]
+    assert again.compute_kernel == "fused_uvm_caching"
+    assert again.cache_params is not None and again.cache_params.load_factor == 0.3
 
 
 def test_plan_file_mismatches_name_the_table(tmp_path: Any) -> None:
