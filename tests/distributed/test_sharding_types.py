@@ -1,10 +1,11 @@
 """Every sharding type on 2 gloo ranks equals an unsharded reference.
 
 One spawn of 2 ranks loops over the cases: pooled tables (EBC) table-, row-, column-,
-table-row-wise and data-parallel; sequence tables (EC) table-, row- and column-wise. Each case
-goes through the config path users take — ``[sharding]`` settings → per-table constraints and
-fused optimizers → collective plan → DMP — then checks, against an unsharded module with the
-same initial weights and the same per-table optimizers (torch's, attached independently):
+table-row-, table-column-wise and data-parallel; sequence tables (EC) table-, row- and
+column-wise. Each case goes through the config path users take — ``[sharding]`` settings →
+per-table constraints and fused optimizers → collective plan → DMP — then checks, against an
+unsharded module with the same initial weights and the same per-table optimizers (torch's,
+attached independently):
 
 * the plan uses the requested type (and splits the table where the type implies shards);
 * forward output on each rank's local batch;
@@ -30,7 +31,8 @@ from torch import nn
 
 WORLD = 2
 LOCAL_BATCH = 4
-EBC_CASES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
+EBC_CASES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise",
+             "data_parallel"]
 EC_CASES = ["table_wise", "row_wise", "column_wise"]
 # rows, dim: dims of 16 so column-wise can split into 4-aligned shards (fbgemm's rule).
 TABLES = {"a": (40, 16), "b": (24, 16)}
@@ -148,7 +150,7 @@ def _run_case(ctx: Any, kind: str, sharding_type: str, seed: int) -> str:
     for t in TABLES:
         ps = plan.plan["emb"][t]  # type: ignore[index]
         assert ps.sharding_type == sharding_type, f"{case}: table {t} planned as {ps.sharding_type}"
-        if sharding_type in ("row_wise", "column_wise", "table_row_wise"):
+        if sharding_type in ("row_wise", "column_wise", "table_row_wise", "table_column_wise"):
             assert len(ps.sharding_spec.shards) == WORLD, \
                 f"{case}: table {t} has {len(ps.sharding_spec.shards)} shards, expected {WORLD}"
     dmp, _ = wrap_model(model, ctx, plan, sharders)
