@@ -314,3 +314,19 @@ def load_meta(directory: str) -> Dict[str, Any]:
         return {}
     with open(path) as fh:
         return json.load(fh)
+
+
+def load_schema(path: str) -> Schema:
+    """A schema from a dataset directory (its ``schema.json``) or from a schema JSON file,
+    e.g. ``launch/configs/criteo_kaggle_schema.json`` for planning a model without its data."""
+    if os.path.isdir(path):
+        return Schema.load(path)
+    if not os.path.exists(path):
+        raise SchemaError(f"{path} not found: expected a dataset directory or a schema JSON "
+                          f"file (config key data.schema or data.path)")
+    with open(path) as fh:
+        try:
+            d = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{path}: not valid JSON ({e})") from None
+    return Schema.from_dict(d, source=path)

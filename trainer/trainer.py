@@ -28,12 +28,17 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
 from data.reader import ParquetReader
-from data.schema import Schema, load_meta
+from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
 from models.blocks import CTRTask
 from sharding.dist import DistContext, destroy_distributed, init_distributed
-from sharding.parallel import shard_model
-from sharding.sharders import apply_sparse_optimizer
+from sharding.constraints import (
+    TableSettings,
+    apply_table_optimizers,
+    data_parallel_table_optimizers,
+    resolve_table_settings,
+)
+from sharding.parallel import shard_model_from_config
 from trainer.config import Config, save_config
 from trainer.metrics import CTRMetrics, MetricsFile, format_final
 
@@ -54,26 +59,29 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, schema: Schema, device_type: str = "cpu") -> nn.Module:
-    """The unsharded task model (embeddings on meta) with its fused sparse optimizer."""
+    """The unsharded task model (embeddings on meta) with each table's fused optimizer
+    (``[training] sparse_*``, or ``[sharding.tables.NAME]`` where a table sets its own)."""
     spec = get_model_spec(cfg.model.name)
     args = spec.make_args(cfg.model.flavour, cfg.model.args)
     model = CTRTask(spec.build(schema, args, "meta"), cfg.training.dense_dtype, device_type)
-    t = cfg.training
-    apply_sparse_optimizer(model, t.sparse_optimizer, t.sparse_lr, t.sparse_weight_decay,
-                           t.sparse_eps)
+    apply_table_optimizers(model, resolve_table_settings(schema, cfg.sharding, cfg.training))
     return model
 
 
-def build_optimizer(cfg: Config, dmp: DistributedModelParallel) -> CombinedOptimizer:
-    """Fused embedding optimizer (already in DMP) + the dense optimizer over the rest."""
+def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
+                    tables: Dict[str, TableSettings]) -> CombinedOptimizer:
+    """Fused embedding optimizer (already in DMP) + each data-parallel table's own optimizer
+    + the dense optimizer over the rest."""
     t = cfg.training
     opt_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dp_tables, dp_params = data_parallel_table_optimizers(dmp, tables)
+    dense_params = {k: v for k, v in in_backward_optimizer_filter(dmp.named_parameters())
+                    if k not in dp_params}
     dense = KeyedOptimizerWrapper(
         dense_params,
         lambda params: opt_cls(params, lr=t.dense_lr, weight_decay=t.dense_weight_decay),
     )
-    return CombinedOptimizer([dmp.fused_optimizer, dense])
+    return CombinedOptimizer([dmp.fused_optimizer, dense, *dp_tables])
 
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema) -> tuple:
@@ -142,13 +150,13 @@ def train(cfg: Config) -> Dict[str, Any]:
             save_config(cfg, t.run_dir)
             _log_to_file(os.path.join(t.run_dir, "train.log"))
         seed_everything(t.seed)
-        schema = Schema.load(cfg.data.path)
+        schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         train_reader, eval_reader = build_readers(cfg, ctx, schema)
-        dmp, _ = shard_model(build_model(cfg, schema, ctx.device.type), ctx, cfg.data.batch_size,
-                             hbm_gb=cfg.sharding.hbm_gb, ddr_gb=cfg.sharding.ddr_gb,
-                             storage_reservation=cfg.sharding.storage_reservation)
-        optimizer = build_optimizer(cfg, dmp)
+        tables = resolve_table_settings(schema, cfg.sharding, cfg.training)
+        dmp, _ = shard_model_from_config(build_model(cfg, schema, ctx.device.type), ctx,
+                                         cfg.sharding, tables, cfg.data.batch_size)
+        optimizer = build_optimizer(cfg, dmp, tables)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
         metrics_file = MetricsFile(t.run_dir, ctx.is_main)
