@@ -117,17 +117,15 @@ def time_loader(path: str, batch_size: int, epochs: int = 3) -> Dict[str, float]
 def time_deepfm(path: str, schema: Schema, batch_size: int, steps: int) -> Dict[str, float]:
     """Samples/s of DeepFM training steps on pre-built batches (single rank, one thread)."""
     from trainer.config import Config
-    from trainer.trainer import build_model, build_optimizer
     from sharding.dist import destroy_distributed, init_distributed
-    from sharding.parallel import shard_model
+    from trainer.trainer import build_model, shard_and_optimize
 
     cfg = Config()
     cfg.data.path = path
     cfg.data.batch_size = batch_size
     ctx = init_distributed("gloo", "cpu", cpu_threads=1)
     try:
-        dmp, _ = shard_model(build_model(cfg, schema), ctx, batch_size)
-        optimizer = build_optimizer(cfg, dmp)
+        dmp, optimizer = shard_and_optimize(cfg, ctx, schema, build_model(cfg, schema))
         reader = ParquetReader(path, "train", batch_size, prefetch=0)
         batches = [b for _, b in zip(range(min(steps, len(reader))), reader)]
         dmp.train()

@@ -50,14 +50,14 @@ def _worker(ctx: Any, rows: int, dim: int, batch_size: int, steps: int, warmup: 
             repeats: int) -> Dict[str, float]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from sharding.parallel import shard_model
-    from sharding.sharders import apply_sparse_optimizer
+    from trainer.config import Config
+    from trainer.trainer import shard_and_optimize
 
-    model = LookupOnly(rows, dim)
-    apply_sparse_optimizer(model, "rowwise_adagrad", 0.01)
-    dmp, _ = shard_model(model, ctx, batch_size)
-    pipeline = TrainPipelineSparseDist(dmp, dmp.fused_optimizer, ctx.device)
     schema = criteo_like_schema(rows, dim, num_dense=0)
+    cfg = Config()
+    cfg.data.batch_size = batch_size
+    dmp, optimizer = shard_and_optimize(cfg, ctx, schema, LookupOnly(rows, dim))
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
     it = itertools.cycle(make_batches(schema, batch_size, 8, seed=ctx.rank))
     timing = time_repeated(lambda: pipeline.progress(it), steps, warmup, repeats)
     return {"lookups_per_s": NUM_TABLES * batch_size * ctx.world_size * steps / timing.median_s}

@@ -6,7 +6,7 @@
 Contenders (same Criteo-like batches: 13 dense, 26 single-id Zipf features, one table each):
 
 * ``shardrec_deepfm`` (and ``_bf16``, and ``shardrec_dcn_v2`` once registered): our model,
-  sharded by ``sharding.shard_model``, driven by ``TrainPipelineSparseDist``, fused row-wise
+  sharded by ``trainer.shard_and_optimize``, driven by ``TrainPipelineSparseDist``, fused row-wise
   Adagrad on the tables, Adam on dense;
 * ``torchrec_dlrm``: torchrec's own ``DLRM`` with the same tables, pipeline and optimizers —
   the "plain torchrec" baseline (b); ratios are against it;
@@ -83,21 +83,19 @@ def build_contender(name: str, schema: Schema, dim: int, device_type: str) -> nn
 def _pipeline_worker(ctx: Any, name: str, rows: int, dim: int, batch_size: int, steps: int,
                      warmup: int, repeats: int) -> Dict[str, float]:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    from sharding.parallel import shard_model
-    from sharding.sharders import apply_sparse_optimizer
+    from trainer.config import Config
+    from trainer.trainer import shard_and_optimize
 
     torch.manual_seed(0)
     schema = criteo_like_schema(rows, dim)
-    model = build_contender(name, schema, dim, ctx.device.type)
-    apply_sparse_optimizer(model, "rowwise_adagrad", 0.05)
-    dmp, _ = shard_model(model, ctx, batch_size)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda ps: torch.optim.Adam(ps, lr=1e-3))
-    pipeline = TrainPipelineSparseDist(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]),
-                                       ctx.device)
+    cfg = Config()
+    cfg.data.batch_size = batch_size
+    # Every contender goes through the trainer's own sharding and optimizer set-up
+    # (row-wise Adagrad on the tables, Adam on dense).
+    dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
+                                        build_contender(name, schema, dim, ctx.device.type))
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
     batches = make_batches(schema, batch_size, 8, seed=ctx.rank)
     it = itertools.cycle(batches)
     timing = time_repeated(lambda: pipeline.progress(it), steps, warmup, repeats)

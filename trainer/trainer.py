@@ -16,7 +16,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,13 +59,22 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, schema: Schema, device_type: str = "cpu") -> nn.Module:
-    """The unsharded task model (embeddings on meta) with each table's fused optimizer
-    (``[training] sparse_*``, or ``[sharding.tables.NAME]`` where a table sets its own)."""
+    """The unsharded task model, its embedding collections on the meta device."""
     spec = get_model_spec(cfg.model.name)
     args = spec.make_args(cfg.model.flavour, cfg.model.args)
-    model = CTRTask(spec.build(schema, args, "meta"), cfg.training.dense_dtype, device_type)
-    apply_table_optimizers(model, resolve_table_settings(schema, cfg.sharding, cfg.training))
-    return model
+    return CTRTask(spec.build(schema, args, "meta"), cfg.training.dense_dtype, device_type)
+
+
+def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.Module
+                       ) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Attach each table's fused optimizer (``[training] sparse_*``, or
+    ``[sharding.tables.NAME]`` where a table sets its own), plan and wrap ``model`` in DMP,
+    and build the combined sparse + dense optimizer. Benchmarks use this too, so every
+    contender is sharded and optimised exactly as the trainer does it."""
+    tables = resolve_table_settings(schema, cfg.sharding, cfg.training)
+    apply_table_optimizers(model, tables)
+    dmp, _ = shard_model_from_config(model, ctx, cfg.sharding, tables, cfg.data.batch_size)
+    return dmp, build_optimizer(cfg, dmp, tables)
 
 
 def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
@@ -153,10 +162,8 @@ def train(cfg: Config) -> Dict[str, Any]:
         schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         train_reader, eval_reader = build_readers(cfg, ctx, schema)
-        tables = resolve_table_settings(schema, cfg.sharding, cfg.training)
-        dmp, _ = shard_model_from_config(build_model(cfg, schema, ctx.device.type), ctx,
-                                         cfg.sharding, tables, cfg.data.batch_size)
-        optimizer = build_optimizer(cfg, dmp, tables)
+        dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
+                                            build_model(cfg, schema, ctx.device.type))
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
         metrics_file = MetricsFile(t.run_dir, ctx.is_main)
