@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import tomllib
 import typing
@@ -96,6 +97,10 @@ class TrainingConfig:
     log_every: int = _f(50, "rank-0 log line every N steps")
     seed: int = _f(0, "seed of model init and data shuffling")
     run_dir: str = _f("runs/default", "where the resolved config, logs and metrics go")
+    fail_at: str = _f("", "fault injection for recovery drills: 'step:N' SIGKILLs rank "
+                          "fail_rank after step N, 'save:N' during the checkpoint write of step "
+                          "N (only on a fresh start, never after a resume or restart)")
+    fail_rank: int = _f(0, "the rank fail_at kills")
 
 
 # Sharding types and compute kernels a table may be constrained to (torchrec's ShardingType /
@@ -161,6 +166,23 @@ class MetricsConfig:
     """Training and evaluation metrics."""
 
     window_batches: int = _f(100, "training AUC/NE window, in batches per rank")
+    record_sample_ids: bool = _f(False, "append each step's sample ids to "
+                                        "<run_dir>/sample_ids.rank<R>.txt (audits exact resume)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded DCP checkpoints and automatic resume."""
+
+    dir: str = _f("", "checkpoint directory (empty: <training.run_dir>/checkpoints)")
+    every_steps: int = _f(0, "save every N steps (0: off)")
+    every_minutes: float = _f(0.0, "save every M minutes of training (0: off)")
+    keep_last: int = _f(3, "complete checkpoints kept; older ones are deleted")
+    save_at_end: bool = _f(True, "save when training finishes")
+    resume: bool = _f(True, "resume from the newest complete checkpoint in dir, if any")
+    resume_from: str = _f("", "resume from this step_* directory instead")
+    reset_optimizer: bool = _f(False, "load weights only; optimizer state starts fresh (needed "
+                                      "when column-wise shard counts changed)")
 
 
 @dataclass
@@ -181,6 +203,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -377,6 +400,10 @@ def validate(cfg: Config) -> List[str]:
         errors.append("training.steps must be >= 0")
     if cfg.training.steps == 0 and cfg.training.epochs <= 0:
         errors.append("set training.steps > 0 or training.epochs > 0")
+    if cfg.training.fail_at and not re.match(r"^(step|save):\d+$", cfg.training.fail_at):
+        errors.append(f"training.fail_at: {cfg.training.fail_at!r} is not 'step:N' or 'save:N'")
+    if cfg.checkpoint.keep_last < 1:
+        errors.append("checkpoint.keep_last must be >= 1")
     if cfg.training.log_every <= 0:
         errors.append("training.log_every must be > 0")
     errors += _validate_sharding(cfg.sharding)
