@@ -30,12 +30,13 @@ import random
 import re
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from trainer.config import Config, to_toml
@@ -106,6 +107,15 @@ def column_shards(plan: Any) -> Dict[str, int]:
     return out
 
 
+def _root_cause(error: BaseException) -> str:
+    """The innermost OS-level message of a (possibly DCP-wrapped) failure."""
+    text = str(error)
+    for line in reversed(text.splitlines()):
+        if "Error" in line or "No space" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -148,7 +158,11 @@ class Checkpointer:
 
     # -- save ---------------------------------------------------------------------------------
     def save(self, step: int, dmp: nn.Module, optimizer: Any, rank_state: Dict[str, Any],
-             cfg: Config, plan: Any) -> str:
+             cfg: Config, plan: Any, before_commit: Optional[Callable[[], None]] = None) -> str:
+        """Write the checkpoint of ``step`` (every rank calls this); returns its path.
+
+        ``before_commit`` runs once the files are written, before the marker (fault
+        injection uses it to die in the middle of a save)."""
         final = step_dir(self.root, step)
         tmp = os.path.join(self.root, f".tmp-step_{step:08d}")
         if self.rank == 0:
@@ -171,15 +185,18 @@ class Checkpointer:
                     json.dump(info, fh, indent=2)
                 with open(os.path.join(tmp, "config.toml"), "w") as fh:
                     fh.write(to_toml(cfg))
-        except OSError as e:  # disk full, permissions: keep the previous checkpoints
+        except (Exception, CheckpointException) as e:  # disk full, permissions: keep old ones
+            # (DCP wraps per-rank failures in CheckpointException, a BaseException.)
             error = e
         if not _all_ok(error is None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(
                 f"saving checkpoint step {step} to {tmp} failed "
-                f"({error if error else 'on another rank'}); the previous checkpoints in "
-                f"{self.root} are intact") from error
+                f"({_root_cause(error) if error else 'on another rank'}); the previous "
+                f"checkpoints in {self.root} are intact") from error
+        if before_commit is not None:
+            before_commit()
         _barrier()
         if self.rank == 0:
             with open(os.path.join(tmp, MARKER), "w") as fh:
@@ -221,11 +238,10 @@ class Checkpointer:
             state["optim"] = optimizer.state_dict()
         try:
             dcp.load(state, checkpoint_id=path)
-        except Exception as e:  # DCP raises several types for unreadable files
+        except (Exception, CheckpointException) as e:  # several types for unreadable files
             raise CheckpointError(
-                f"{path}: cannot load the checkpoint ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); it may be corrupted or written "
-                f"by a different model. Remove it to fall back to an older checkpoint, or "
+                f"{path}: cannot load the checkpoint ({_root_cause(e)}); it may be corrupted "
+                f"or written by a different model. Remove it to fall back to an older checkpoint, or "
                 f"pass --checkpoint.resume_from=<another step_* directory>") from None
         dmp.load_state_dict(state["model"])
         if not reset_optimizer:

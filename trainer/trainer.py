@@ -316,9 +316,9 @@ def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDis
 
     def save() -> None:
         nonlocal last_save
-        _fault_injection(cfg, ctx, "save", state.step, resumed)
-        path = checkpointer.save(state.step, dmp, optimizer,
-                                 {"reader": stream.reader_state()}, cfg, dmp.plan)
+        path = checkpointer.save(
+            state.step, dmp, optimizer, {"reader": stream.reader_state()}, cfg, dmp.plan,
+            before_commit=lambda: _fault_injection(cfg, ctx, "save", state.step, resumed))
         last_save = time.monotonic()
         if ctx.is_main:
             logger.info("checkpoint %s", path)
