@@ -40,7 +40,7 @@ def _final_weights(run_dir: str, tmp_path) -> Dict[str, torch.Tensor]:  # type: 
     assert path is not None and path.endswith(f"step_{STEPS:08d}")
     out = tmp_path / (os.path.basename(run_dir) + ".pt")
     dcp_to_torch_save(path, out)
-    return torch.load(out, weights_only=False)["model"]
+    return torch.load(out, weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
