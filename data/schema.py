@@ -287,6 +287,11 @@ class Schema:
                 f"{path} not found: a dataset directory needs schema.json beside its parquet "
                 f"files (create one with `python -m data.synth` or `python -m data.convert`)"
             )
+        return cls.from_file(path)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Schema":
+        """A schema from a JSON file; malformed JSON or entries raise naming ``path``."""
         with open(path) as fh:
             try:
                 d = json.load(fh)
@@ -324,9 +329,4 @@ def load_schema(path: str) -> Schema:
     if not os.path.exists(path):
         raise SchemaError(f"{path} not found: expected a dataset directory or a schema JSON "
                           f"file (config key data.schema or data.path)")
-    with open(path) as fh:
-        try:
-            d = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{path}: not valid JSON ({e})") from None
-    return Schema.from_dict(d, source=path)
+    return Schema.from_file(path)
