@@ -15,7 +15,7 @@ kernels from ``rab_pos``, ``rab_time`` and the timestamps, never materialised.
 kernels are compiled or interpreted. :func:`models.hstu.attention.hstu_attention` imports it
 only on the first ``impl="triton"`` call, so setting ``TRITON_INTERPRET=1`` before that call
 (as the tests do) runs the kernels on CPU tensors through the interpreter. The kernels use
-only ``tl`` builtins (no ``tl.sigmoid``): the library's own ``@jit`` helpers are decorated when
+only ``tl`` builtins (no ``tl.sigmoid`` or ``tl.zeros``): the library's own ``@jit`` helpers are decorated when
 ``triton`` is first imported, possibly before the interpreter was switched on.
 """
 
@@ -70,7 +70,7 @@ def _fwd_kernel(Q, K, V, O, OFF, TS, TSN, RP, RT, heads, inv_n, n_pos, n_buckets
         q = tl.load(Q + row_m[:, None] * D + offs_d[None, :],
                     mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         ts_next_i = tl.load(TSN + seq_start + offs_m, mask=m_ok, other=0)
-        acc = tl.zeros((BM, BDV), dtype=tl.float32)
+        acc = tl.full((BM, BDV), 0.0, tl.float32)
         for n0 in range(0, m0 + BM, BN):
             offs_n = n0 + tl.arange(0, BN)
             row_n = (seq_start + offs_n) * heads + h
@@ -104,8 +104,8 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV_, DRP, DRT, OFF, TS, TSN, RP, RT, heads,
                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V + row_n[:, None] * DV + offs_dv[None, :],
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        dk = tl.zeros((BN, BD), dtype=tl.float32)
-        dv = tl.zeros((BN, BDV), dtype=tl.float32)
+        dk = tl.full((BN, BD), 0.0, tl.float32)
+        dv = tl.full((BN, BDV), 0.0, tl.float32)
         for m0 in range((n0 // BM) * BM, seq_len, BM):
             offs_m = m0 + tl.arange(0, BM)
             row_m = (seq_start + offs_m) * heads + h
