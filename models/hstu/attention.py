@@ -27,7 +27,9 @@ Three implementations sit behind :func:`hstu_attention`:
   tiles of ``block`` rows: tile ``t`` of every sequence that has one is processed in one
   batched matmul against keys ``[0, (t + 1)·block)``. Only tiles on or below the causal
   diagonal are computed and no sequence is padded beyond its last tile, so the cost is
-  ``≈ ΣLᵢ² / 2`` plus at most one tile per row. Autograd does the backward pass.
+  ``≈ ΣLᵢ² / 2`` plus at most one tile per row. Its backward pass is written out (a custom
+  ``autograd.Function``) and recomputes each tile's scores, as flash attention does, so
+  memory grows with ``ΣLᵢ`` plus one tile step, not with ``ΣLᵢ²``.
 * ``triton`` runs fused forward and backward Triton kernels over the jagged values and the
   offsets (see :mod:`models.hstu.triton_attention`); on CPU tensors it needs the Triton
   interpreter (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
@@ -36,7 +38,7 @@ Three implementations sit behind :func:`hstu_attention`:
 from __future__ import annotations
 
 import bisect
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -194,42 +196,123 @@ def _jagged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
     (t + 1)·block]``. Rows past a sequence's end point at an all-zero pad row (index ΣL), and
     their outputs are dropped when the tiles are put back in token order.
     """
-    total, heads, _ = q.shape
-    if total == 0:
-        return v * 0
-    lengths = offsets.diff()
-    order = torch.argsort(lengths, descending=True, stable=True)
-    lens = lengths[order]
-    starts = offsets[:-1][order]
-    tiles_desc: List[int] = ((lens + block - 1) // block).tolist()
-    # Head-major copies with a zero row appended: gathers then give [H, S, T, d] directly.
-    def head_major(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).transpose(0, 1).contiguous()
-
-    qh, kh, vh = head_major(q), head_major(k), head_major(v)
+    if q.shape[0] == 0:
+        return v * 0  # keeps the (empty) result connected to the graph
     ts = ts_next = None
     if timestamps is not None:
         ts = torch.cat([timestamps, timestamps.new_zeros(1)])
         ts_next = torch.cat([next_timestamps(timestamps, offsets), timestamps.new_zeros(1)])
-    neg_tiles = [-t for t in tiles_desc]
-    steps = torch.arange(tiles_desc[0] * block, device=q.device)
-    outs, rows = [], []
-    for t in range(tiles_desc[0]):
-        active = bisect.bisect_left(neg_tiles, -t)  # sequences with more than t tiles
-        q_pos, k_pos = steps[t * block:(t + 1) * block], steps[:(t + 1) * block]
-        seq_len, seq_start = lens[:active, None], starts[:active, None]
-        q_idx = torch.where(q_pos < seq_len, seq_start + q_pos, total)   # [S, T]
-        k_idx = torch.where(k_pos < seq_len, seq_start + k_pos, total)   # [S, J]
-        scores = qh[:, q_idx] @ kh[:, k_idx].transpose(-1, -2)           # [H, S, T, J]
-        bias = _bias(q_pos, k_pos, max_seq_len, rab_pos, rab_time,
-                     None if ts_next is None else ts_next[q_idx],
-                     None if ts is None else ts[k_idx])
-        causal = (k_pos[None, :] <= q_pos[:, None]).to(q.dtype) / max_seq_len
-        attn = F.silu(scores + bias) * causal
-        outs.append((attn @ vh[:, k_idx]).flatten(1, 2))                  # [H, S·T, d_v]
-        rows.append(q_idx.flatten())
-    out, row = torch.cat(outs, 1), torch.cat(rows)
-    kept = torch.nonzero(row < total).squeeze(1)
-    where = torch.empty(total, dtype=torch.int64, device=q.device)
-    where[row[kept]] = kept
-    return out[:, where].transpose(0, 1)
+    return _JaggedAttention.apply(q, k, v, rab_pos, rab_time, offsets, ts, ts_next,
+                                  max_seq_len, block)
+
+
+class _CausalTiles:
+    """The tile schedule of one jagged batch: for each query tile ``t``, the gather indices of
+    the ``S_t`` sequences that have such a tile (rows past a sequence's end point at the
+    all-zero pad row, index ``ΣL``), their query/key positions and the bias index tensors."""
+
+    def __init__(self, offsets: torch.Tensor, total: int, block: int) -> None:
+        lengths = offsets.diff()
+        order = torch.argsort(lengths, descending=True, stable=True)
+        lens, starts = lengths[order], offsets[:-1][order]
+        tiles_desc: List[int] = ((lens + block - 1) // block).tolist()
+        neg_tiles = [-t for t in tiles_desc]
+        steps = torch.arange(tiles_desc[0] * block, device=offsets.device)
+        self.tiles = []
+        for t in range(tiles_desc[0]):
+            active = bisect.bisect_left(neg_tiles, -t)  # sequences with more than t tiles
+            q_pos, k_pos = steps[t * block:(t + 1) * block], steps[:(t + 1) * block]
+            seq_len, seq_start = lens[:active, None], starts[:active, None]
+            q_idx = torch.where(q_pos < seq_len, seq_start + q_pos, total)   # [S, T]
+            k_idx = torch.where(k_pos < seq_len, seq_start + k_pos, total)   # [S, J]
+            self.tiles.append((q_pos, k_pos, q_idx, k_idx))
+
+
+class _JaggedAttention(torch.autograd.Function):
+    """Forward and backward over the causal tiles, recomputing each tile's scores in the
+    backward pass (as flash attention does) so no ``[H, ΣLᵢ²]`` tensor is ever kept."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
+                offsets: torch.Tensor, ts: Optional[torch.Tensor],
+                ts_next: Optional[torch.Tensor], max_seq_len: int,
+                block: int) -> torch.Tensor:
+        total = q.shape[0]
+        plan = _CausalTiles(offsets, total, block)
+        qh, kh, vh = _head_major(q), _head_major(k), _head_major(v)
+        out = v.new_zeros(v.shape[1], total + 1, v.shape[2])
+        for q_pos, k_pos, q_idx, k_idx in plan.tiles:
+            scores, _, _ = _tile_scores(qh, kh, q_pos, k_pos, q_idx, k_idx, max_seq_len,
+                                        rab_pos, rab_time, ts, ts_next)
+            attn = F.silu(scores).mul_(_causal(q_pos, k_pos, max_seq_len, q.dtype))
+            # Pad rows (index ΣL) may be written several times; they are dropped below.
+            out[:, q_idx.flatten()] = (attn @ vh[:, k_idx]).flatten(1, 2)
+        ctx.save_for_backward(qh, kh, vh, rab_pos, rab_time, ts, ts_next)
+        ctx.plan, ctx.max_seq_len = plan, max_seq_len
+        return out[:, :total].transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        qh, kh, vh, rab_pos, rab_time, ts, ts_next = ctx.saved_tensors
+        n = ctx.max_seq_len
+        gh = _head_major(grad_out)  # the pad row's gradient is 0: pad queries add nothing
+        dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+        d_pos = torch.zeros_like(rab_pos)
+        d_time = None if rab_time is None else torch.zeros_like(rab_time)
+        for q_pos, k_pos, q_idx, k_idx in ctx.plan.tiles:
+            scores, rel, bucket = _tile_scores(qh, kh, q_pos, k_pos, q_idx, k_idx, n, rab_pos,
+                                               rab_time, ts, ts_next)
+            causal = _causal(q_pos, k_pos, n, qh.dtype)
+            sig = torch.sigmoid(scores)
+            g = gh[:, q_idx]                                            # [H, S, T, d_v]
+            v_tile = vh[:, k_idx]
+            attn = scores * sig * causal
+            dv.index_add_(1, k_idx.flatten(), (attn.transpose(-1, -2) @ g).flatten(1, 2))
+            # d SiLU(s)/ds = σ(s)·(1 + s·(1 − σ(s)))
+            d_scores = (g @ v_tile.transpose(-1, -2)).mul_(
+                sig * (1 + scores * (1 - sig)) * causal)                # [H, S, T, J]
+            dq.index_add_(1, q_idx.flatten(), (d_scores @ kh[:, k_idx]).flatten(1, 2))
+            dk.index_add_(1, k_idx.flatten(),
+                          (d_scores.transpose(-1, -2) @ qh[:, q_idx]).flatten(1, 2))
+            d_bias = d_scores.sum(0)                                    # [S, T, J]
+            d_pos.index_add_(0, rel.flatten(), d_bias.sum(0).flatten())
+            if d_time is not None:
+                d_time.index_add_(0, bucket.flatten(), d_bias.flatten())
+        total = grad_out.shape[0]
+
+        def jagged(x: torch.Tensor) -> torch.Tensor:
+            return x[:, :total].transpose(0, 1)
+
+        return (jagged(dq), jagged(dk), jagged(dv), d_pos, d_time, None, None, None, None,
+                None)
+
+
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """``[ΣL, H, d]`` → ``[H, ΣL + 1, d]`` with a zero pad row: gathers give ``[H, S, T, d]``."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).transpose(0, 1).contiguous()
+
+
+def _causal(q_pos: torch.Tensor, k_pos: torch.Tensor, max_seq_len: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """``[T, J]``: ``1/n`` where ``j ≤ i``, else 0."""
+    return (k_pos[None, :] <= q_pos[:, None]).to(dtype) / max_seq_len
+
+
+def _tile_scores(qh: torch.Tensor, kh: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 q_idx: torch.Tensor, k_idx: torch.Tensor, max_seq_len: int,
+                 rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
+                 ts: Optional[torch.Tensor], ts_next: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``Q Kᵀ + rab`` of one tile ``[H, S, T, J]``, the ``[T, J]`` relative positions and the
+    ``[S, T, J]`` time buckets (None without a time bias)."""
+    scores = qh[:, q_idx] @ kh[:, k_idx].transpose(-1, -2)
+    rel = (q_pos[:, None] - k_pos[None, :]).clamp(0, max_seq_len - 1)
+    scores += rab_pos[rel]
+    bucket = None
+    if rab_time is not None:
+        assert ts is not None and ts_next is not None
+        bucket = time_buckets(ts_next[q_idx][:, :, None] - ts[k_idx][:, None, :],
+                              rab_time.numel() - 1)
+        scores += rab_time[bucket]
+    return scores, rel, bucket
