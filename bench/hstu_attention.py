@@ -18,12 +18,14 @@ Contenders (same layer weights and inputs):
 * ``triton``: only on a CUDA device (under ``TRITON_INTERPRET`` it is far too slow to time).
 
 Each contender runs in a fresh subprocess (in ``--quick``, in-process, where the peak-memory
-column means little), so its peak memory is the rise of the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its value just before the first
+column means little), so its peak memory is the rise of the process's peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its value just before the first
 forward pass, i.e. the activations, gradients and workspaces of one step (inputs and weights
 excluded); on CUDA it is ``torch.cuda.max_memory_allocated`` instead. Times are the median of
 the timed repetitions after one warm-up (the padded long-tail run, ≈ 30 s, is timed once
 without warm-up). The attention op is also timed alone (forward + backward on the same
-jagged Q, K, V); its FLOP/s counts the useful causal work only, ``12 · d · H · Σ Lᵢ(Lᵢ+1)/2``
+jagged Q, K, V); its FLOP/s counts the useful causal work only,
+``12 · d · H · Σ Lᵢ(Lᵢ+1)/2``
 (QKᵀ and AV forward, their four gradient matmuls backward), and is printed beside this
 machine's square-matmul FLOP/s measured in the same run.
 """

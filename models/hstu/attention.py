@@ -289,7 +289,7 @@ class _JaggedAttention(torch.autograd.Function):
 
 
 def _head_major(x: torch.Tensor) -> torch.Tensor:
-    """``[ΣL, H, d]`` → ``[H, ΣL + 1, d]`` with a zero pad row: gathers give ``[H, S, T, d]``."""
+    """``[ΣL, H, d]`` → ``[H, ΣL + 1, d]``, zero pad row last; gathers give ``[H, S, T, d]``."""
     return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).transpose(0, 1).contiguous()
 
 

@@ -15,8 +15,8 @@ kernels from ``rab_pos``, ``rab_time`` and the timestamps, never materialised.
 kernels are compiled or interpreted. :func:`models.hstu.attention.hstu_attention` imports it
 only on the first ``impl="triton"`` call, so setting ``TRITON_INTERPRET=1`` before that call
 (as the tests do) runs the kernels on CPU tensors through the interpreter. The kernels use
-only ``tl`` builtins (no ``tl.sigmoid`` or ``tl.zeros``): the library's own ``@jit`` helpers are decorated when
-``triton`` is first imported, possibly before the interpreter was switched on.
+only ``tl`` builtins (no ``tl.sigmoid`` or ``tl.zeros``): the library's own ``@jit`` helpers
+are decorated when ``triton`` is first imported, possibly before the interpreter was switched on.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def test_layer_equals_per_sequence_formula(impl: str, with_time: bool) -> None:
     out = layer(x, offsets, ts)
     weight = torch.randn(out.shape)
     (out * weight).sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]  # type: ignore[union-attr]
+    got = [x.grad.clone()]  # type: ignore[union-attr]
+    got += [p.grad.clone() for p in layer.parameters()]  # type: ignore[union-attr]
     layer.zero_grad()
     x.grad = None
 
