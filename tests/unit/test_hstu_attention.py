@@ -1,0 +1,183 @@
+"""HSTU jagged attention: every implementation against the padded reference, and the
+reference against a scalar loop that spells the formula out."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.hstu.attention import hstu_attention, time_buckets
+
+MAX_LEN = 48
+NUM_BUCKETS = 8
+
+
+def make_batch(lengths: Sequence[int], heads: int, dim: int, dtype: torch.dtype,
+               seed: int, with_time: bool) -> Dict[str, Optional[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    # Gaps spread over many buckets (1 s .. ~1 day), sorted within each sequence.
+    gaps = torch.exp(torch.rand(total, generator=gen) * 11).to(torch.int64)
+    ts = torch.cat([g.cumsum(0) for g in gaps.split(list(lengths))]) if total else gaps
+    return {
+        "q": torch.randn(total, heads, dim, generator=gen, dtype=dtype),
+        "k": torch.randn(total, heads, dim, generator=gen, dtype=dtype),
+        "v": torch.randn(total, heads, dim + 1, generator=gen, dtype=dtype),
+        "rab_pos": torch.randn(MAX_LEN, generator=gen, dtype=dtype),
+        "rab_time": torch.randn(NUM_BUCKETS + 1, generator=gen, dtype=dtype) if with_time else None,
+        "timestamps": ts if with_time else None,
+        "offsets": offsets,
+    }
+
+
+GRAD_KEYS = ("q", "k", "v", "rab_pos", "rab_time")
+
+
+def run(batch: Dict[str, Optional[torch.Tensor]], impl: str, seed: int = 7) -> List[torch.Tensor]:
+    """Output, then the gradients of GRAD_KEYS, for a random linear loss of the output."""
+    leaves = {key: batch[key].clone().requires_grad_()  # type: ignore[union-attr]
+              for key in GRAD_KEYS if batch[key] is not None}
+    out = hstu_attention(leaves["q"], leaves["k"], leaves["v"], batch["offsets"], MAX_LEN,
+                         leaves["rab_pos"], leaves.get("rab_time"), batch["timestamps"],
+                         impl=impl)
+    # Row r's weights depend only on r, so a prefix of the batch sees the same loss terms.
+    weight = torch.cos(torch.arange(out.numel(), dtype=out.dtype) * (1 + seed)).reshape(out.shape)
+    (out * weight).sum().backward()
+    return [out.detach()] + [leaves[key].grad for key in GRAD_KEYS if key in leaves]
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Interpret the Triton kernels on CPU: the module decides at import, so (re)import it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    name = "models.hstu.triton_attention"
+    if name in sys.modules:
+        importlib.reload(sys.modules[name])
+    else:
+        importlib.import_module(name)
+    yield
+    sys.modules.pop(name, None)  # the next importer decides afresh
+
+
+def assert_all_close(got: List[torch.Tensor], want: List[torch.Tensor], tol: float) -> None:
+    assert len(got) == len(want)
+    for name, a, b in zip(("out",) + GRAD_KEYS, got, want):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, rtol=tol, atol=tol), \
+            f"{name}: max abs diff {float((a - b).abs().max())}"
+
+
+# Length-0 and length-1 sequences, several lengths inside one 64-row tile, one filling
+# the configured maximum.
+JAGGED_LENGTHS = [5, 0, 1, 48, 0, 25, 33, 1, MAX_LEN]
+
+
+@pytest.mark.parametrize("with_time", [False, True])
+def test_jagged_matches_padded(with_time: bool) -> None:
+    batch = make_batch(JAGGED_LENGTHS, heads=2, dim=4, dtype=torch.float64, seed=0,
+                       with_time=with_time)
+    assert_all_close(run(batch, "pytorch_jagged"), run(batch, "pytorch_padded"), 1e-10)
+
+
+def test_jagged_tiles_more_than_one_block() -> None:
+    """Lengths above the 64-row tile exercise the multi-tile path (rel clamped at MAX_LEN)."""
+    batch = make_batch([150, 3, 64, 65, 0], heads=1, dim=3, dtype=torch.float64, seed=1,
+                       with_time=True)
+    assert_all_close(run(batch, "pytorch_jagged"), run(batch, "pytorch_padded"), 1e-10)
+
+
+@pytest.mark.parametrize("with_time", [False, True])
+def test_triton_matches_padded(with_time: bool, triton_interpreter) -> None:
+    # Tiny: the interpreter runs each program in Python. 20 > one 16-row block.
+    batch = make_batch([5, 0, 1, 20], heads=2, dim=4, dtype=torch.float32, seed=2,
+                       with_time=with_time)
+    assert_all_close(run(batch, "triton"), run(batch, "pytorch_padded"), 1e-4)
+
+
+@pytest.mark.parametrize("impl", ["pytorch_padded", "pytorch_jagged"])
+def test_padding_never_leaks(impl: str) -> None:
+    """A sequence's output and input gradients do not depend on the other sequences."""
+    batch = make_batch([7, 0, 30, 1], heads=2, dim=4, dtype=torch.float64, seed=3,
+                       with_time=True)
+    alone = make_batch([7], heads=2, dim=4, dtype=torch.float64, seed=3, with_time=True)
+    for key in ("q", "k", "v", "timestamps"):
+        alone[key] = batch[key][:7].clone()  # type: ignore[index]
+    for key in ("rab_pos", "rab_time"):
+        alone[key] = batch[key]
+    together, single = run(batch, impl), run(alone, impl)
+    assert torch.allclose(together[0][:7], single[0], atol=1e-12)
+    for grad_t, grad_s in zip(together[1:4], single[1:4]):
+        assert torch.allclose(grad_t[:7], grad_s, atol=1e-12)
+
+
+def test_triton_padding_never_leaks(triton_interpreter) -> None:
+    batch = make_batch([3, 18], heads=1, dim=4, dtype=torch.float32, seed=4, with_time=False)
+    alone = dict(batch, offsets=torch.tensor([0, 3]))
+    for key in ("q", "k", "v"):
+        alone[key] = batch[key][:3].clone()  # type: ignore[index]
+    together, single = run(batch, "triton"), run(alone, "triton")
+    assert torch.allclose(together[0][:3], single[0], atol=1e-6)
+
+
+def naive(batch: Dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
+    """The formula, one (i, j) pair at a time, with the last token using its own time."""
+    q, k, v, offsets = batch["q"], batch["k"], batch["v"], batch["offsets"]
+    rab_pos, rab_time, ts = batch["rab_pos"], batch["rab_time"], batch["timestamps"]
+    out = torch.zeros(v.shape, dtype=v.dtype)  # type: ignore[union-attr]
+    for b in range(offsets.numel() - 1):  # type: ignore[union-attr]
+        lo, hi = int(offsets[b]), int(offsets[b + 1])  # type: ignore[index]
+        for i in range(lo, hi):
+            for j in range(lo, i + 1):
+                bias = float(rab_pos[min(i - j, MAX_LEN - 1)])  # type: ignore[index]
+                if rab_time is not None:
+                    t_i = int(ts[i + 1] if i + 1 < hi else ts[i])  # type: ignore[index]
+                    gap = max(abs(t_i - int(ts[j])), 1)  # type: ignore[index]
+                    bucket = min(max(math.floor(math.log(gap) / 0.301), 0), NUM_BUCKETS)
+                    bias += float(rab_time[bucket])
+                s = (q[i] * k[j]).sum(-1) + bias  # type: ignore[index]
+                out[i] += (F.silu(s) / MAX_LEN)[:, None] * v[j]  # type: ignore[index]
+    return out
+
+
+@pytest.mark.parametrize("with_time", [False, True])
+def test_padded_reference_matches_formula(with_time: bool) -> None:
+    batch = make_batch([4, 0, 1, 9], heads=2, dim=3, dtype=torch.float64, seed=5,
+                       with_time=with_time)
+    got = hstu_attention(batch["q"], batch["k"], batch["v"], batch["offsets"], MAX_LEN,
+                         batch["rab_pos"], batch["rab_time"], batch["timestamps"],
+                         impl="pytorch_padded")
+    assert torch.allclose(got, naive(batch), atol=1e-12)
+
+
+def test_time_buckets() -> None:
+    dt = torch.tensor([0, 1, -1, 2, 3, 4, 1000, -(10**9)])
+    # ln(2)/0.301 = 2.30 -> 2; ln(3)/0.301 = 3.65 -> 3; ln(1000)/0.301 = 22.9 -> clamped 8.
+    assert time_buckets(dt, 8).tolist() == [0, 0, 0, 2, 3, 4, 8, 8]
+
+
+@pytest.mark.parametrize("impl", ["pytorch_padded", "pytorch_jagged"])
+def test_empty_batches(impl: str) -> None:
+    for lengths in ([], [0, 0]):
+        batch = make_batch(lengths, heads=2, dim=4, dtype=torch.float32, seed=6,
+                           with_time=True)
+        grads = run(batch, impl)
+        assert grads[0].shape == (0, 2, 5)
+
+
+def test_bad_arguments_name_the_offender() -> None:
+    batch = make_batch([3], heads=1, dim=4, dtype=torch.float32, seed=0, with_time=False)
+    args = (batch["q"], batch["k"], batch["v"], batch["offsets"], MAX_LEN, batch["rab_pos"])
+    with pytest.raises(ValueError, match="unknown hstu_attention impl 'fast'.*pytorch_jagged"):
+        hstu_attention(*args, impl="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rab_pos must be"):
+        hstu_attention(*args[:4], MAX_LEN + 1, batch["rab_pos"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rab_time and timestamps go together"):
+        hstu_attention(*args, rab_time=torch.zeros(3))  # type: ignore[arg-type]
