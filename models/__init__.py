@@ -17,6 +17,7 @@ _MODEL_MODULES: Dict[str, str] = {
     "autoint": "models.autoint",
     "dcn_v2": "models.dcn_v2",
     "deepfm": "models.deepfm",
+    "interformer": "models.interformer",
 }
 
 
