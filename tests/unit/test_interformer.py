@@ -8,17 +8,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 from models import get_model_spec
 from models.blocks import CTRTask
 from models.interformer import InterFormerArch, InterFormerArgs, rotary
-
-
-@pytest.fixture(scope="module")
-def tiny_seq(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("data") / "tiny_seq")
-    generate_ctr_seq(out, SeqCTRSynthArgs(**SEQ_PRESETS["tiny"]), progress=False)  # type: ignore[arg-type]
-    return out
 
 
 def _model(schema: Schema, flavour: str = "small") -> torch.nn.Module:
