@@ -172,7 +172,7 @@ class AutoInt(nn.Module):
 
 def build_autoint(schema: Schema, args: AutoIntArgs, device: str = "meta") -> AutoInt:
     names = [f for t in schema.tables("sparse").values() for f in t.features]
-    ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args))  # type: ignore[arg-type]
+    ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args, "AutoInt"))  # type: ignore[arg-type]
     model = AutoInt(ebc, names, schema.dense_dim, args)
     if device != "meta":
         model.to(device)
