@@ -37,6 +37,10 @@ from typing import Any, Dict, List, Optional
 
 FEATURE_KINDS = ("dense", "sparse", "sequence")
 POOLINGS = ("sum", "mean")
+# What the reader does with an id >= num_embeddings: fail (the default: such ids usually mean
+# the schema and the data disagree), hash it into range (id % num_embeddings), or clamp it to
+# the last row. Negative ids are always an error.
+OUT_OF_RANGE = ("error", "hash", "clamp")
 LABEL_KINDS = ("binary", "regression")
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
@@ -68,6 +72,8 @@ class FeatureSpec:
         pooling: ``sum`` | ``mean`` for sparse features.
         max_len: sequence features keep only their most recent ``max_len`` ids.
         timestamps: for sequence features, the ``list<int64>`` column of event times.
+        out_of_range: ids ``>= num_embeddings``: ``error`` (default) | ``hash`` (modulo) |
+            ``clamp`` (to ``num_embeddings - 1``).
     """
 
     name: str
@@ -78,6 +84,7 @@ class FeatureSpec:
     pooling: str = "sum"
     max_len: int = 0
     timestamps: Optional[str] = None
+    out_of_range: str = "error"
 
     def __post_init__(self) -> None:
         if self.kind != "dense" and self.table is None:
@@ -159,6 +166,17 @@ class Schema:
             for name, fs in grouped.items()
         }
 
+    def project(self, names: List[str]) -> "Schema":
+        """The schema restricted to the named features and labels (column projection);
+        a kept sequence feature keeps its timestamps column."""
+        valid = [f.name for f in self.features] + [label.name for label in self.labels]
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise SchemaError(f"unknown column(s) {unknown} in the projection; features and "
+                              f"labels are {valid}")
+        return Schema(features=[f for f in self.features if f.name in names],
+                      labels=[label for label in self.labels if label.name in names])
+
     def columns(self) -> List[str]:
         """Every parquet column the schema reads (features, timestamps, labels)."""
         cols = [f.name for f in self.features]
@@ -192,6 +210,9 @@ class Schema:
                 raise SchemaError(f"{where}: num_embeddings must be > 0, got {f.num_embeddings}")
             if f.embedding_dim <= 0:
                 raise SchemaError(f"{where}: embedding_dim must be > 0, got {f.embedding_dim}")
+            if f.out_of_range not in OUT_OF_RANGE:
+                raise SchemaError(f"{where}: out_of_range {f.out_of_range!r} is not one of "
+                                  f"{list(OUT_OF_RANGE)}")
             if f.kind == "sparse" and f.pooling not in POOLINGS:
                 raise SchemaError(f"{where}: pooling {f.pooling!r} is not one of {list(POOLINGS)}")
             if f.kind == "sequence" and f.max_len <= 0:
@@ -231,6 +252,8 @@ class Schema:
                     d.pop("timestamps")
                 else:
                     d.pop("pooling")
+                if f.out_of_range == "error":
+                    d.pop("out_of_range")  # the default; keeps older schema files identical
             feats.append(d)
         return {
             "version": SCHEMA_VERSION,
@@ -291,3 +314,19 @@ def load_meta(directory: str) -> Dict[str, Any]:
         return {}
     with open(path) as fh:
         return json.load(fh)
+
+
+def load_schema(path: str) -> Schema:
+    """A schema from a dataset directory (its ``schema.json``) or from a schema JSON file,
+    e.g. ``launch/configs/criteo_kaggle_schema.json`` for planning a model without its data."""
+    if os.path.isdir(path):
+        return Schema.load(path)
+    if not os.path.exists(path):
+        raise SchemaError(f"{path} not found: expected a dataset directory or a schema JSON "
+                          f"file (config key data.schema or data.path)")
+    with open(path) as fh:
+        try:
+            d = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{path}: not valid JSON ({e})") from None
+    return Schema.from_dict(d, source=path)

@@ -78,20 +78,41 @@ class FactorizationMachine(nn.Module):
         return 0.5 * (square_of_sum - sum_of_squares).sum(dim=1)
 
 
+DENSE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class CTRTask(nn.Module):
     """Wraps a ``Batch`` → logits ``[B]`` model with binary cross-entropy.
 
     ``forward(batch)`` returns ``(loss, (loss, logits, labels))`` — the contract of torchrec's
     train pipelines (first element is backpropagated, second is handed to metrics).
+
+    Args:
+        model: the over-arch model.
+        dense_dtype: ``fp32`` | ``bf16`` | ``fp16``: autocast dtype of the model's dense
+            compute. Embedding lookups (fbgemm ops, outside autocast's op list), the loss
+            and all parameters and optimizer state stay fp32.
+        device_type: ``cpu`` | ``cuda``, for autocast (fixed at build time: the pipeline
+            fx-traces forward, so it cannot be read off the batch).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, dense_dtype: str = "fp32",
+                 device_type: str = "cpu") -> None:
         super().__init__()
+        if dense_dtype not in DENSE_DTYPES:
+            raise ValueError(f"dense_dtype {dense_dtype!r} is not one of {list(DENSE_DTYPES)}")
         self.model = model
         self.loss_fn = nn.BCEWithLogitsLoss()
+        self.autocast_dtype = DENSE_DTYPES[dense_dtype]
+        self.device_type = device_type
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]]:
-        logits = self.model(batch)
+        if self.autocast_dtype is None:
+            logits = self.model(batch)
+        else:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                logits = self.model(batch)
+            logits = logits.float()
         loss = self.loss_fn(logits, batch.labels)
         return loss, (loss.detach(), logits.detach(), batch.labels)

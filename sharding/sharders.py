@@ -7,7 +7,9 @@ in torchrec 1.8.0 data-parallel and the dense kernel fail on CPU because fbgemm'
 TBE ignores ``PoolingMode.NONE``, so :class:`SequenceSharder` never proposes them.
 
 Without an explicit fused optimizer, sharded tables silently train with SGD lr 0.01, so
-:func:`apply_sparse_optimizer` must run on the unsharded model before wrapping.
+:func:`sharding.constraints.apply_table_optimizers` (per table) or
+:func:`apply_sparse_optimizer` (one optimizer for all) must run on the unsharded model before
+wrapping. Both sharders offer only the kernels in :data:`SUPPORTED_KERNELS`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ FUSED_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "sgd": trec_optim.SGD,
 }
 
+# The same optimizers as plain (after-backward) torch optimizers, for data-parallel tables:
+# DDP replicates those, so no fused kernel updates them. torchrec.optim's SGD / Adam /
+# Adagrad are placeholders that only name the fused update; RowWiseAdagrad is a real one.
+TABLE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
 POOLED_SHARDING_TYPES = [
     ShardingType.DATA_PARALLEL.value,
     ShardingType.TABLE_WISE.value,
@@ -46,6 +58,18 @@ SEQUENCE_SHARDING_TYPES = [
 ]
 
 
+# Kernels we offer: fbgemm's fused TBE (HBM or host memory), UVM with or without an HBM
+# cache (GPU only), and the dense kernel of data-parallel tables. torchrec also lists its
+# key-value / SSD kernels on CUDA, which need an SSD-backed fbgemm build we do not ship, so a
+# dry-run plan for a GPU cluster must not pick them.
+SUPPORTED_KERNELS = (
+    EmbeddingComputeKernel.FUSED.value,
+    EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+    EmbeddingComputeKernel.FUSED_UVM.value,
+    EmbeddingComputeKernel.DENSE.value,
+)
+
+
 class PooledSharder(EmbeddingBagCollectionSharder):
     """EBC sharder that also offers row-wise and table-row-wise on CPU."""
 
@@ -55,6 +79,10 @@ class PooledSharder(EmbeddingBagCollectionSharder):
             types += [t for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
                       if t not in types]
         return types
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return [k for k in super().compute_kernels(sharding_type, compute_device_type)
+                if k in SUPPORTED_KERNELS]
 
 
 class SequenceSharder(EmbeddingCollectionSharder):
@@ -66,7 +94,8 @@ class SequenceSharder(EmbeddingCollectionSharder):
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         kernels = super().compute_kernels(sharding_type, compute_device_type)
-        return [k for k in kernels if k != EmbeddingComputeKernel.DENSE.value]
+        return [k for k in kernels
+                if k in SUPPORTED_KERNELS and k != EmbeddingComputeKernel.DENSE.value]
 
 
 def fused_optimizer_kwargs(name: str, lr: float, weight_decay: float = 0.0, eps: float = 1e-8,

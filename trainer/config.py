@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import tomllib
 import typing
@@ -28,10 +29,13 @@ class ConfigError(ValueError):
     """One or more invalid config entries; the message lists each with the fix."""
 
 
-def _f(default: Any, help: str, choices: Optional[Sequence[Any]] = None, **kw: Any) -> Any:
-    meta = {"help": help}
+def _f(default: Any, help: str, choices: Optional[Sequence[Any]] = None,
+       entries: Optional[type] = None, **kw: Any) -> Any:
+    meta: Dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if entries is not None:  # a table of NAME -> dataclass entries (e.g. sharding.tables)
+        meta["entries"] = entries
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -53,12 +57,20 @@ class DataConfig:
 
     path: str = _f("datasets/synthetic_ctr_demo",
                    "dataset directory (schema.json, meta.json, train/ and eval/ parquet)")
+    schema: str = _f("", "schema JSON file to use instead of PATH/schema.json (lets "
+                         "`python -m sharding.plan` plan a model whose data is elsewhere)")
     train_split: str = _f("train", "subdirectory with the training parquet files")
     eval_split: str = _f("eval", "subdirectory with the evaluation parquet files")
     batch_size: int = _f(4096, "training examples per rank per step")
     eval_batch_size: int = _f(0, "evaluation examples per rank per step (0: batch_size)")
     shuffle: bool = _f(True, "shuffle row-group order and rows within row groups each epoch")
     prefetch: int = _f(4, "batches built ahead in a background thread (0: inline)")
+    shuffle_buffer_rows: int = _f(0, "rows shuffled together across consecutive row groups "
+                                     "(0: shuffle within each row group)")
+    remainder: str = _f("drop", "rows that do not fill a batch on every rank: drop them, or "
+                                "pad by wrapping around to the rank's first rows",
+                        choices=("drop", "pad"))
+    validate: bool = _f(True, "check ids, dense values, labels and timestamps while reading")
 
 
 @dataclass
@@ -77,22 +89,76 @@ class TrainingConfig:
     sparse_lr: float = _f(0.05, "embedding learning rate")
     sparse_weight_decay: float = _f(0.0, "embedding weight decay")
     sparse_eps: float = _f(1e-8, "epsilon of the adaptive embedding optimizers")
+    dense_dtype: str = _f("fp32", "autocast dtype of the dense and over-arch compute "
+                                  "(embeddings, loss and optimizer state stay fp32)",
+                          choices=("fp32", "bf16", "fp16"))
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
     eval_batches: int = _f(0, "evaluation batches per rank (0: the whole eval split)")
     log_every: int = _f(50, "rank-0 log line every N steps")
     seed: int = _f(0, "seed of model init and data shuffling")
     run_dir: str = _f("runs/default", "where the resolved config, logs and metrics go")
+    fail_at: str = _f("", "fault injection for recovery drills: 'step:N' SIGKILLs rank "
+                          "fail_rank after step N, 'save:N' during the checkpoint write of step "
+                          "N (only on a fresh start, never after a resume or restart)")
+    fail_rank: int = _f(0, "the rank fail_at kills")
+
+
+# Sharding types and compute kernels a table may be constrained to (torchrec's ShardingType /
+# EmbeddingComputeKernel values; tests check they match sharding.sharders).
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
+                  "table_column_wise", "data_parallel")
+COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm", "dense")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+
+
+@dataclass
+class TableShardingConfig:
+    """Per-table overrides (``[sharding.tables.NAME]``); unset keys take the defaults of
+    ``[sharding]`` and the sparse optimizer of ``[training]``."""
+
+    sharding_types: Optional[List[str]] = _f(None, "sharding types the planner may choose "
+                                                   "for this table", choices=SHARDING_TYPES)
+    compute_kernel: Optional[str] = _f(None, "embedding kernel of this table",
+                                       choices=COMPUTE_KERNELS)
+    cache_load_factor: Optional[float] = _f(None, "fraction of rows cached in HBM with "
+                                                  "fused_uvm_caching (GPU only)")
+    pooling_factor: Optional[float] = _f(None, "average ids per example per feature (planner "
+                                               "hint for compute and comms estimates)")
+    min_partition: Optional[int] = _f(None, "column_wise: narrowest column shard (a multiple "
+                                            "of 4; torchrec's default keeps dims <= 128 whole)")
+    optimizer: Optional[str] = _f(None, "fused optimizer of this table",
+                                  choices=SPARSE_OPTIMIZERS)
+    lr: Optional[float] = _f(None, "learning rate of this table")
+    weight_decay: Optional[float] = _f(None, "weight decay of this table")
 
 
 @dataclass
 class ShardingConfig:
-    """Planner inputs."""
+    """Planner inputs: topology, per-table constraints (defaults + [sharding.tables.NAME])."""
 
     hbm_gb: Optional[float] = _f(None, "per-rank GPU memory cap in GiB (default: the GPU's)")
     ddr_gb: Optional[float] = _f(None, "per-rank host memory cap in GiB "
                                        "(default: host memory / local ranks)")
     storage_reservation: float = _f(0.15, "fraction of memory the planner keeps free",
                                     )
+    intra_host_bw_gbps: Optional[float] = _f(None, "bandwidth between ranks of one host in "
+                                                   "GB/s (default: torchrec's)")
+    inter_host_bw_gbps: Optional[float] = _f(None, "bandwidth between hosts in GB/s per rank "
+                                                   "(default: torchrec's)")
+    sharding_types: List[str] = _f([], "sharding types every table may use (empty: all the "
+                                       "sharders support)", choices=SHARDING_TYPES)
+    compute_kernel: str = _f("", "embedding kernel of every table (empty: planner's choice "
+                                 "among those the device supports)",
+                             choices=("",) + COMPUTE_KERNELS)
+    cache_load_factor: Optional[float] = _f(None, "default cache load factor of "
+                                                  "fused_uvm_caching tables")
+    pooling_factor: Optional[float] = _f(None, "default ids per example per pooled feature "
+                                               "(sequence tables default to max_len)")
+    min_partition: Optional[int] = _f(None, "default narrowest column_wise shard")
+    tables: Dict[str, Any] = _f({}, "per-table overrides: [sharding.tables.NAME] with keys "
+                                    "of TableShardingConfig", entries=TableShardingConfig)
+    plan_file: str = _f("", "use this saved plan (python -m sharding.plan --out) instead of "
+                            "planning; must match the model's tables and the world size")
 
 
 @dataclass
@@ -100,6 +166,23 @@ class MetricsConfig:
     """Training and evaluation metrics."""
 
     window_batches: int = _f(100, "training AUC/NE window, in batches per rank")
+    record_sample_ids: bool = _f(False, "append each step's sample ids to "
+                                        "<run_dir>/sample_ids.rank<R>.txt (audits exact resume)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded DCP checkpoints and automatic resume."""
+
+    dir: str = _f("", "checkpoint directory (empty: <training.run_dir>/checkpoints)")
+    every_steps: int = _f(0, "save every N steps (0: off)")
+    every_minutes: float = _f(0.0, "save every M minutes of training (0: off)")
+    keep_last: int = _f(3, "complete checkpoints kept; older ones are deleted")
+    save_at_end: bool = _f(True, "save when training finishes")
+    resume: bool = _f(True, "resume from the newest complete checkpoint in dir, if any")
+    resume_from: str = _f("", "resume from this step_* directory instead")
+    reset_optimizer: bool = _f(False, "load weights only; optimizer state starts fresh (needed "
+                                      "when column-wise shard counts changed)")
 
 
 @dataclass
@@ -120,6 +203,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -202,11 +286,32 @@ def dataclass_from_dict(cls: type, values: Dict[str, Any], prefix: str,
             errors.append(str(e))
             continue
         choices = fields[key].metadata.get("choices")
-        if choices and v not in choices:
-            errors.append(f"{prefix}{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+        bad = [x for x in (v if isinstance(v, list) else [v]) if x not in choices] \
+            if choices and v is not None else []
+        if bad:
+            errors.append(f"{prefix}{key}: {', '.join(map(repr, bad))} is not one of "
+                          f"{', '.join(map(repr, choices))}")
             continue
+        entries = fields[key].metadata.get("entries")
+        if entries is not None:
+            v = _entries_from_dict(entries, v, f"{prefix}{key}.", errors)
         kwargs[key] = v
     return cls(**kwargs)
+
+
+def _entries_from_dict(cls: type, table: Dict[str, Any], prefix: str,
+                       errors: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Check each ``NAME = {...}`` entry against ``cls``; keep only the keys set, typed."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, values in table.items():
+        if not isinstance(values, dict):
+            errors.append(f"{prefix}{name} must be a table ([{prefix}{name}]), got {values!r}")
+            continue
+        n = len(errors)
+        parsed = dataclass_from_dict(cls, values, f"{prefix}{name}.", errors)
+        if len(errors) == n:
+            out[name] = {k: getattr(parsed, k) for k in values}
+    return out
 
 
 # -- CLI overrides -------------------------------------------------------------------------
@@ -295,8 +400,14 @@ def validate(cfg: Config) -> List[str]:
         errors.append("training.steps must be >= 0")
     if cfg.training.steps == 0 and cfg.training.epochs <= 0:
         errors.append("set training.steps > 0 or training.epochs > 0")
+    if cfg.training.fail_at and not re.match(r"^(step|save):\d+$", cfg.training.fail_at):
+        errors.append(f"training.fail_at: {cfg.training.fail_at!r} is not 'step:N' or 'save:N'")
+    if cfg.checkpoint.keep_last < 1:
+        errors.append("checkpoint.keep_last must be >= 1")
     if cfg.training.log_every <= 0:
         errors.append("training.log_every must be > 0")
+    errors += _validate_sharding(cfg.sharding)
+    errors += _validate_tables(cfg)
     from models import get_model_spec
 
     try:
@@ -317,6 +428,61 @@ def validate(cfg: Config) -> List[str]:
     return errors
 
 
+def _validate_sharding(s: ShardingConfig) -> List[str]:
+    """Value ranges of [sharding] and its per-table entries (table names are checked against
+    the schema when the model is built: ``sharding.constraints``)."""
+    errors: List[str] = []
+    if not 0.0 <= s.storage_reservation < 1.0:
+        errors.append(f"sharding.storage_reservation must be in [0, 1), got "
+                      f"{s.storage_reservation}")
+    for key in ("hbm_gb", "ddr_gb", "intra_host_bw_gbps", "inter_host_bw_gbps"):
+        v = getattr(s, key)
+        if v is not None and v <= 0:
+            errors.append(f"sharding.{key} must be > 0, got {v}")
+    if s.plan_file and not os.path.exists(s.plan_file):
+        errors.append(f"sharding.plan_file: {s.plan_file} not found (write one with "
+                      f"`python -m sharding.plan --config ... --out {s.plan_file}`)")
+    entries: List[Tuple[str, Dict[str, Any]]] = [
+        ("sharding.", {"cache_load_factor": s.cache_load_factor,
+                       "pooling_factor": s.pooling_factor, "min_partition": s.min_partition})]
+    entries += [(f"sharding.tables.{name}.", t) for name, t in s.tables.items()]
+    for prefix, t in entries:
+        clf = t.get("cache_load_factor")
+        if clf is not None and not 0.0 < clf <= 1.0:
+            errors.append(f"{prefix}cache_load_factor must be in (0, 1], got {clf}")
+        for key in ("pooling_factor", "lr"):
+            if t.get(key) is not None and t[key] <= 0:
+                errors.append(f"{prefix}{key} must be > 0, got {t[key]}")
+        mp = t.get("min_partition")
+        if mp is not None and (mp <= 0 or mp % 4):
+            errors.append(f"{prefix}min_partition must be a positive multiple of 4 (fbgemm "
+                          f"needs 4-aligned column shards), got {mp}")
+        if t.get("weight_decay") is not None and t["weight_decay"] < 0:
+            errors.append(f"{prefix}weight_decay must be >= 0, got {t['weight_decay']}")
+        if t.get("sharding_types") == []:
+            errors.append(f"{prefix}sharding_types is empty: list at least one type or "
+                          f"remove the key")
+    return errors
+
+
+def _validate_tables(cfg: Config) -> List[str]:
+    """Per-table settings against the schema's tables, when the schema is at hand (the
+    dataset may not exist yet when a config is checked; the trainer repeats the check)."""
+    path = cfg.data.schema or os.path.join(cfg.data.path, "schema.json")
+    if not cfg.sharding.tables and not cfg.sharding.sharding_types:
+        return []
+    if not os.path.isfile(path):
+        return []
+    from data.schema import SchemaError, load_schema
+    from sharding.constraints import table_settings_errors
+
+    try:
+        schema = load_schema(path)
+    except SchemaError as e:
+        return [f"data: {e}"]
+    return table_settings_errors(schema, cfg.sharding, cfg.training)
+
+
 # -- output ----------------------------------------------------------------------------------
 
 def _toml_value(v: Any) -> str:
@@ -331,21 +497,23 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+def _toml_table(name: str, values: Dict[str, Any], lines: List[str]) -> None:
+    """``[name]`` with its plain keys, then its nested tables as ``[name.key]``."""
+    lines.append(f"[{name}]")
+    for k, v in values.items():
+        if v is not None and not isinstance(v, dict):
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in values.items():
+        if isinstance(v, dict):
+            lines.append("")
+            _toml_table(f"{name}.{k}", v, lines)
+
+
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML (``None`` values are omitted: they mean "default")."""
     lines: List[str] = []
     for section, values in cfg.to_dict().items():
-        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            if v is None or isinstance(v, dict):
-                continue
-            lines.append(f"{k} = {_toml_value(v)}")
-        for k, table in nested.items():
-            lines.append(f"\n[{section}.{k}]")
-            for kk, vv in table.items():
-                if vv is not None:
-                    lines.append(f"{kk} = {_toml_value(vv)}")
+        _toml_table(section, values, lines)
         lines.append("")
     return "\n".join(lines)
 
@@ -372,9 +540,18 @@ def help_text() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             choices = f.metadata.get("choices")
-            extra = f" (one of: {', '.join(choices)})" if choices else ""
+            extra = f" (one of: {', '.join(c or repr(c) for c in choices)})" if choices else ""
             out.append(f"  --{name}.{f.name} ({_type_name(hints[f.name])}, default "
                        f"{default!r}): {f.metadata.get('help', '')}{extra}")
+            entries = f.metadata.get("entries")
+            if entries is not None:
+                entry_hints = typing.get_type_hints(entries)
+                for e in dataclasses.fields(entries):
+                    e_choices = e.metadata.get("choices")
+                    e_extra = f" (one of: {', '.join(e_choices)})" if e_choices else ""
+                    out.append(f"      --{name}.{f.name}.NAME.{e.name} "
+                               f"({_type_name(entry_hints[e.name])}): "
+                               f"{e.metadata.get('help', '')}{e_extra}")
     return "\n".join(out)
 
 

@@ -14,12 +14,14 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -28,12 +30,18 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
 from data.reader import ParquetReader
-from data.schema import Schema, load_meta
+from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
 from models.blocks import CTRTask
 from sharding.dist import DistContext, destroy_distributed, init_distributed
-from sharding.parallel import shard_model
-from sharding.sharders import apply_sparse_optimizer
+from sharding.constraints import (
+    TableSettings,
+    apply_table_optimizers,
+    data_parallel_table_optimizers,
+    resolve_table_settings,
+)
+from sharding.parallel import shard_model_from_config
+from trainer.checkpoint import Checkpointer, find_latest, set_rng_state
 from trainer.config import Config, save_config
 from trainer.metrics import CTRMetrics, MetricsFile, format_final
 
@@ -53,44 +61,113 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, schema: Schema) -> nn.Module:
-    """The unsharded task model (embeddings on meta) with its fused sparse optimizer."""
+def build_model(cfg: Config, schema: Schema, device_type: str = "cpu") -> nn.Module:
+    """The unsharded task model, its embedding collections on the meta device."""
     spec = get_model_spec(cfg.model.name)
     args = spec.make_args(cfg.model.flavour, cfg.model.args)
-    model = CTRTask(spec.build(schema, args, "meta"))
-    t = cfg.training
-    apply_sparse_optimizer(model, t.sparse_optimizer, t.sparse_lr, t.sparse_weight_decay,
-                           t.sparse_eps)
-    return model
+    return CTRTask(spec.build(schema, args, "meta"), cfg.training.dense_dtype, device_type)
 
 
-def build_optimizer(cfg: Config, dmp: DistributedModelParallel) -> CombinedOptimizer:
-    """Fused embedding optimizer (already in DMP) + the dense optimizer over the rest."""
+def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.Module
+                       ) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Attach each table's fused optimizer (``[training] sparse_*``, or
+    ``[sharding.tables.NAME]`` where a table sets its own), plan and wrap ``model`` in DMP,
+    and build the combined sparse + dense optimizer. Benchmarks use this too, so every
+    contender is sharded and optimised exactly as the trainer does it."""
+    tables = resolve_table_settings(schema, cfg.sharding, cfg.training)
+    apply_table_optimizers(model, tables)
+    dmp, _ = shard_model_from_config(model, ctx, cfg.sharding, tables, cfg.data.batch_size)
+    return dmp, build_optimizer(cfg, dmp, tables)
+
+
+def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
+                    tables: Dict[str, TableSettings]) -> CombinedOptimizer:
+    """Fused embedding optimizer (already in DMP) + each data-parallel table's own optimizer
+    + the dense optimizer over the rest."""
     t = cfg.training
     opt_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dp_tables, dp_params = data_parallel_table_optimizers(dmp, tables)
+    dense_params = {k: v for k, v in in_backward_optimizer_filter(dmp.named_parameters())
+                    if k not in dp_params}
     dense = KeyedOptimizerWrapper(
         dense_params,
         lambda params: opt_cls(params, lr=t.dense_lr, weight_decay=t.dense_weight_decay),
     )
-    return CombinedOptimizer([dmp.fused_optimizer, dense])
+    return CombinedOptimizer([dmp.fused_optimizer, dense, *dp_tables])
 
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema) -> tuple:
     d = cfg.data
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema,
+                  validate=d.validate)
     train = ParquetReader(d.path, d.train_split, d.batch_size, shuffle=d.shuffle,
-                          seed=cfg.training.seed, **common)  # type: ignore[arg-type]
+                          seed=cfg.training.seed, remainder=d.remainder,
+                          shuffle_buffer_rows=d.shuffle_buffer_rows,
+                          **common)  # type: ignore[arg-type]
     evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
                                shuffle=False, **common)  # type: ignore[arg-type]
     return train, evaluation
 
 
-def epoch_batches(reader: ParquetReader, start_epoch: int = 0) -> Iterator[Batch]:
-    """Batches of successive epochs (each reshuffled), without end."""
-    for epoch in itertools.count(start_epoch):
-        reader.set_epoch(epoch)
-        yield from reader
+class BatchStream:
+    """Training batches across epochs, counting what it hands out, and stoppable.
+
+    The pipeline pulls batches ahead of the step it trains; a segment of training ends by
+    setting ``stop_at`` (a count of batches handed out): the stream then raises
+    ``StopIteration``, the pipeline drains its in-flight batches, and exactly ``stop_at``
+    steps are done. That is where evaluations and checkpoints happen, so the saved reader
+    position is exact.
+    """
+
+    def __init__(self, reader: ParquetReader, handed: int = 0,
+                 record_path: Optional[str] = None) -> None:
+        self.reader = reader
+        self.handed = handed
+        self.stop_at = handed
+        self.epoch = reader.epoch
+        self.pos = reader.state_dict()["batch"]  # batches of ``epoch`` already consumed
+        self._it: Optional[Iterator[Batch]] = None
+        self._record = open(record_path, "a") if record_path else None
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Batch:
+        if self.handed >= self.stop_at:
+            raise StopIteration
+        while True:
+            if self._it is None:
+                self.reader.set_epoch(self.epoch)
+                self._it = iter(self.reader)
+            try:
+                batch = next(self._it)
+                break
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+                self.pos = 0
+        self.handed += 1
+        self.pos += 1
+        if self._record is not None and batch.sample_ids is not None:
+            self._record.write(f"{self.handed} " + ",".join(map(str, batch.sample_ids.tolist()))
+                               + "\n")
+            self._record.flush()
+        return batch
+
+    def segment(self) -> Iterator[Batch]:
+        """A fresh iterator up to ``stop_at``: torchrec's pipeline remembers an exhausted
+        iterator object, so every segment needs a new one."""
+        while True:
+            try:
+                yield next(self)
+            except StopIteration:
+                return
+
+    def reader_state(self) -> Dict[str, Any]:
+        """The reader position after the batches handed out so far (exact once drained)."""
+        state = self.reader.state_dict()
+        state.update(epoch=self.epoch, batch=self.pos)
+        return state
 
 
 def total_steps(cfg: Config, train_reader: ParquetReader) -> int:
@@ -139,22 +216,24 @@ def train(cfg: Config) -> Dict[str, Any]:
             save_config(cfg, t.run_dir)
             _log_to_file(os.path.join(t.run_dir, "train.log"))
         seed_everything(t.seed)
-        schema = Schema.load(cfg.data.path)
+        schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         train_reader, eval_reader = build_readers(cfg, ctx, schema)
-        dmp, _ = shard_model(build_model(cfg, schema), ctx, cfg.data.batch_size,
-                             hbm_gb=cfg.sharding.hbm_gb, ddr_gb=cfg.sharding.ddr_gb,
-                             storage_reservation=cfg.sharding.storage_reservation)
-        optimizer = build_optimizer(cfg, dmp)
+        dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
+                                            build_model(cfg, schema, ctx.device.type))
+        checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
+                                    ctx.rank, ctx.world_size, cfg.checkpoint.keep_last)
+        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
         metrics_file = MetricsFile(t.run_dir, ctx.is_main)
         if ctx.is_main:
             logger.info("training %s on %s: %d steps x %d examples x %d ranks (%d train "
-                        "batches per rank per epoch)", cfg.model.name, cfg.data.path, steps,
-                        cfg.data.batch_size, ctx.world_size, len(train_reader))
-        state = run_training(cfg, ctx, pipeline, dmp, train_reader, eval_reader, steps,
-                             metrics_file)
+                        "batches per rank per epoch)%s", cfg.model.name, cfg.data.path, steps,
+                        cfg.data.batch_size, ctx.world_size, len(train_reader),
+                        f", resuming at step {start_step}" if start_step else "")
+        state = run_training(cfg, ctx, pipeline, dmp, optimizer, train_reader, eval_reader,
+                             steps, metrics_file, checkpointer, start_step)
         final_eval = evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
         oracle = meta.get("oracle", {}).get("auc")
         final = {
@@ -173,31 +252,92 @@ def train(cfg: Config) -> Dict[str, Any]:
         destroy_distributed()
 
 
+def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
+           dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+           train_reader: ParquetReader) -> int:
+    """Load ``checkpoint.resume_from`` or the newest complete checkpoint; returns its step
+    (0 when starting fresh). Restores weights, optimizer state, RNG and reader position."""
+    c = cfg.checkpoint
+    path = c.resume_from or (find_latest(checkpointer.root) if c.resume else None)
+    if not path:
+        return 0
+    extra = checkpointer.load(path, dmp, optimizer, dmp.plan, c.reset_optimizer)
+    step = int(extra["step"])
+    if extra.get("resharded"):
+        # Another world size deals rows differently: continue at the same epoch fraction.
+        epoch, batch = divmod(step, max(1, len(train_reader)))
+        train_reader.load_state_dict({"epoch": epoch, "batch": batch})
+    else:
+        set_rng_state(extra["rng"])
+        train_reader.load_state_dict(extra["reader"])
+    if ctx.is_main:
+        logger.info("resumed from %s (step %d)", path, step)
+    return step
+
+
+def _fault_injection(cfg: Config, ctx: DistContext, kind: str, step: int,
+                     resumed: bool) -> None:
+    """SIGKILL this rank at the configured point (recovery drills and tests)."""
+    if (cfg.training.fail_at == f"{kind}:{step}" and ctx.rank == cfg.training.fail_rank
+            and not resumed and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        logger.warning("fault injection: killing rank %d at %s:%d", ctx.rank, kind, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDist,
-                 dmp: nn.Module, train_reader: ParquetReader, eval_reader: ParquetReader,
-                 steps: int, metrics_file: MetricsFile) -> TrainState:
-    """Train for ``steps`` steps in segments that end at each periodic evaluation."""
-    t = cfg.training
-    state = TrainState()
+                 dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+                 train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
+                 metrics_file: MetricsFile, checkpointer: Checkpointer,
+                 start_step: int = 0) -> TrainState:
+    """Train from ``start_step`` to ``steps`` in segments that end at each periodic
+    evaluation and checkpoint (see :class:`BatchStream`)."""
+    t, c = cfg.training, cfg.checkpoint
+    state = TrainState(step=start_step)
     window = cfg.metrics.window_batches * cfg.data.batch_size * ctx.world_size
     train_metrics = CTRMetrics(ctx.world_size, ctx.rank, cfg.data.batch_size, window,
                                ctx.device)
-    batches = epoch_batches(train_reader)
-    eval_every = t.eval_every if t.eval_every > 0 else steps
+    record = (os.path.join(t.run_dir, f"sample_ids.rank{ctx.rank}.txt")
+              if cfg.metrics.record_sample_ids else None)
+    stream = BatchStream(train_reader, handed=start_step, record_path=record)
+    resumed = start_step > 0
     loss_sum, loss_n = torch.zeros((), device=ctx.device), 0
+    last_save = time.monotonic()
+
+    def next_multiple(every: int) -> int:
+        return (state.step // every + 1) * every if every > 0 else steps
+
+    def save() -> None:
+        nonlocal last_save
+        _fault_injection(cfg, ctx, "save", state.step, resumed)
+        path = checkpointer.save(state.step, dmp, optimizer,
+                                 {"reader": stream.reader_state()}, cfg, dmp.plan)
+        last_save = time.monotonic()
+        if ctx.is_main:
+            logger.info("checkpoint %s", path)
+
     dmp.train()
     while state.step < steps:
-        segment = min(eval_every, steps - state.step)
-        it = itertools.islice(batches, segment)
+        stream.stop_at = min(steps, next_multiple(t.eval_every), next_multiple(c.every_steps))
         seg_start = time.perf_counter()
         seg_examples = 0
         log_start, log_examples = time.perf_counter(), 0
+        timed_save = False
+        batches = stream.segment()
         while True:
             try:
-                loss, logits, labels = pipeline.progress(it)
+                loss, logits, labels = pipeline.progress(batches)
             except StopIteration:
                 break
             state.step += 1
+            _fault_injection(cfg, ctx, "step", state.step, resumed)
             seg_examples += labels.shape[0] * ctx.world_size
             log_examples += labels.shape[0] * ctx.world_size
             train_metrics.update(logits, labels)
@@ -216,9 +356,17 @@ def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDis
                 loss_sum.zero_()
                 loss_n = 0
                 log_start, log_examples = time.perf_counter(), 0
+                if c.every_minutes > 0 and not timed_save and _any_rank(
+                        time.monotonic() - last_save >= 60 * c.every_minutes, ctx.device):
+                    timed_save = True  # end the segment now: drain, then save
+                    stream.stop_at = stream.handed
         state.train_seconds += time.perf_counter() - seg_start
         state.examples += seg_examples
-        if state.step < steps:  # the final evaluation is the caller's
+        done = state.step >= steps
+        if timed_save or (c.every_steps > 0 and state.step % c.every_steps == 0) or (
+                done and c.save_at_end):
+            save()
+        if not done and t.eval_every > 0 and state.step % t.eval_every == 0:
             m = evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
             if ctx.is_main:
                 logger.info("eval step %d auc %.4f logloss %.4f", state.step,

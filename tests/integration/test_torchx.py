@@ -142,7 +142,7 @@ def test_failed_rank_fails_the_job_with_one_line(tmp_path: Path,
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-4000:]
     for rank in (0, 1):
-        assert f"rank {rank} failed: SchemaError: {missing}/schema.json not found" in out, \
+        assert f"rank {rank} failed: SchemaError: {missing} not found" in out, \
             out[-4000:]
     assert "Job finished: FAILED" in out
 

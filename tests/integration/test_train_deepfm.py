@@ -11,22 +11,9 @@ import sys
 
 import pytest
 
+from tests.integration.runner import parse_final, run_trainer
+
 pytestmark = pytest.mark.slow
-
-
-def run_trainer(repo_root: str, nproc: int, args: list, timeout: int = 600
-                ) -> subprocess.CompletedProcess:
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer", *args]
-    env = {**os.environ, "PYTHONPATH": repo_root}
-    return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def parse_final(stdout: str) -> dict:
-    lines = [l for l in stdout.splitlines() if l.startswith("final ")]
-    assert lines, f"no final line in output:\n{stdout[-3000:]}"
-    return {k: float(v) for k, v in re.findall(r"(\S+)=(\S+)", lines[-1])}
 
 
 def test_two_rank_training_reaches_oracle(repo_root: str, ci_ctr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -41,7 +41,7 @@ def test_unknown_section_and_all_errors_at_once(tmp_path) -> None:  # type: igno
     msg = str(e.value)
     assert "unknown section [trainin]; valid sections: model, data, training" in msg
     assert "data.batch_size: expected an integer, got 'big'" in msg
-    assert "dist.backend: 'mpi' is not one of auto, gloo, nccl" in msg
+    assert "dist.backend: 'mpi' is not one of 'auto', 'gloo', 'nccl'" in msg
 
 
 def test_wrong_types(tmp_path) -> None:  # type: ignore[no-untyped-def]

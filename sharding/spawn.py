@@ -1,4 +1,5 @@
-"""Run a function on N gloo ranks, each in its own spawned process, and collect results.
+"""Run a function on N gloo ranks, each in its own spawned process, and collect results
+(multi-process tests and benchmarks).
 
 Each rank sets the rendezvous environment, joins the default process group through
 ``sharding.dist.init_distributed`` (the trainer's path) and returns a picklable value.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch.multiprocessing as mp
 
@@ -18,12 +19,12 @@ from sharding.dist import destroy_distributed, free_port, init_distributed
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple,
-            queue: "mp.SimpleQueue[Any]") -> None:
+            queue: "mp.SimpleQueue[Any]", cpu_threads: Optional[int]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     try:
-        ctx = init_distributed("gloo", "cpu", cpu_threads=1, timeout_s=120)
+        ctx = init_distributed("gloo", "cpu", cpu_threads=cpu_threads, timeout_s=120)
         result = fn(ctx, *args)
         queue.put((rank, "ok", result))
     except BaseException:
@@ -33,12 +34,16 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any,
-              timeout_s: float = 300.0) -> List[Any]:
-    """``fn(ctx, *args)`` on every rank; returns the results ordered by rank."""
+              timeout_s: float = 300.0, cpu_threads: Optional[int] = 1) -> List[Any]:
+    """``fn(ctx, *args)`` on every rank; returns the results ordered by rank.
+
+    ``cpu_threads``: intra-op threads per rank (1 keeps tests deterministic and cheap;
+    ``None`` = usable cores / ranks, as the trainer does).
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, cpu_threads))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,300 @@
+"""Per-table sharding settings from config → planner constraints and fused optimizers.
+
+Each embedding table gets a :class:`TableSettings`: the ``[sharding]`` defaults, overridden by
+``[sharding.tables.NAME]``, with the fused optimizer of ``[training]`` (``sparse_*``) unless
+the table names its own. From those settings:
+
+* :func:`build_constraints` makes torchrec ``ParameterConstraints`` keyed by table name
+  (allowed sharding types, compute kernel, pooling-factor hint per feature, cache load
+  factor of ``fused_uvm_caching``), checked against the compute device;
+* :func:`apply_table_optimizers` attaches each table's fused optimizer to its weight with
+  ``apply_optimizer_in_backward``; the sharders read it per table (``_optimizer_classes`` /
+  ``_optimizer_kwargs``), so tables with different optimizers land in different fused kernels.
+* data-parallel tables are not fused: DMP hands them to DDP like dense parameters, so
+  :func:`data_parallel_table_optimizers` gives them their table's optimizer as a regular
+  (after-backward, on DDP-averaged gradients) optimizer instead of the dense one.
+
+Example::
+
+    settings = resolve_table_settings(schema, cfg.sharding, cfg.training)
+    apply_table_optimizers(model, settings)               # unsharded model, before DMP
+    constraints = build_constraints(settings, "cuda")     # {"t_cat_2": ParameterConstraints}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import re
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import CacheParams
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
+
+from data.schema import Schema, TableSpec
+from sharding.sharders import (
+    FUSED_OPTIMIZERS,
+    POOLED_SHARDING_TYPES,
+    SEQUENCE_SHARDING_TYPES,
+    TABLE_OPTIMIZERS,
+    fused_optimizer_kwargs,
+)
+
+if TYPE_CHECKING:
+    from trainer.config import ShardingConfig, TrainingConfig
+
+# Kernels that need a GPU (UVM = host memory mapped into the GPU's address space).
+GPU_ONLY_KERNELS = ("fused_uvm", "fused_uvm_caching")
+# fbgemm's CPU fused kernels implement only the exact SGD / Adagrad family (Adam asserts).
+CPU_FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+class ShardingConfigError(ValueError):
+    """Per-table sharding settings that do not fit the model or the device; the message
+    lists every problem with its fix."""
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """Resolved sharding and optimizer settings of one embedding table.
+
+    Args:
+        table: the schema's table (name, rows, dim, features, kind).
+        sharding_types: allowed types; ``None`` lets the sharder offer all it supports.
+        compute_kernel: the kernel, or ``None`` for the planner's choice.
+        cache_load_factor: fraction of rows cached in HBM (``fused_uvm_caching`` only).
+        pooling_factor: average ids per example per feature (planner estimate).
+        min_partition: narrowest column-wise shard.
+        optimizer / lr / weight_decay / eps: the fused optimizer that updates the table.
+    """
+
+    table: TableSpec
+    sharding_types: Optional[Tuple[str, ...]]
+    compute_kernel: Optional[str]
+    cache_load_factor: Optional[float]
+    pooling_factor: float
+    min_partition: Optional[int]
+    optimizer: str
+    lr: float
+    weight_decay: float
+    eps: float
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+
+def resolve_table_settings(schema: Schema, sharding: "ShardingConfig",
+                           training: "TrainingConfig") -> Dict[str, TableSettings]:
+    """Settings of every table of ``schema`` (pooled and sequence), in schema order.
+
+    Raises:
+        ShardingConfigError: listing every ``[sharding.tables.NAME]`` that names no table
+            (with the valid names) and every sharding type / kernel a table cannot use.
+    """
+    settings, errors = _resolve(schema, sharding, training)
+    if errors:
+        raise ShardingConfigError("invalid sharding settings:\n  - " + "\n  - ".join(errors))
+    return settings
+
+
+def table_settings_errors(schema: Schema, sharding: "ShardingConfig",
+                          training: "TrainingConfig") -> List[str]:
+    """The problems :func:`resolve_table_settings` would raise, as a list (for the config
+    validator, which reports every problem at once)."""
+    return _resolve(schema, sharding, training)[1]
+
+
+def _resolve(schema: Schema, sharding: "ShardingConfig", training: "TrainingConfig"
+             ) -> Tuple[Dict[str, TableSettings], List[str]]:
+    tables = schema.tables()
+    errors: List[str] = []
+    for name in sharding.tables:
+        if name not in tables:
+            errors.append(f"sharding.tables.{name}: the model has no table {name!r}; its "
+                          f"tables are: {', '.join(tables) or '(none)'}")
+    out: Dict[str, TableSettings] = {}
+    for name, table in tables.items():
+        override: Dict[str, Any] = sharding.tables.get(name, {})
+
+        def pick(key: str, default: Any) -> Any:
+            value = override.get(key)
+            return default if value is None else value
+
+        types = pick("sharding_types", sharding.sharding_types or None)
+        kernel = pick("compute_kernel", sharding.compute_kernel or None)
+        default_pf = float(_max_len(schema, table)) if table.kind == "sequence" else 1.0
+        settings = TableSettings(
+            table=table,
+            sharding_types=tuple(types) if types else None,
+            compute_kernel=kernel,
+            cache_load_factor=pick("cache_load_factor", sharding.cache_load_factor),
+            pooling_factor=float(pick("pooling_factor",
+                                      sharding.pooling_factor
+                                      if table.kind == "sparse" and sharding.pooling_factor
+                                      else default_pf)),
+            min_partition=pick("min_partition", sharding.min_partition),
+            optimizer=pick("optimizer", training.sparse_optimizer),
+            lr=float(pick("lr", training.sparse_lr)),
+            weight_decay=float(pick("weight_decay", training.sparse_weight_decay)),
+            eps=float(training.sparse_eps),
+        )
+        errors += _check_table(settings, where=_where(name, override))
+        out[name] = settings
+    return out, errors
+
+
+def _where(name: str, override: Dict[str, Any]) -> str:
+    return f"sharding.tables.{name}" if override else f"[sharding] defaults for table {name!r}"
+
+
+def _max_len(schema: Schema, table: TableSpec) -> int:
+    return max(schema.feature(f).max_len for f in table.features)
+
+
+def _check_table(s: TableSettings, where: str) -> List[str]:
+    """Problems that do not depend on the compute device."""
+    errors: List[str] = []
+    if s.table.kind == "sequence":
+        bad = [t for t in (s.sharding_types or ()) if t not in SEQUENCE_SHARDING_TYPES]
+        if bad:
+            errors.append(
+                f"{where}: sequence table {s.name!r} cannot use {', '.join(bad)}: sequence "
+                f"(unpooled) tables support {', '.join(SEQUENCE_SHARDING_TYPES)} with a fused "
+                f"kernel; data_parallel and the dense kernel give wrong results in torchrec "
+                f"1.8.0 because fbgemm's CPU dense kernel ignores PoolingMode.NONE")
+        if s.compute_kernel == "dense":
+            errors.append(
+                f"{where}: sequence table {s.name!r} cannot use the dense kernel (fbgemm's "
+                f"dense kernel ignores PoolingMode.NONE in torchrec 1.8.0); use fused")
+    else:
+        bad = [t for t in (s.sharding_types or ()) if t not in POOLED_SHARDING_TYPES]
+        if bad:
+            errors.append(f"{where}: unknown sharding type(s) {', '.join(bad)}; choose from "
+                          f"{', '.join(POOLED_SHARDING_TYPES)}")
+    types = set(s.sharding_types or ())
+    if s.compute_kernel == "dense" and types and types != {"data_parallel"}:
+        errors.append(f"{where}: the dense kernel is only used by data_parallel; set "
+                      f"sharding_types = [\"data_parallel\"] or compute_kernel = \"fused\"")
+    if s.compute_kernel not in (None, "dense") and types == {"data_parallel"}:
+        errors.append(f"{where}: data_parallel tables use the dense kernel, not "
+                      f"{s.compute_kernel!r}; drop compute_kernel or pick another type")
+    if s.cache_load_factor is not None and s.compute_kernel not in (None, "fused_uvm_caching"):
+        errors.append(f"{where}: cache_load_factor only applies to compute_kernel = "
+                      f"\"fused_uvm_caching\" (got {s.compute_kernel!r})")
+    if s.optimizer not in FUSED_OPTIMIZERS:
+        errors.append(f"{where}: unknown optimizer {s.optimizer!r}; choose from "
+                      f"{', '.join(FUSED_OPTIMIZERS)}")
+    return errors
+
+
+def build_constraints(settings: Dict[str, TableSettings], compute_device: str
+                      ) -> Dict[str, ParameterConstraints]:
+    """Planner constraints keyed by table name for a ``compute_device`` (cpu | cuda) run.
+
+    Raises:
+        ShardingConfigError: a GPU-only kernel (UVM) or fused optimizer (Adam) requested for
+            a CPU plan, naming the table.
+    """
+    errors: List[str] = []
+    out: Dict[str, ParameterConstraints] = {}
+    for name, s in settings.items():
+        if compute_device != "cuda" and s.compute_kernel in GPU_ONLY_KERNELS:
+            errors.append(f"table {name!r}: compute_kernel {s.compute_kernel!r} needs "
+                          f"compute_device cuda (this plan is for {compute_device}); use "
+                          f"\"fused\"")
+            continue
+        if (compute_device != "cuda" and s.optimizer not in CPU_FUSED_OPTIMIZERS
+                and s.sharding_types != ("data_parallel",)):
+            errors.append(f"table {name!r}: fused optimizer {s.optimizer!r} runs only on GPU "
+                          f"(fbgemm's CPU kernels support {', '.join(CPU_FUSED_OPTIMIZERS)}); "
+                          f"pick one of those for a {compute_device} run, or make the table "
+                          f"data_parallel")
+            continue
+        cache = None
+        # Also when the kernel is the planner's choice: should it pick UVM caching, the
+        # table's load factor applies instead of torchrec's default.
+        if s.cache_load_factor is not None and s.compute_kernel in (None, "fused_uvm_caching"):
+            cache = CacheParams(load_factor=s.cache_load_factor)
+        n_features = len(s.table.features)
+        out[name] = ParameterConstraints(
+            sharding_types=list(s.sharding_types) if s.sharding_types else None,
+            compute_kernels=[s.compute_kernel] if s.compute_kernel else None,
+            min_partition=s.min_partition,
+            pooling_factors=[s.pooling_factor] * n_features,
+            feature_names=list(s.table.features),
+            cache_params=cache,
+        )
+    if errors:
+        raise ShardingConfigError("invalid sharding settings:\n  - " + "\n  - ".join(errors))
+    return out
+
+
+def table_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Table name → its unsharded weight, for every EBC / EC in ``model``.
+
+    torchrec keeps one ``nn.EmbeddingBag`` / ``nn.Embedding`` per table in the
+    ``embedding_bags`` / ``embeddings`` ModuleDict, keyed by table name.
+    """
+    weights: Dict[str, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            tables = module.embedding_bags
+        elif isinstance(module, EmbeddingCollection):
+            tables = module.embeddings
+        else:
+            continue
+        for name, emb in tables.items():
+            if name in weights:
+                raise ValueError(f"table {name!r} appears in two embedding modules; table "
+                                 f"names must be unique across the model")
+            weights[name] = emb.weight
+    return weights
+
+
+def apply_table_optimizers(model: nn.Module, settings: Dict[str, TableSettings]) -> None:
+    """Attach each table's fused optimizer to its weight in the unsharded ``model``.
+
+    Must run before ``DistributedModelParallel``: the sharders read the optimizer from the
+    weight; a table without one would silently train with SGD lr 0.01.
+
+    Raises:
+        ValueError: a table of the model has no settings (names it).
+    """
+    for name, weight in table_weights(model).items():
+        if name not in settings:
+            raise ValueError(f"table {name!r} of the model is not in the schema's tables "
+                             f"({', '.join(settings)})")
+        s = settings[name]
+        apply_optimizer_in_backward(
+            FUSED_OPTIMIZERS[s.optimizer], [weight],
+            fused_optimizer_kwargs(s.optimizer, s.lr, s.weight_decay, s.eps))
+
+
+_TABLE_PARAM = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
+
+
+def data_parallel_table_optimizers(dmp: nn.Module, settings: Dict[str, TableSettings]
+                                   ) -> Tuple[List[KeyedOptimizer], Set[str]]:
+    """Optimizers for the data-parallel tables of a sharded model, and the parameter names
+    they own (to keep them out of the dense optimizer).
+
+    Sharded tables carry ``_in_backward_optimizers`` (their fused update); a table weight
+    without it was replicated (data-parallel) and gets its gradient from DDP's all-reduce.
+    """
+    optimizers: List[KeyedOptimizer] = []
+    owned: Set[str] = set()
+    for fqn, param in dmp.named_parameters():
+        m = _TABLE_PARAM.search(fqn)
+        if m is None or m.group(1) not in settings or hasattr(param, "_in_backward_optimizers"):
+            continue
+        s = settings[m.group(1)]
+        cls = TABLE_OPTIMIZERS[s.optimizer]
+        kwargs = fused_optimizer_kwargs(s.optimizer, s.lr, s.weight_decay, s.eps)
+        optimizers.append(KeyedOptimizerWrapper(
+            {fqn: param}, lambda params, cls=cls, kwargs=kwargs: cls(params, **kwargs)))
+        owned.add(fqn)
+    return optimizers, owned
