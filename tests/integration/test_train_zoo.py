@@ -13,7 +13,7 @@ from typing import Dict
 
 import pytest
 
-from tests.integration.test_train_deepfm import parse_final, run_trainer
+from tests.integration.runner import parse_final, run_trainer
 
 pytestmark = pytest.mark.slow
 
