@@ -1,15 +1,17 @@
 """Model zoo throughput and memory: every registered CTR model, 1 and 2 ranks, one run.
 
 ``python -m bench.models [--quick] [--models deepfm,dcn_v2,autoint,interformer]
-[--ranks 1,2] [--steps 60] [--batch-size 512] [--data DIR] [--out FILE]``
+[--ranks 1,2] [--steps 160] [--batch-size 512] [--data DIR] [--out FILE]``
 
 All models train through the real trainer (``python -m trainer`` for 1 rank, ``torchrun``
 for more) on the same sequence-signal synthetic dataset (``data.synth ctr_seq``), so they
 share tables and inputs: the pooled models read ``user``/``item``/``item_cat`` and the dense
 features, InterFormer also the behaviour sequences. Reported per (model, ranks):
 
-* ``examples_per_s``: the trainer's own training throughput (the ``final`` line; training
-  time only, all ranks together);
+* ``examples_per_s``: the trainer's own training throughput over the whole run (the
+  ``final`` line; training time only, all ranks together) — includes warm-up;
+* ``steady_examples_per_s``: the rate of the last logging window (the last quarter of the
+  steps), after warm-up;
 * ``peak_rss_mb``: the largest peak resident set of any process of the run (one rank, or
   the launcher) — on CPU the memory a rank needs; GPU memory is not measured here.
 
@@ -47,7 +49,7 @@ def train_command(model: str, ranks: int, data: str, steps: int, batch_size: int
     """The trainer command line of one measurement."""
     args = ["-m", "trainer", "--config", CONFIGS[model], f"--data.path={data}",
             f"--data.batch_size={batch_size}", f"--training.steps={steps}",
-            "--training.eval_batches=1", f"--training.log_every={max(steps, 1)}",
+            "--training.eval_batches=1", f"--training.log_every={max(steps // 4, 1)}",
             f"--training.run_dir={run_dir}", "--checkpoint.save_at_end=false"]
     if ranks == 1:
         return [sys.executable, *args]
@@ -71,8 +73,10 @@ def measure(model: str, ranks: int, data: str, steps: int, batch_size: int,
         raise RuntimeError(f"{model} on {ranks} rank(s): no final line in\n{proc.stdout[-2000:]}")
     values = dict(re.findall(r"(\S+)=(\S+)", final[-1]))
     rss = re.findall(r"peak_rss_kb=(\d+)", proc.stderr)
+    windows = re.findall(r"ex/s (\d+)", proc.stdout + proc.stderr)
     return {"model": model, "ranks": ranks, "batch_size": batch_size, "steps": steps,
             "examples_per_s": float(values["examples_per_s"]),
+            "steady_examples_per_s": float(windows[-1]) if windows else float("nan"),
             "peak_rss_mb": int(rss[-1]) / 1024 if rss else float("nan")}
 
 
@@ -94,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=160, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=512, help="examples per rank per step")
     parser.add_argument("--data", help="existing ctr_seq dataset (default: generate one)")
     parser.add_argument("--out", help="result JSON (default bench/results/models.json)")
@@ -109,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = run(models, ranks, steps, batch_size, ns.data, preset)
     path = write_results("models", {"results": results, "quick": ns.quick}, ns.out)
     print(format_table(results, ["model", "ranks", "batch_size", "steps", "examples_per_s",
-                                 "peak_rss_mb"]))
+                                 "steady_examples_per_s", "peak_rss_mb"]))
     print(f"results: {path}")
     return 0
 
