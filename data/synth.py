@@ -2,6 +2,8 @@
 
 ``python -m data.synth ctr --out DIR [--preset demo] [--seed 0] ...`` writes a CTR dataset:
 ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet``, ``schema.json`` and ``meta.json``.
+``python -m data.synth ctr_seq ...`` writes CTR data with a behaviour-sequence signal
+(:mod:`data.synth_seq`).
 
 The planted click model (all parameters drawn from ``--seed``)::
 
@@ -294,8 +296,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             ctr.add_argument(flag, type=type(getattr(defaults, f.name)), default=None,
                              help=f"default {getattr(defaults, f.name)}")
+    from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
+
+    seq = sub.add_parser("ctr_seq", help="CTR dataset whose main signal is in a behaviour "
+                                         "sequence (data.synth_seq)")
+    seq.add_argument("--out", required=True, help="dataset directory to create")
+    seq.add_argument("--preset", choices=sorted(SEQ_PRESETS), help="start from a named size")
+    seq.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    seq_defaults = SeqCTRSynthArgs()
+    for f in dataclasses.fields(SeqCTRSynthArgs):
+        seq.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(seq_defaults, f.name)),
+                         default=None, help=f"default {getattr(seq_defaults, f.name)}")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if ns.kind == "ctr_seq":
+        seq_kwargs: Dict[str, object] = dict(SEQ_PRESETS[ns.preset]) if ns.preset else {}
+        seq_kwargs.update({f.name: getattr(ns, f.name) for f in dataclasses.fields(SeqCTRSynthArgs)
+                           if getattr(ns, f.name) is not None})
+        try:
+            meta = generate_ctr_seq(ns.out, SeqCTRSynthArgs(**seq_kwargs), overwrite=ns.overwrite)  # type: ignore[arg-type]
+        except (FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"out": ns.out, "oracle_auc": meta["oracle"]["auc"]}))  # type: ignore[index]
+        return 0
     kwargs: Dict[str, object] = dict(PRESETS[ns.preset]) if ns.preset else {}
     for f in dataclasses.fields(CTRSynthArgs):
         value = getattr(ns, f.name)

@@ -14,7 +14,10 @@ from models.spec import ModelSpec
 
 # name → module that defines ``MODEL_SPEC``
 _MODEL_MODULES: Dict[str, str] = {
+    "autoint": "models.autoint",
+    "dcn_v2": "models.dcn_v2",
     "deepfm": "models.deepfm",
+    "interformer": "models.interformer",
 }
 
 

@@ -50,18 +50,19 @@ class DeepFMArgs:
     dense_dims: List[int] = field(default_factory=lambda: [64])
 
 
-def table_width(schema: Schema, args: DeepFMArgs) -> int:
-    """The one table width DeepFM needs, from args or the (uniform) schema."""
+def table_width(schema: Schema, args: DeepFMArgs, model: str = "DeepFM") -> int:
+    """The one table width ``model`` needs, from ``args.embedding_dim`` or the (uniform)
+    schema; the last column is the first-order weight (also used by AutoInt)."""
     if args.embedding_dim:
         width = args.embedding_dim
     else:
         dims = {t.embedding_dim for t in schema.tables("sparse").values()}
         if len(dims) != 1:
-            raise ValueError(f"DeepFM needs one embedding_dim for all pooled tables; the "
+            raise ValueError(f"{model} needs one embedding_dim for all pooled tables; the "
                              f"schema has {sorted(dims)}: set model.args.embedding_dim")
         width = dims.pop()
     if width % 4 or width < 8:
-        raise ValueError(f"DeepFM table width {width} must be a multiple of 4 and >= 8 "
+        raise ValueError(f"{model} table width {width} must be a multiple of 4 and >= 8 "
                          f"(fbgemm kernels need multiples of 4); set model.args.embedding_dim")
     return width
 

@@ -1,0 +1,53 @@
+"""End to end under torchrun (2 gloo ranks) with the shipped configs: DCN-v2 and AutoInt+
+approach the CI-sized synthetic set's oracle, and on the sequence-signal set InterFormer beats
+the pooled-only DeepFM and DCN-v2 by a clear margin.
+
+Measured on a shared 2-core CPU (see docs/models.md): on ``ctr --preset ci`` (oracle 0.869)
+DCN-v2 (full, 2 epochs) 0.841; AutoInt+ (2 epochs) 0.809-0.826 depending on the run. On
+``ctr_seq --preset ci`` (oracle 0.770) after one epoch InterFormer 0.709 vs DeepFM 0.657 and
+DCN-v2 0.658.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import pytest
+
+from tests.integration.runner import parse_final, run_trainer
+
+pytestmark = pytest.mark.slow
+
+
+def _train(repo_root: str, config: str, data: str, run_dir: str, *extra: str
+           ) -> Dict[str, float]:
+    proc = run_trainer(repo_root, 2, ["--config", f"launch/configs/{config}.toml",
+                                      f"--data.path={data}", "--training.log_every=100",
+                                      f"--training.run_dir={run_dir}", *extra])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    final = parse_final(proc.stdout)
+    assert set(final) >= {"auc", "oracle_auc", "logloss", "examples_per_s"}
+    return final
+
+
+# (config, allowed gap to the oracle AUC). AutoInt+ misses 0.03 at this budget (measured gaps
+# 0.043-0.060 after 2 epochs over several runs, 0.039 after 3), so its bound is looser.
+@pytest.mark.parametrize("config,gap", [("dcn_v2_synthetic", 0.03),
+                                        ("autoint_synthetic", 0.075)])
+def test_pooled_models_approach_oracle(repo_root: str, ci_ctr: str, tmp_path, config: str,  # type: ignore[no-untyped-def]
+                                       gap: float) -> None:
+    final = _train(repo_root, config, ci_ctr, str(tmp_path / "run"), "--data.batch_size=512",
+                   "--training.epochs=2")
+    assert final["oracle_auc"] - final["auc"] <= gap, final
+
+
+def test_interformer_uses_the_sequence_signal(repo_root: str, ci_seq: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    short = ["--data.batch_size=512", "--training.epochs=1"]
+    deepfm = _train(repo_root, "deepfm_synthetic", ci_seq, str(tmp_path / "fm"), *short)
+    dcn = _train(repo_root, "dcn_v2_synthetic", ci_seq, str(tmp_path / "dcn"), *short)
+    inter = _train(repo_root, "interformer_synthetic", ci_seq, str(tmp_path / "if"),
+                   "--data.batch_size=256", "--training.epochs=1")
+    best_pooled = max(deepfm["auc"], dcn["auc"])
+    # Measured margin ~0.05; the pooled models sit ~0.12 below the oracle, InterFormer ~0.06.
+    assert inter["auc"] - best_pooled >= 0.025, (inter, deepfm, dcn)
+    assert inter["oracle_auc"] - inter["auc"] <= 0.09, inter
