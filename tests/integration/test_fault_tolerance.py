@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from typing import Dict, List
 
 import pytest
@@ -113,3 +115,34 @@ def test_resume_into_another_world_size(repo_root: str, tiny_ctr: str, tmp_path,
     assert re.search(r"written by \d ranks, resuming on \d", proc.stderr)
     assert second["auc"] == pytest.approx(first["auc"], abs=1e-6)
     assert second["logloss"] == pytest.approx(first["logloss"], abs=1e-6)
+
+
+def test_export_then_predict_matches_sharded_model(repo_root: str, tiny_ctr: str,
+                                                   tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The exported unsharded model scores the eval split exactly as the sharded model did
+    (the eval batch covers every eval row on 2 ranks, so the final line is over the same
+    rows)."""
+    run_dir = str(tmp_path / "run")
+    proc = run_trainer(repo_root, 2, _args(tiny_ctr, run_dir, "--data.eval_batch_size=256"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = parse_final(proc.stdout)
+    ckpt = find_latest(os.path.join(run_dir, "checkpoints"))
+    out = str(tmp_path / "export")
+    exp = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", ckpt,
+                          "--out", out], cwd=repo_root, capture_output=True, text=True,
+                         timeout=300)
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["config.toml", "export.json", "model.pt", "schema.json"]
+    pred = subprocess.run([sys.executable, "-m", "trainer.predict", "--model", out, "--data",
+                           tiny_ctr, "--out", str(tmp_path / "scores.parquet")],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    single = parse_final(pred.stdout)
+    assert single["rows"] == 1024
+    assert single["auc"] == pytest.approx(sharded["auc"], abs=1e-5)
+    assert single["logloss"] == pytest.approx(sharded["logloss"], abs=1e-5)
+    # Inference needs no distributed code: the predict module imports none of it.
+    import ast
+    tree = ast.parse(open(os.path.join(repo_root, "trainer", "predict.py")).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m and ("distributed" in m or m.startswith("sharding"))}
