@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -206,32 +206,34 @@ def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
                                     pa.array(values.astype(np.int64)))
 
 
-def _write_part(path: str, schema: Schema, dense: np.ndarray,
-                sparse: Sequence[Tuple[np.ndarray, np.ndarray]], labels: np.ndarray,
-                row_group_rows: int) -> None:
+def _part_table(schema: Schema, dense: np.ndarray,
+                sparse: Sequence[Tuple[np.ndarray, np.ndarray]], labels: np.ndarray) -> pa.Table:
     cols: Dict[str, pa.Array] = {}
     for j, f in enumerate(schema.dense_features):
         cols[f.name] = pa.array(dense[:, j])
     for f, (offsets, ids) in zip(schema.sparse_features, sparse):
         cols[f.name] = list_array(offsets, ids)
     cols[schema.labels[0].name] = pa.array(labels)
-    pq.write_table(pa.table(cols), path, row_group_size=row_group_rows)
+    return pa.table(cols)
 
 
-def generate_ctr(out: str, args: CTRSynthArgs, overwrite: bool = False,
-                 progress: bool = True) -> Dict[str, object]:
-    """Write the dataset to ``out`` (atomically: a temp dir renamed at the end); returns meta."""
+SampleFn = Callable[[int, np.random.Generator], Tuple[pa.Table, np.ndarray, np.ndarray]]
+
+
+def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
+                          sample: SampleFn, overwrite: bool = False,
+                          progress: bool = True) -> Dict[str, object]:
+    """Write ``train``/``eval`` parquet parts drawn by ``sample(rows, rng)`` (→ table, planted
+    probabilities, labels), ``schema.json`` and ``meta.json`` with the oracle metrics, into
+    a temp dir renamed to ``out`` at the end. ``args`` (a dataclass) needs ``seed``,
+    ``train_rows``, ``eval_rows``, ``rows_per_file`` and ``row_group_rows``."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if len(args.multi_hot) > len(args.num_embeddings):
-        raise ValueError("--multi-hot has more entries than --num-embeddings")
     t0 = time.time()
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    schema = ctr_schema(args)
-    planted = PlantedCTR.draw(args)
     oracle: Dict[str, float] = {}
     files: Dict[str, List[str]] = {}
     for split, rows, split_seed in (("train", args.train_rows, 1), ("eval", args.eval_rows, 2)):
@@ -241,10 +243,9 @@ def generate_ctr(out: str, args: CTRSynthArgs, overwrite: bool = False,
         files[split] = []
         for part, start in enumerate(range(0, rows, args.rows_per_file)):
             n = min(args.rows_per_file, rows - start)
-            dense, sparse, probs, labels = planted.sample(n, rng)
+            table, probs, labels = sample(n, rng)
             name = os.path.join(split, f"part-{part:05d}.parquet")
-            _write_part(os.path.join(tmp, name), schema, dense, sparse, labels,
-                        args.row_group_rows)
+            pq.write_table(table, os.path.join(tmp, name), row_group_size=args.row_group_rows)
             files[split].append(name)
             probs_all.append(probs)
             labels_all.append(labels)
@@ -255,7 +256,7 @@ def generate_ctr(out: str, args: CTRSynthArgs, overwrite: bool = False,
         oracle[f"{split}_logloss"] = log_loss(p, y)
         oracle[f"{split}_ctr"] = float(y.mean())
     meta = {
-        "generator": "data.synth ctr",
+        "generator": generator,
         "args": dataclasses.asdict(args),
         "rows": {"train": args.train_rows, "eval": args.eval_rows},
         "files": files,
@@ -270,6 +271,22 @@ def generate_ctr(out: str, args: CTRSynthArgs, overwrite: bool = False,
     logger.info("dataset %s: %d train / %d eval rows, oracle eval AUC %.4f (%.1fs)", out,
                 args.train_rows, args.eval_rows, oracle["eval_auc"], time.time() - t0)
     return meta
+
+
+def generate_ctr(out: str, args: CTRSynthArgs, overwrite: bool = False,
+                 progress: bool = True) -> Dict[str, object]:
+    """Write the dataset to ``out`` (atomically: a temp dir renamed at the end); returns meta."""
+    if len(args.multi_hot) > len(args.num_embeddings):
+        raise ValueError("--multi-hot has more entries than --num-embeddings")
+    schema = ctr_schema(args)
+    planted = PlantedCTR.draw(args)
+
+    def sample(n: int, rng: np.random.Generator) -> Tuple[pa.Table, np.ndarray, np.ndarray]:
+        dense, sparse, probs, labels = planted.sample(n, rng)
+        return _part_table(schema, dense, sparse, labels), probs, labels
+
+    return write_planted_dataset(out, "data.synth ctr", args, schema, sample, overwrite,
+                                 progress)
 
 
 def _int_list(s: str) -> List[int]:

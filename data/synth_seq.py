@@ -27,20 +27,15 @@ label information on their own.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from data.schema import FeatureSpec, LabelSpec, Schema, write_json_atomic
-from data.synth import ZipfSampler, list_array, log_loss, roc_auc
+from data.schema import FeatureSpec, LabelSpec, Schema
+from data.synth import ZipfSampler, list_array, write_planted_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -172,52 +167,13 @@ class PlantedSeqCTR:
 def generate_ctr_seq(out: str, args: SeqCTRSynthArgs, overwrite: bool = False,
                      progress: bool = True) -> Dict[str, object]:
     """Write the dataset to ``out`` (atomically: a temp dir renamed at the end); returns meta."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if not 0.0 <= args.match_prob <= 1.0:
         raise ValueError(f"--match-prob {args.match_prob} must lie in [0, 1]")
-    t0 = time.time()
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    schema = seq_ctr_schema(args)
     planted = PlantedSeqCTR.draw(args)
-    oracle: Dict[str, float] = {}
-    files: Dict[str, List[str]] = {}
-    for split, rows, split_seed in (("train", args.train_rows, 1), ("eval", args.eval_rows, 2)):
-        os.makedirs(os.path.join(tmp, split))
-        rng = np.random.default_rng([args.seed, split_seed])
-        probs_all, labels_all = [], []
-        files[split] = []
-        for part, start in enumerate(range(0, rows, args.rows_per_file)):
-            n = min(args.rows_per_file, rows - start)
-            cols, probs, labels = planted.sample(n, rng)
-            name = os.path.join(split, f"part-{part:05d}.parquet")
-            pq.write_table(pa.table(cols), os.path.join(tmp, name),
-                           row_group_size=args.row_group_rows)
-            files[split].append(name)
-            probs_all.append(probs)
-            labels_all.append(labels)
-            if progress:
-                logger.info("%s: wrote %s (%d rows)", split, name, n)
-        p, y = np.concatenate(probs_all), np.concatenate(labels_all)
-        oracle[f"{split}_auc"] = roc_auc(p, y)
-        oracle[f"{split}_logloss"] = log_loss(p, y)
-        oracle[f"{split}_ctr"] = float(y.mean())
-    meta = {
-        "generator": "data.synth ctr_seq",
-        "args": dataclasses.asdict(args),
-        "rows": {"train": args.train_rows, "eval": args.eval_rows},
-        "files": files,
-        "oracle": {"auc": oracle["eval_auc"], "logloss": oracle["eval_logloss"], **oracle},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    schema.save(tmp)
-    write_json_atomic(os.path.join(tmp, "meta.json"), meta)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    logger.info("dataset %s: %d train / %d eval rows, oracle eval AUC %.4f (%.1fs)", out,
-                args.train_rows, args.eval_rows, oracle["eval_auc"], time.time() - t0)
-    return meta
+
+    def sample(n: int, rng: np.random.Generator) -> Tuple[pa.Table, np.ndarray, np.ndarray]:
+        cols, probs, labels = planted.sample(n, rng)
+        return pa.table(cols), probs, labels
+
+    return write_planted_dataset(out, "data.synth ctr_seq", args, seq_ctr_schema(args),
+                                 sample, overwrite, progress)

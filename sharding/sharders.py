@@ -35,7 +35,7 @@ FUSED_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
 
 # The same optimizers as plain (after-backward) torch optimizers, for data-parallel tables:
 # DDP replicates those, so no fused kernel updates them. torchrec.optim's SGD / Adam /
-# Adagrad are placeholders that only name the fused update; RowWiseAdagrad is a real one.
+# Adagrad only name the fused update (their step does nothing); RowWiseAdagrad is a real one.
 TABLE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
