@@ -9,7 +9,6 @@ once the training batches in flight have drained.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -32,7 +31,6 @@ from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
-from models.blocks import CTRTask
 from sharding.dist import DistContext, destroy_distributed, init_distributed
 from sharding.constraints import (
     TableSettings,
@@ -43,7 +41,8 @@ from sharding.constraints import (
 from sharding.parallel import shard_model_from_config
 from trainer.checkpoint import Checkpointer, find_latest, set_rng_state
 from trainer.config import Config, save_config
-from trainer.metrics import CTRMetrics, MetricsFile, format_final
+from trainer.metrics import MetricsFile, format_final
+from trainer.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +60,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_task(cfg: Config, schema: Schema) -> Task:
+    """The task kind of ``model.name`` (its loss, metrics, evaluation, final line)."""
+    return get_task(get_model_spec(cfg.model.name).task, cfg, schema)
+
+
 def build_model(cfg: Config, schema: Schema, device_type: str = "cpu") -> nn.Module:
-    """The unsharded task model, its embedding collections on the meta device."""
+    """The unsharded model in its task wrapper, embedding collections on the meta device."""
     spec = get_model_spec(cfg.model.name)
     args = spec.make_args(cfg.model.flavour, cfg.model.args)
-    return CTRTask(spec.build(schema, args, "meta"), cfg.training.dense_dtype, device_type)
+    return model_task(cfg, schema).wrap(spec.build(schema, args, "meta"), device_type)
 
 
 def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.Module
@@ -176,29 +180,6 @@ def total_steps(cfg: Config, train_reader: ParquetReader) -> int:
     return max(1, int(math.ceil(cfg.training.epochs * len(train_reader))))
 
 
-def evaluate(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetReader,
-             ctx: DistContext, max_batches: int) -> Dict[str, float]:
-    """Whole-split (or ``max_batches``) AUC / NE / log-loss, aggregated across ranks.
-
-    Must be called with the pipeline drained: it reuses the pipeline in eval mode, so no
-    backward or optimizer step runs.
-    """
-    n = len(reader) if max_batches <= 0 else min(max_batches, len(reader))
-    metrics = CTRMetrics(ctx.world_size, ctx.rank, reader.batch_size,
-                         n * reader.batch_size * ctx.world_size, ctx.device)
-    dmp.eval()
-    it = itertools.islice(iter(reader), n)
-    with torch.no_grad():
-        while True:
-            try:
-                _, logits, labels = pipeline.progress(it)
-            except StopIteration:
-                break
-            metrics.update(logits, labels)
-    dmp.train()
-    return metrics.compute()
-
-
 @dataclass
 class TrainState:
     step: int = 0
@@ -218,6 +199,7 @@ def train(cfg: Config) -> Dict[str, Any]:
         seed_everything(t.seed)
         schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
+        task = model_task(cfg, schema)
         train_reader, eval_reader = build_readers(cfg, ctx, schema)
         dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
                                             build_model(cfg, schema, ctx.device.type))
@@ -232,15 +214,11 @@ def train(cfg: Config) -> Dict[str, Any]:
                         "batches per rank per epoch)%s", cfg.model.name, cfg.data.path, steps,
                         cfg.data.batch_size, ctx.world_size, len(train_reader),
                         f", resuming at step {start_step}" if start_step else "")
-        state = run_training(cfg, ctx, pipeline, dmp, optimizer, train_reader, eval_reader,
-                             steps, metrics_file, checkpointer, start_step)
-        final_eval = evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
-        oracle = meta.get("oracle", {}).get("auc")
+        state = run_training(cfg, ctx, task, pipeline, dmp, optimizer, train_reader,
+                             eval_reader, steps, metrics_file, checkpointer, start_step)
+        final_eval = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
         final = {
-            "auc": final_eval.get("auc"),
-            "oracle_auc": float(oracle) if oracle is not None else None,
-            "logloss": final_eval["logloss"],
-            "ne": final_eval.get("ne"),
+            **task.final(final_eval, meta),
             "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 1),
             "steps": state.step,
         }
@@ -292,7 +270,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDist,
+def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipelineSparseDist,
                  dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                  train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
                  metrics_file: MetricsFile, checkpointer: Checkpointer,
@@ -302,8 +280,7 @@ def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDis
     t, c = cfg.training, cfg.checkpoint
     state = TrainState(step=start_step)
     window = cfg.metrics.window_batches * cfg.data.batch_size * ctx.world_size
-    train_metrics = CTRMetrics(ctx.world_size, ctx.rank, cfg.data.batch_size, window,
-                               ctx.device)
+    train_metrics = task.train_metrics(ctx, window)
     record = (os.path.join(t.run_dir, f"sample_ids.rank{ctx.rank}.txt")
               if cfg.metrics.record_sample_ids else None)
     stream = BatchStream(train_reader, handed=start_step, record_path=record)
@@ -333,25 +310,26 @@ def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDis
         batches = stream.segment()
         while True:
             try:
-                loss, logits, labels = pipeline.progress(batches)
+                output = pipeline.progress(batches)
             except StopIteration:
                 break
             state.step += 1
             _fault_injection(cfg, ctx, "step", state.step, resumed)
-            seg_examples += labels.shape[0] * ctx.world_size
-            log_examples += labels.shape[0] * ctx.world_size
-            train_metrics.update(logits, labels)
-            loss_sum += loss.detach()  # no per-step host sync on CUDA
+            examples = task.examples(output) * ctx.world_size
+            seg_examples += examples
+            log_examples += examples
+            train_metrics.update(output)
+            loss_sum += output[0].detach()  # no per-step host sync on CUDA
             loss_n += 1
             if state.step % t.log_every == 0 or state.step == steps:
                 m = train_metrics.compute()  # collective: every rank reaches this step
                 rate = log_examples / max(time.perf_counter() - log_start, 1e-9)
                 mean_loss = float(loss_sum) / max(loss_n, 1)
                 if ctx.is_main:
-                    logger.info("step %d/%d loss %.4f auc %.4f ex/s %.0f", state.step, steps,
-                                mean_loss, m.get("auc", float("nan")), rate)
+                    logger.info("step %d/%d loss %.4f %s ex/s %.0f", state.step, steps,
+                                mean_loss, task.summary(m), rate)
                 metrics_file.write({"split": "train", "step": state.step, "loss": mean_loss,
-                                    "auc": m.get("auc"), "ne": m.get("ne"),
+                                    **{k: v for k, v in m.items() if k != "examples"},
                                     "examples_per_s": rate})
                 loss_sum.zero_()
                 loss_n = 0
@@ -367,10 +345,9 @@ def run_training(cfg: Config, ctx: DistContext, pipeline: TrainPipelineSparseDis
                 done and c.save_at_end):
             save()
         if not done and t.eval_every > 0 and state.step % t.eval_every == 0:
-            m = evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
+            m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
             if ctx.is_main:
-                logger.info("eval step %d auc %.4f logloss %.4f", state.step,
-                            m.get("auc", float("nan")), m["logloss"])
+                logger.info("eval step %d %s", state.step, task.summary(m))
             metrics_file.write({"split": "eval", "step": state.step, **m})
     return state
 

@@ -1,0 +1,166 @@
+"""Task kinds: what the training loop needs to know about a kind of learning problem.
+
+A registered model names its task kind (``ModelSpec.task``). The kind decides
+
+* the task wrapper put around the model (it owns the loss and returns the pipeline's
+  ``(loss, output)`` pair, ``output[0]`` being the detached loss),
+* the running training metrics and how they read the pipeline's ``output``,
+* evaluation over the eval split (it may use the sharded model itself, e.g. to rank every
+  item of a sharded table),
+* the keys of the ``final`` line.
+
+The loop in :mod:`trainer.trainer` is the same for every kind; a new kind registers a
+:class:`Task` subclass in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from data.reader import ParquetReader
+from data.schema import Schema
+from models.blocks import CTRTask
+from sharding.dist import DistContext
+from trainer.config import Config
+from trainer.metrics import CTRMetrics
+
+
+class RunningMetrics(Protocol):
+    """Metrics fed one pipeline ``output`` per step; ``compute()`` is a collective."""
+
+    def update(self, output: Tuple[Any, ...]) -> None: ...
+
+    def compute(self) -> Dict[str, float]: ...
+
+
+class Task:
+    """Base class of a task kind. Subclasses set ``name`` and implement every method."""
+
+    name: str = ""
+
+    def __init__(self, cfg: Config, schema: Schema) -> None:
+        self.cfg = cfg
+        self.schema = schema
+
+    def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
+        """The task wrapper (loss owner) around the unsharded over-arch ``model``."""
+        raise NotImplementedError
+
+    def examples(self, output: Tuple[Any, ...]) -> int:
+        """Examples (rows) of this rank's batch behind ``output``."""
+        raise NotImplementedError
+
+    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
+        """Running metrics over a window of ``window_examples`` (all ranks)."""
+        raise NotImplementedError
+
+    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
+                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
+        """Metrics over the eval split (or its first ``max_batches`` batches), all ranks.
+
+        Called with the pipeline drained; runs it in eval mode (no backward, no step)."""
+        raise NotImplementedError
+
+    def summary(self, metrics: Mapping[str, float]) -> str:
+        """A few metrics for a log line, e.g. ``auc 0.8012 logloss 0.4410``."""
+        raise NotImplementedError
+
+    def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
+              ) -> Dict[str, Optional[float]]:
+        """The task's part of the ``final`` line (the loop adds throughput and steps)."""
+        raise NotImplementedError
+
+
+class _CTRRunning:
+    """Adapts :class:`CTRMetrics` to the ``(loss, logits, labels)`` output of ``CTRTask``."""
+
+    def __init__(self, metrics: CTRMetrics) -> None:
+        self.metrics = metrics
+
+    def update(self, output: Tuple[Any, ...]) -> None:
+        _, logits, labels = output
+        self.metrics.update(logits, labels)
+
+    def compute(self) -> Dict[str, float]:
+        return self.metrics.compute()
+
+
+class CTRTaskKind(Task):
+    """Binary click prediction: BCE loss, AUC / NE / log-loss metrics, ``oracle_auc``."""
+
+    name = "ctr"
+
+    def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
+        return CTRTask(model, self.cfg.training.dense_dtype, device_type)
+
+    def examples(self, output: Tuple[Any, ...]) -> int:
+        return int(output[2].shape[0])
+
+    def _metrics(self, ctx: DistContext, batch_size: int, window: int) -> CTRMetrics:
+        return CTRMetrics(ctx.world_size, ctx.rank, batch_size, window, ctx.device)
+
+    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
+        return _CTRRunning(self._metrics(ctx, self.cfg.data.batch_size, window_examples))
+
+    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
+                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
+        n = eval_batches(reader, max_batches)
+        running = _CTRRunning(self._metrics(ctx, reader.batch_size,
+                                            n * reader.batch_size * ctx.world_size))
+        run_eval(pipeline, dmp, reader, n, running)
+        return running.compute()
+
+    def summary(self, metrics: Mapping[str, float]) -> str:
+        return (f"auc {metrics.get('auc', float('nan')):.4f} "
+                f"logloss {metrics.get('logloss', float('nan')):.4f}")
+
+    def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
+              ) -> Dict[str, Optional[float]]:
+        oracle = meta.get("oracle", {}).get("auc")
+        return {
+            "auc": metrics.get("auc"),
+            "oracle_auc": float(oracle) if oracle is not None else None,
+            "logloss": metrics.get("logloss"),
+            "ne": metrics.get("ne"),
+        }
+
+
+def eval_batches(reader: ParquetReader, max_batches: int) -> int:
+    """Batches one evaluation reads: the whole split, or at most ``max_batches`` (> 0)."""
+    return len(reader) if max_batches <= 0 else min(max_batches, len(reader))
+
+
+def run_eval(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetReader,
+             n: int, metrics: RunningMetrics) -> None:
+    """Feed the first ``n`` batches of ``reader`` through the pipeline in eval mode into
+    ``metrics``. Every rank reads the same ``n`` (the reader splits rows evenly), so the
+    pipeline's collectives stay matched."""
+    dmp.eval()
+    it = itertools.islice(iter(reader), n)
+    try:
+        with torch.no_grad():
+            while True:
+                try:
+                    output = pipeline.progress(it)
+                except StopIteration:
+                    break
+                metrics.update(output)
+    finally:
+        dmp.train()
+
+
+TASKS: Dict[str, Type[Task]] = {
+    "ctr": CTRTaskKind,
+}
+
+
+def get_task(kind: str, cfg: Config, schema: Schema) -> Task:
+    """The task kind ``kind`` (a model spec's ``task``) for this run."""
+    if kind not in TASKS:
+        raise KeyError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(TASKS))}")
+    return TASKS[kind](cfg, schema)
