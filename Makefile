@@ -52,7 +52,7 @@ demo: $(STAMP) $(DEMO_DATA)/meta.json
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m trainer --config $(DEMO_CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
