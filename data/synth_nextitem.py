@@ -12,7 +12,8 @@ The planted model (all parameters drawn from ``--seed``): items ``1..num_items``
 clusters). A user's first item comes from a random cluster; every next item is, with
 probability ``1 − noise``, drawn from a successor cluster of the previous item's cluster (by
 the chain's weights, then by popularity inside it), else from the global popularity. Users
-never repeat an item: the distribution is renormalised over the items they have not seen.
+never repeat an item: the distribution is renormalised over the items they have not seen
+(and falls back to the global popularity when the chain allows none of those).
 
 Oracle: at a user's last step the true next-item distribution is known; its 10 most likely
 unseen items are the oracle's top-10. ``meta.json`` stores ``oracle.hr@10`` (the fraction of
@@ -136,6 +137,10 @@ def generate_histories(args: NextItemSynthArgs
         else:
             p = chain.next_given[chain.cluster[items[active, t - 1]]].copy()
         p[seen[active]] = 0.0
+        # A user who has seen every item the chain allows falls back to global popularity.
+        stuck = p.sum(1) <= 0
+        if stuck.any():
+            p[stuck] = np.where(seen[active[stuck]], 0.0, chain.global_pop[None, :])
         p /= p.sum(1, keepdims=True)
         nxt = _draw(p, rng)
         items[active, t] = nxt

@@ -199,6 +199,10 @@ def full_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.Tenso
             scores[hrow[inside], hid[inside] - lo] = -math.inf
             if lo == 0:
                 scores[:, 0] = -math.inf  # padding row
+            # The target is compared with t_score, not with itself: its column here could
+            # differ from t_score in the last bit and count it above itself.
+            own = (targets >= lo) & (targets < hi)
+            scores[own.nonzero().squeeze(1), targets[own] - lo] = -math.inf
             greater += (scores > t_score.unsqueeze(1)).sum(1)
     return reduce(greater), t_score
 
