@@ -106,7 +106,8 @@ MODEL_SPEC = ModelSpec(
     build=build_sasrec,
     flavours={
         "default": SASRecArgs(),
-        "ml1m": SASRecArgs(num_layers=2, num_heads=1, embedding_dim=50, max_len=200,
+        # HSTU's ML-1M settings; D=52 (not 50): fbgemm's fused tables need a multiple of 4.
+        "ml1m": SASRecArgs(num_layers=2, num_heads=1, embedding_dim=52, max_len=200,
                            dropout=0.2),
         "ml20m": SASRecArgs(num_layers=4, num_heads=4, embedding_dim=256, max_len=200,
                             dropout=0.2),

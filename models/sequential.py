@@ -234,6 +234,9 @@ def build_sequence_ec(schema: Schema, args: SequentialArgs, device: str
             raise ValueError(f"model.args.action_feature {args.action_feature!r} must have the "
                              f"item feature's max_len ({item.max_len})")
     dim = args.embedding_dim or item.embedding_dim
+    if dim % 4:
+        raise ValueError(f"model.args.embedding_dim: the item table width must be a multiple of "
+                         f"4 (fbgemm's fused embedding kernels), got {dim}")
     tables: List[EmbeddingConfig] = []
     for t in schema.tables("sequence").values():
         feats = list(t.features)
