@@ -156,8 +156,8 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 def _history_pairs(targets: torch.Tensor, hist_ids: torch.Tensor, hist_lengths: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(query index, item id) of every history item to exclude (the target never is)."""
-    row = torch.repeat_interleave(torch.arange(hist_lengths.numel()), hist_lengths.long(),
-                                  output_size=hist_ids.numel())
+    row = torch.repeat_interleave(torch.arange(hist_lengths.numel(), device=hist_ids.device),
+                                  hist_lengths.long(), output_size=hist_ids.numel())
     keep = hist_ids != targets[row]
     return row[keep], hist_ids[keep]
 
@@ -165,7 +165,7 @@ def _history_pairs(targets: torch.Tensor, hist_ids: torch.Tensor, hist_lengths: 
 def target_scores(query: torch.Tensor, targets: torch.Tensor,
                   shards: Sequence[Tuple[int, torch.Tensor]], reduce: Reduce) -> torch.Tensor:
     """``⟨q, ê_target⟩`` per query, from whichever rank holds the target's row."""
-    out = torch.zeros(targets.numel(), dtype=query.dtype)
+    out = torch.zeros(targets.numel(), dtype=query.dtype, device=query.device)
     for off, w in shards:
         inside = (targets >= off) & (targets < off + w.shape[0])
         if inside.any():
@@ -190,7 +190,7 @@ def full_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.Tenso
     """
     t_score = target_scores(query, targets, shards, reduce)
     hrow, hid = _history_pairs(targets, hist_ids, hist_lengths)
-    greater = torch.zeros(targets.numel(), dtype=torch.int64)
+    greater = torch.zeros(targets.numel(), dtype=torch.int64, device=query.device)
     for off, w in shards:
         for a in range(0, w.shape[0], chunk_rows):
             lo, hi = off + a, off + min(w.shape[0], a + chunk_rows)
@@ -210,7 +210,7 @@ def full_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.Tenso
 def sample_unseen(targets: torch.Tensor, hist_ids: torch.Tensor, hist_lengths: torch.Tensor,
                   num_items: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """``[Q, k']`` distinct random items per query, none in its history nor its target nor 0
-    (``k' = min(k, fewest unseen items)``)."""
+    (``k' = min(k, fewest unseen items)``). CPU tensors (``generator`` is a CPU generator)."""
     q = targets.numel()
     weights = torch.ones(q, num_items)
     weights[:, 0] = 0
@@ -227,8 +227,8 @@ def sample_unseen(targets: torch.Tensor, hist_ids: torch.Tensor, hist_lengths: t
 def candidate_scores(query: torch.Tensor, cand: torch.Tensor,
                      shards: Sequence[Tuple[int, torch.Tensor]], reduce: Reduce) -> torch.Tensor:
     """``⟨q, ê_c⟩`` for ``cand [Q, k]``, summed over the ranks that hold the rows."""
-    out = torch.zeros(cand.shape, dtype=query.dtype)
-    rows = torch.arange(cand.shape[0]).unsqueeze(1).expand_as(cand)
+    out = torch.zeros(cand.shape, dtype=query.dtype, device=query.device)
+    rows = torch.arange(cand.shape[0], device=cand.device).unsqueeze(1).expand_as(cand)
     for off, w in shards:
         inside = (cand >= off) & (cand < off + w.shape[0])
         if inside.any():
@@ -307,8 +307,8 @@ def _all_gather_jagged(values: torch.Tensor, lengths: torch.Tensor
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return values, lengths
     all_lengths = _all_gather(lengths)
-    sizes = _all_gather(torch.tensor([values.numel()]))
-    padded = torch.zeros(int(sizes.max()), dtype=values.dtype)
+    sizes = _all_gather(torch.tensor([values.numel()], device=values.device))
+    padded = torch.zeros(int(sizes.max()), dtype=values.dtype, device=values.device)
     padded[: values.numel()] = values
     gathered = _all_gather(padded).view(sizes.numel(), -1)
     return torch.cat([gathered[r, : int(sizes[r])] for r in range(sizes.numel())]), all_lengths
@@ -327,15 +327,16 @@ class _RankingRun:
 
     def update(self, output: Tuple[Any, ...]) -> None:
         _, query, targets, hist_ids, hist_lengths, _, _ = output
-        query = _all_gather(query.float().cpu())
-        targets = _all_gather(targets.long().cpu())
-        hist_ids, hist_lengths = _all_gather_jagged(hist_ids.long().cpu(), hist_lengths.cpu())
+        # Collectives run on the batch's device (gloo on CPU, nccl on CUDA).
+        query = _all_gather(query.float())
+        targets = _all_gather(targets.long())
+        hist_ids, hist_lengths = _all_gather_jagged(hist_ids.long(), hist_lengths.long())
         valid = hist_lengths > 0  # a query needs a history
         ranks, t_score = full_ranks(query, targets, hist_ids, hist_lengths, self.shards,
                                     _all_reduce)
         self.metrics.add(ranks[valid])
-        cand = sample_unseen(targets, hist_ids, hist_lengths, self.num_items, self.sampled,
-                             self.generator)
+        cand = sample_unseen(targets.cpu(), hist_ids.cpu(), hist_lengths.cpu(), self.num_items,
+                             self.sampled, self.generator).to(query.device)
         c_score = candidate_scores(query, cand, self.shards, _all_reduce)
         sampled_ranks = (c_score > t_score.unsqueeze(1)).sum(1)
         self.metrics.add(sampled_ranks[valid], prefix="sampled_", hr_ks=(1, 10),
@@ -397,7 +398,7 @@ class SequentialTaskKind(Task):
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
                  reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
         n = eval_batches(reader, max_batches)
-        shards = [(off, w.cpu()) for off, w in local_item_shards(dmp, self.item_table)]
+        shards = local_item_shards(dmp, self.item_table)
         running = _RankingRun(shards, self.num_items, self.args.eval_sampled_negatives,
                               self.cfg.training.seed)
         run_eval(pipeline, dmp, reader, n, running)
