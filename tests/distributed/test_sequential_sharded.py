@@ -136,7 +136,8 @@ def _hstu_parity(ctx: DistContext, data_dir: str) -> Dict[str, Any]:
                             for per_rank in ref_outputs],
             "item_rows": [(off, int(w.shape[0])) for off, w in shards],
             "table": reference.model.ec.embeddings["item"].weight.detach().numpy().copy(),
-            "types": sorted({ps.sharding_type for m in plan.plan.values()  # type: ignore[union-attr]
+            "types": sorted({ps.sharding_type
+                             for m in plan.plan.values()  # type: ignore[union-attr]
                              for ps in m.values()})}
 
 
