@@ -5,7 +5,7 @@ the data-path transform (negatives, leave-one-out split), and the synthetic orac
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from data.batch import Batch
+from data.schema import Schema
 from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_histories
+from models import get_model_spec
 from models.sequential import SampledSoftmaxLoss, SequenceEncoding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.sequential import (
@@ -203,3 +205,18 @@ def test_synthetic_oracle_matches_planted_distribution() -> None:
     det = NextItemSynthArgs(num_users=50, num_items=20, num_clusters=2, successors=1,
                             noise=0.0, min_len=2, max_seq=4, max_len=4)
     assert generate_histories(det)[3]["hr@10"] == 1.0
+
+
+@pytest.mark.parametrize("model,override,key", [
+    ("hstu", {"num_negatives": 0}, "model.args.num_negatives"),
+    ("hstu", {"temperature": 0.0}, "model.args.temperature"),
+    ("hstu", {"attention_impl": "flash"}, "model.args.attention_impl"),
+    ("hstu", {"embedding_dim": 50}, "model.args.embedding_dim"),
+    ("sasrec", {"item_feature": "nope"}, "model.args.item_feature"),
+    ("sasrec", {"action_feature": "item_seq"}, "model.args.action_feature"),
+])
+def test_bad_model_args_name_the_key(tiny_nextitem: str, model: str, override: Dict[str, Any],
+                                     key: str) -> None:
+    spec = get_model_spec(model)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        spec.build(Schema.load(tiny_nextitem), spec.make_args("default", override), "meta")
