@@ -73,7 +73,8 @@ class SASRecEncoder(SequentialEncoder):
         self.final_norm = nn.LayerNorm(dim)
 
     def encode(self, x: torch.Tensor, offsets: torch.Tensor,
-               timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+               timestamps: Optional[torch.Tensor],
+               query_timestamps: Optional[torch.Tensor]) -> torch.Tensor:
         lengths = offsets.diff()
         t = int(lengths.max()) if lengths.numel() else 0
         if t == 0:

@@ -38,13 +38,21 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
+from models.hstu.attention import next_timestamps
 
 NEGATIVES_SUFFIX = "_neg"
+QUERY_TIME_SUFFIX = "_query_ts"
 
 
 def negatives_feature(item_feature: str) -> str:
     """Name of the KJT feature that carries the sampled negatives of ``item_feature``."""
     return item_feature + NEGATIVES_SUFFIX
+
+
+def query_time_key(item_feature: str) -> str:
+    """Key of ``Batch.timestamps`` that holds, on eval batches, each row's held-out event
+    time (one value per row): the time the last position predicts at."""
+    return item_feature + QUERY_TIME_SUFFIX
 
 
 @dataclass
@@ -158,7 +166,11 @@ class SequentialEncoder(nn.Module):
         self.input_dropout = nn.Dropout(dropout)
 
     def encode(self, x: torch.Tensor, offsets: torch.Tensor,
-               timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+               timestamps: Optional[torch.Tensor],
+               query_timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[ΣLᵢ, D]`` → ``[ΣLᵢ, D]``; ``query_timestamps [ΣLᵢ]``: the time each position
+        predicts at (the next event's; the held-out one's for the last position on eval
+        batches), or None."""
         raise NotImplementedError
 
     def forward(self, embeddings: Dict[str, JaggedTensor], sequence: KeyedJaggedTensor,
@@ -185,7 +197,21 @@ class SequentialEncoder(nn.Module):
         if self.action_feature:
             act = embeddings[self.action_feature].values()
             x = x + (act[idx] if idx is not None else act)
-        user = self.encode(self.input_dropout(x), offsets, ts)
+        query_ts = None
+        if ts is not None:
+            # Position i predicts event i + 1 and measures time gaps from its time; the last
+            # position of an eval row predicts the held-out event, whose time the data path
+            # keeps (the model never sees that event's item).
+            query_ts = next_timestamps(ts, offsets)
+            key = query_time_key(self.item_feature)
+            if timestamps is not None and key in timestamps.keys():
+                held = timestamps[key]
+                has = (held.lengths() > 0) & (keep_len > 0)
+                if has.any():
+                    query_ts = query_ts.clone()
+                    query_ts[offsets[1:][has] - 1] = held.values()[
+                        torch.cumsum(held.lengths(), 0)[has] - 1]
+        user = self.encode(self.input_dropout(x), offsets, ts, query_ts)
         neg = embeddings[self.neg_feature]
         return SequenceEncoding(
             user=F.normalize(user, dim=-1), items=F.normalize(emb, dim=-1), ids=ids,

@@ -9,7 +9,9 @@ its sharded lookup):
   through the same sharded table as the history, never through a copy;
 * eval batches (rows = a user's full sequence) lose their last event in every sequence
   feature and timestamps column: that item becomes ``labels`` (int64 ``[B]``), the model sees
-  the history before it.
+  the history before it, and that event's time goes to ``Batch.timestamps`` as the extra key
+  ``<item>_query_ts`` (one value per row): as in training, the last position measures its
+  time gaps from the time of the event it predicts (HSTU's ``Δt = ts[i+1] − ts[j]``).
 
 Evaluation (``evaluate``): the pipeline runs the eval batches in eval mode; the last
 position's L2-normalised output of every row is the query. Queries, targets and histories are
@@ -44,7 +46,13 @@ from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.sequential import SequentialArgs, SequentialTask, item_spec, negatives_feature
+from models.sequential import (
+    SequentialArgs,
+    SequentialTask,
+    item_spec,
+    negatives_feature,
+    query_time_key,
+)
 from sharding.dist import DistContext
 from trainer.config import Config
 from trainer.tasks import TASKS, RunningMetrics, Task, eval_batches, run_eval
@@ -109,16 +117,17 @@ class SequentialBatches:
         neg_lengths[: self.num_negatives % b] += 1
         labels = batch.labels
         keys, values, lengths = [], [], []
-        ts_values, ts_lengths = [], []
+        ts_keys, ts_values, ts_lengths = [], [], []
         seq_d = seq.to_dict()
         ts_d = batch.timestamps.to_dict() if batch.timestamps is not None else {}
         for k in seq.keys():
             v, ln = seq_d[k].values(), seq_d[k].lengths()
             tv = ts_d[k].values() if k in ts_d else None
+            held_ts = None
             if self.holdout:
                 v, new_ln, last = _strip_last(v, ln)
                 if tv is not None:
-                    tv, _, _ = _strip_last(tv, ln)
+                    tv, _, held_ts = _strip_last(tv, ln)
                 if k == self.item_feature:
                     labels = last.long()
                 ln = new_ln
@@ -126,8 +135,14 @@ class SequentialBatches:
             values.append(v)
             lengths.append(ln.int())
             if tv is not None:
+                ts_keys.append(k)
                 ts_values.append(tv)
                 ts_lengths.append(ln.int())
+                if held_ts is not None and k == self.item_feature:
+                    # The held-out event's time: the time the last position predicts at.
+                    ts_keys.append(query_time_key(k))
+                    ts_values.append(held_ts)
+                    ts_lengths.append(torch.ones(b, dtype=torch.int32))
         keys.append(self.neg_feature)
         values.append(neg)
         lengths.append(neg_lengths)
@@ -135,7 +150,7 @@ class SequentialBatches:
                                      lengths=torch.cat(lengths))
         timestamps = batch.timestamps
         if timestamps is not None:
-            timestamps = KeyedJaggedTensor(keys=list(seq.keys()), values=torch.cat(ts_values),
+            timestamps = KeyedJaggedTensor(keys=ts_keys, values=torch.cat(ts_values),
                                            lengths=torch.cat(ts_lengths))
         return Batch(dense=batch.dense, sparse=batch.sparse, labels=labels, sequence=sequence,
                      timestamps=timestamps, sample_ids=batch.sample_ids)

@@ -76,10 +76,11 @@ class HSTUEncoder(SequentialEncoder):
             for _ in range(args.num_layers)])
 
     def encode(self, x: torch.Tensor, offsets: torch.Tensor,
-               timestamps: Optional[torch.Tensor]) -> torch.Tensor:
-        ts = timestamps if self.use_time else None
+               timestamps: Optional[torch.Tensor],
+               query_timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+        ts, tq = (timestamps, query_timestamps) if self.use_time else (None, None)
         for layer in self.layers:
-            x = layer(x, offsets, ts)
+            x = layer(x, offsets, ts, tq)
         return x
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data.batch import Batch
+from data.reader import ParquetReader
 from data.schema import Schema
 from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_histories
 from models import get_model_spec
@@ -181,7 +182,9 @@ def test_batch_transform_holdout_and_negatives() -> None:
     seq = out.sequence.to_dict()
     assert seq["item_seq"].lengths().tolist() == [2, 0, 1]
     assert seq["item_seq"].values().tolist() == [3, 5, 4]
-    assert out.timestamps.to_dict()["item_seq"].values().tolist() == [30, 50, 40]
+    ts = out.timestamps.to_dict()
+    assert ts["item_seq"].values().tolist() == [30, 50, 40]
+    assert ts["item_seq_query_ts"].values().tolist() == [70, 20, 60]  # held-out times
     neg = seq["item_seq_neg"].values()
     assert neg.numel() == 7 and int(neg.min()) >= 1 and int(neg.max()) < 20
     assert seq["item_seq_neg"].lengths().tolist() == [3, 2, 2]
@@ -220,3 +223,56 @@ def test_bad_model_args_name_the_key(tiny_nextitem: str, model: str, override: D
     spec = get_model_spec(model)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         spec.build(Schema.load(tiny_nextitem), spec.make_args("default", override), "meta")
+
+
+def test_eval_query_equals_the_training_position_that_predicts_the_same_item(
+        tiny_nextitem: str) -> None:
+    """Causal model: the eval query (history without the held-out item, gaps measured from
+    the held-out time) is the training output of the position that predicts that item."""
+    schema = Schema.load(tiny_nextitem)
+    spec = get_model_spec("hstu")
+    args = spec.make_args("default", {"dropout": 0.0, "num_negatives": 8,
+                                      "attention_impl": "pytorch_padded"})
+    torch.manual_seed(0)
+    model = spec.build(schema, args, "cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.3, 0.3)  # time and position biases far from zero
+    reader = ParquetReader(tiny_nextitem, "eval", 16, prefetch=0, schema=schema)
+    full = next(iter(reader))
+    n = model.num_items
+    with torch.no_grad():
+        train = model(SequentialBatches("item_seq", n, 8, 0, holdout=False)(full))
+        held = SequentialBatches("item_seq", n, 8, 0, holdout=True)(full)
+        query = model(held)
+        no_time = held.timestamps.to_dict()
+        no_time = KeyedJaggedTensor.from_jt_dict({"item_seq": no_time["item_seq"]})
+        stale = model(Batch(held.dense, held.sparse, held.labels, held.sequence, no_time,
+                            held.sample_ids))
+    ends = train.offsets[1:] - 2  # the position before each row's last item
+    lengths = train.offsets.diff()
+    rows = lengths >= 2
+    last = query.offsets[1:] - 1
+    assert torch.allclose(query.user[last[rows]], train.user[ends[rows]], atol=1e-5)
+    # Without the held-out time the last position measures gaps from its own time: different.
+    assert (stale.user[last[rows]] - train.user[ends[rows]]).abs().max() > 1e-4
+
+
+def test_attention_query_timestamps_all_impls_agree() -> None:
+    from models.hstu.attention import hstu_attention, next_timestamps
+
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([0, 5, 5, 6, 76])
+    total = 76
+    q, k, v = (torch.randn(total, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ts = torch.cumsum(torch.randint(1, 5000, (total,), generator=g), 0)
+    tq = next_timestamps(ts, offsets) + torch.randint(0, 100_000, (total,), generator=g)
+    rab_pos = torch.randn(80, generator=g, dtype=torch.float64)
+    rab_time = torch.randn(21, generator=g, dtype=torch.float64)
+    ref = hstu_attention(q, k, v, offsets, 80, rab_pos, rab_time, ts, "pytorch_padded", tq)
+    jag = hstu_attention(q, k, v, offsets, 80, rab_pos, rab_time, ts, "pytorch_jagged", tq)
+    default = hstu_attention(q, k, v, offsets, 80, rab_pos, rab_time, ts, "pytorch_padded")
+    assert torch.allclose(ref, jag, atol=1e-10)
+    assert (ref - default).abs().max() > 1e-6  # the query times are used
+    with pytest.raises(ValueError, match="query_timestamps"):
+        hstu_attention(q, k, v, offsets, 80, rab_pos, None, None, "pytorch_padded", tq)
