@@ -38,7 +38,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
-from models.hstu.attention import next_timestamps
+from models.hstu.attention import jagged_positions, next_timestamps
 
 NEGATIVES_SUFFIX = "_neg"
 QUERY_TIME_SUFFIX = "_query_ts"
@@ -132,14 +132,6 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int
     return out.view(b, max_len, values.shape[1]), flat
 
 
-def positions(offsets: torch.Tensor, total: int) -> torch.Tensor:
-    """Position inside its sequence of each of the ``total`` jagged tokens."""
-    lengths = offsets.diff()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths,
-                                  output_size=total)
-    return torch.arange(total, device=offsets.device) - offsets[seq]
-
-
 class SequentialEncoder(nn.Module):
     """Base of the per-model encoders: embeds the history (``item·√D + position (+ action)``,
     dropout), runs :meth:`encode` over the jagged tokens, and L2-normalises outputs and item
@@ -193,7 +185,7 @@ class SequentialEncoder(nn.Module):
         if idx is not None:
             emb, ids = emb[idx], ids[idx]
             ts = ts[idx] if ts is not None else None
-        x = emb * math.sqrt(self.dim) + self.pos_emb(positions(offsets, emb.shape[0]))
+        x = emb * math.sqrt(self.dim) + self.pos_emb(jagged_positions(offsets, emb.shape[0])[1])
         if self.action_feature:
             act = embeddings[self.action_feature].values()
             x = x + (act[idx] if idx is not None else act)
