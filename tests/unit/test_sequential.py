@@ -1,6 +1,7 @@
 """The sequential task's pieces against brute force: the sampled-softmax loss (accidental
 hits masked, in-batch negatives), full-ranking and sampled-protocol ranks and their metrics,
-the data-path transform (negatives, leave-one-out split), and the synthetic oracle."""
+the data-path transform (negatives, leave-one-out split, held-out time), the eval query's
+consistency with training, bad model args, and the synthetic oracle."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
 from data.reader import ParquetReader
@@ -18,7 +20,6 @@ from data.schema import Schema
 from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_histories
 from models import get_model_spec
 from models.sequential import SampledSoftmaxLoss, SequenceEncoding
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.sequential import (
     RankingMetrics,
     SequentialBatches,
