@@ -12,7 +12,8 @@ Shapes (B = batch size on this rank):
 * ``sequence``: optional ``KeyedJaggedTensor`` of unpooled sequence ids (most recent
   ``max_len`` per row, oldest first), one key per sequence feature;
 * ``timestamps``: optional ``KeyedJaggedTensor`` with the same keys and lengths as
-  ``sequence`` holding the event times;
+  ``sequence`` holding the event times (sequential eval batches add one key,
+  ``<item>_query_ts``: each row's held-out event time, see ``trainer.sequential``);
 * ``sample_ids``: int64 ``[B]`` global row ids (for exact-resume checks and debugging).
 """
 

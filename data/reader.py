@@ -43,7 +43,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -567,13 +567,17 @@ class ParquetReader:
             row group on its own).
         validate: check ids, dense values, labels and timestamps (on by default; the checks
             are vectorised and cost a few percent).
+        transform: applied to every built batch in the background thread (a task kind's
+            data-path step, e.g. sampling negatives into the sequence KJT); it must be a pure
+            function of the batch so a resumed run rebuilds the same batches.
     """
 
     def __init__(self, dataset_dir: str, split: str, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = False, seed: int = 0, prefetch: int = 4,
                  schema: Optional[Schema] = None, remainder: str = "drop",
                  columns: Optional[Sequence[str]] = None, shuffle_buffer_rows: int = 0,
-                 validate: bool = True) -> None:
+                 validate: bool = True,
+                 transform: Optional[Callable[[Batch], Batch]] = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -598,6 +602,7 @@ class ParquetReader:
         self.remainder = remainder
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.validate = validate
+        self.transform = transform
         self.epoch = 0
         self._start_batch = 0  # first batch of the next iteration (set by load_state_dict)
         self._next_batch = 0  # batches of this epoch handed out so far
@@ -740,7 +745,8 @@ class ParquetReader:
             have += take
             pos += take
             if have == b:
-                yield chunk_to_batch(Chunk.concat(pieces), self.schema)
+                batch = chunk_to_batch(Chunk.concat(pieces), self.schema)
+                yield batch if self.transform is None else self.transform(batch)
                 pieces, have = [], 0
 
     def __iter__(self) -> Iterator[Batch]:

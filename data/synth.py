@@ -3,7 +3,8 @@
 ``python -m data.synth ctr --out DIR [--preset demo] [--seed 0] ...`` writes a CTR dataset:
 ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet``, ``schema.json`` and ``meta.json``.
 ``python -m data.synth ctr_seq ...`` writes CTR data with a behaviour-sequence signal
-(:mod:`data.synth_seq`).
+(:mod:`data.synth_seq`); ``python -m data.synth seq ...`` next-item sequences with an oracle
+HR@10 (:mod:`data.synth_nextitem`).
 
 The planted click model (all parameters drawn from ``--seed``)::
 
@@ -324,8 +325,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for f in dataclasses.fields(SeqCTRSynthArgs):
         seq.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(seq_defaults, f.name)),
                          default=None, help=f"default {getattr(seq_defaults, f.name)}")
+    from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
+
+    nxt = sub.add_parser("seq", help="next-item sequences from a planted cluster Markov chain "
+                                     "with an oracle HR@10 (data.synth_nextitem)")
+    nxt.add_argument("--out", required=True, help="dataset directory to create")
+    nxt.add_argument("--preset", choices=sorted(NEXT_ITEM_PRESETS), help="start from a named size")
+    nxt.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    nxt_defaults = NextItemSynthArgs()
+    for f in dataclasses.fields(NextItemSynthArgs):
+        nxt.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(nxt_defaults, f.name)),
+                         default=None, help=f"default {getattr(nxt_defaults, f.name)}")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if ns.kind == "seq":
+        nxt_kwargs: Dict[str, object] = dict(NEXT_ITEM_PRESETS[ns.preset]) if ns.preset else {}
+        nxt_kwargs.update({f.name: getattr(ns, f.name)
+                           for f in dataclasses.fields(NextItemSynthArgs)
+                           if getattr(ns, f.name) is not None})
+        try:
+            meta = generate_next_item(ns.out, NextItemSynthArgs(**nxt_kwargs),  # type: ignore[arg-type]
+                                      overwrite=ns.overwrite)
+        except (FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"out": ns.out, "oracle_hr@10": meta["oracle"]["hr@10"]}))  # type: ignore[index]
+        return 0
     if ns.kind == "ctr_seq":
         seq_kwargs: Dict[str, object] = dict(SEQ_PRESETS[ns.preset]) if ns.preset else {}
         seq_kwargs.update({f.name: getattr(ns, f.name) for f in dataclasses.fields(SeqCTRSynthArgs)

@@ -17,7 +17,9 @@ _MODEL_MODULES: Dict[str, str] = {
     "autoint": "models.autoint",
     "dcn_v2": "models.dcn_v2",
     "deepfm": "models.deepfm",
+    "hstu": "models.hstu.model",
     "interformer": "models.interformer",
+    "sasrec": "models.sasrec",
 }
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 
 from data.synth import PRESETS, CTRSynthArgs, generate_ctr
+from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
 from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -47,6 +48,20 @@ def ci_seq(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The CI-sized sequence-signal CTR dataset (``data.synth ctr_seq --preset ci``)."""
     return _generated(tmp_path_factory, "ci_seq", generate_ctr_seq,
                       SeqCTRSynthArgs(**SEQ_PRESETS["ci"]))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_nextitem(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """256-user next-item dataset (``data.synth seq --preset tiny``, timestamps, max_len 10)."""
+    return _generated(tmp_path_factory, "tiny_nextitem", generate_next_item,
+                      NextItemSynthArgs(**NEXT_ITEM_PRESETS["tiny"]))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def ci_nextitem(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The CI-sized next-item dataset (``data.synth seq --preset ci``)."""
+    return _generated(tmp_path_factory, "ci_nextitem", generate_next_item,
+                      NextItemSynthArgs(**NEXT_ITEM_PRESETS["ci"]))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -164,3 +164,5 @@ def get_task(kind: str, cfg: Config, schema: Schema) -> Task:
     if kind not in TASKS:
         raise KeyError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(TASKS))}")
     return TASKS[kind](cfg, schema)
+
+import trainer.sequential  # noqa: E402,F401  (registers the "sequential" kind in TASKS)

@@ -100,16 +100,22 @@ def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
     return CombinedOptimizer([dmp.fused_optimizer, dense, *dp_tables])
 
 
-def build_readers(cfg: Config, ctx: DistContext, schema: Schema) -> tuple:
+def build_readers(cfg: Config, ctx: DistContext, schema: Schema,
+                  task: Optional[Task] = None) -> tuple:
     d = cfg.data
     common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema,
                   validate=d.validate)
+    # A task kind may rewrite batches in the reader thread before the model's sharded lookups
+    # see them (the sequential kind adds sampled negatives and splits off eval targets).
+    transform = getattr(task, "batch_transform", None)
     train = ParquetReader(d.path, d.train_split, d.batch_size, shuffle=d.shuffle,
                           seed=cfg.training.seed, remainder=d.remainder,
                           shuffle_buffer_rows=d.shuffle_buffer_rows,
+                          transform=transform("train") if transform else None,
                           **common)  # type: ignore[arg-type]
     evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
-                               shuffle=False, **common)  # type: ignore[arg-type]
+                               shuffle=False, transform=transform("eval") if transform else None,
+                               **common)  # type: ignore[arg-type]
     return train, evaluation
 
 
@@ -200,7 +206,7 @@ def train(cfg: Config) -> Dict[str, Any]:
         schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         task = model_task(cfg, schema)
-        train_reader, eval_reader = build_readers(cfg, ctx, schema)
+        train_reader, eval_reader = build_readers(cfg, ctx, schema, task)
         dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
                                             build_model(cfg, schema, ctx.device.type))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),

@@ -98,7 +98,8 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
                    max_seq_len: int, rab_pos: torch.Tensor,
                    rab_time: Optional[torch.Tensor] = None,
                    timestamps: Optional[torch.Tensor] = None,
-                   impl: str = "auto") -> torch.Tensor:
+                   impl: str = "auto",
+                   query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal HSTU pointwise attention over jagged sequences (see the module docstring).
 
     Args:
@@ -113,6 +114,10 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         timestamps: ``[ΣLᵢ]`` int64 event times (needed iff ``rab_time`` is given).
         impl: ``"pytorch_padded"``, ``"pytorch_jagged"``, ``"triton"``, or ``"auto"``
             (``triton`` for CUDA tensors when Triton imports, else ``pytorch_jagged``).
+        query_timestamps: ``[ΣLᵢ]`` the time each query's gaps are measured from, instead of
+            ``ts[i + 1]`` (own time for a last token) — e.g. the held-out item's time for the
+            last token at evaluation, so it sees the gap it was trained with. Only with
+            ``timestamps``.
 
     Returns:
         ``[ΣLᵢ, H, d_v]``, jagged like ``q``.
@@ -124,15 +129,22 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         torch.Size([4, 2, 8])
     """
     _check(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps, impl)
+    if query_timestamps is not None and (timestamps is None
+                                         or query_timestamps.shape != timestamps.shape):
+        raise ValueError("query_timestamps must come with timestamps and have their shape "
+                         f"[ΣL={q.shape[0]}]")
     if impl == "auto":
         impl = "triton" if q.is_cuda and _triton_available() else "pytorch_jagged"
     if impl == "pytorch_padded":
-        return _padded(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps)
+        return _padded(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
+                       query_timestamps)
     if impl == "pytorch_jagged":
-        return _jagged(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps)
+        return _jagged(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
+                       query_timestamps=query_timestamps)
     from models.hstu.triton_attention import triton_hstu_attention
 
-    return triton_hstu_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps)
+    return triton_hstu_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
+                                 query_timestamps)
 
 
 def _triton_available() -> bool:
@@ -158,7 +170,8 @@ def _bias(q_pos: torch.Tensor, k_pos: torch.Tensor, max_seq_len: int, rab_pos: t
 
 def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
             max_seq_len: int, rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
-            timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+            timestamps: Optional[torch.Tensor],
+            query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference: pad to ``[B, max(L), H, d]``, mask, attend, unpad."""
     total, heads, _ = q.shape
     batch = offsets.numel() - 1
@@ -177,7 +190,9 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
     steps = torch.arange(longest, device=q.device)
     ts_next = ts = None
     if timestamps is not None:
-        ts, ts_next = pad(timestamps), pad(next_timestamps(timestamps, offsets))
+        ts = pad(timestamps)
+        ts_next = pad(next_timestamps(timestamps, offsets) if query_timestamps is None
+                      else query_timestamps)
     bias = _bias(steps.expand(batch, -1), steps.expand(batch, -1), max_seq_len, rab_pos,
                  rab_time, ts_next, ts)
     causal = steps[None, :] <= steps[:, None]  # [i, j]: j ≤ i
@@ -188,7 +203,8 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
 
 def _jagged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
             max_seq_len: int, rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
-            timestamps: Optional[torch.Tensor], block: int = 64) -> torch.Tensor:
+            timestamps: Optional[torch.Tensor], block: int = 64,
+            query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal tiles only: query tile ``t`` of all sequences at once, keys ``[0, (t+1)·block)``.
 
     Sequences are sorted by length (longest first) so those that still have a tile ``t`` are
@@ -201,7 +217,9 @@ def _jagged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
     ts = ts_next = None
     if timestamps is not None:
         ts = torch.cat([timestamps, timestamps.new_zeros(1)])
-        ts_next = torch.cat([next_timestamps(timestamps, offsets), timestamps.new_zeros(1)])
+        tq = next_timestamps(timestamps, offsets) if query_timestamps is None \
+            else query_timestamps
+        ts_next = torch.cat([tq, timestamps.new_zeros(1)])
     return _JaggedAttention.apply(q, k, v, rab_pos, rab_time, offsets, ts, ts_next,
                                   max_seq_len, block)
 

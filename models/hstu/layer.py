@@ -68,8 +68,10 @@ class HSTULayer(nn.Module):
                          if num_time_buckets is not None else None)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor,
-                timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x [ΣLᵢ, D]``, ``offsets [B + 1]``, ``timestamps [ΣLᵢ]`` → ``[ΣLᵢ, D]``."""
+                timestamps: Optional[torch.Tensor] = None,
+                query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x [ΣLᵢ, D]``, ``offsets [B + 1]``, ``timestamps [ΣLᵢ]`` → ``[ΣLᵢ, D]``;
+        ``query_timestamps [ΣLᵢ]`` as in ``hstu_attention``."""
         if (self.rab_time is None) != (timestamps is None):
             raise ValueError("HSTULayer: timestamps are required exactly when the layer has a "
                              f"time bias (num_time_buckets set: {self.rab_time is not None}, "
@@ -80,5 +82,6 @@ class HSTULayer(nn.Module):
             [heads * duv, heads * duv, heads * dqk, heads * dqk], dim=-1)
         av = hstu_attention(q.reshape(total, heads, dqk), k.reshape(total, heads, dqk),
                             v.reshape(total, heads, duv), offsets, self.max_seq_len,
-                            self.rab_pos, self.rab_time, timestamps, impl=self.impl)
+                            self.rab_pos, self.rab_time, timestamps, impl=self.impl,
+                            query_timestamps=query_timestamps)
         return x + self.out(self.dropout(u * self.attn_norm(av.reshape(total, heads * duv))))

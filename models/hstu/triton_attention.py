@@ -190,7 +190,8 @@ class _HSTUAttention(torch.autograd.Function):
 def triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           offsets: torch.Tensor, max_seq_len: int, rab_pos: torch.Tensor,
                           rab_time: Optional[torch.Tensor] = None,
-                          timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          timestamps: Optional[torch.Tensor] = None,
+                          query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``hstu_attention`` through the Triton kernels; arguments as there.
 
     Raises:
@@ -206,7 +207,8 @@ def triton_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if has_time:
         assert timestamps is not None
         timestamps = timestamps.to(torch.int64).contiguous()
-        ts_next = next_timestamps(timestamps, offsets).contiguous()
+        ts_next = (next_timestamps(timestamps, offsets) if query_timestamps is None
+                   else query_timestamps.to(torch.int64)).contiguous()
     else:
         # Dummies: the kernels never read them when HAS_TIME is False.
         rab_time = rab_pos.new_zeros(1)

@@ -181,3 +181,27 @@ def test_bad_arguments_name_the_offender() -> None:
         hstu_attention(*args[:4], MAX_LEN + 1, batch["rab_pos"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rab_time and timestamps go together"):
         hstu_attention(*args, rab_time=torch.zeros(3))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("impl", ["pytorch_jagged", "triton"])
+def test_query_timestamps_match_padded(impl: str, request) -> None:  # type: ignore[no-untyped-def]
+    """Explicit query times (e.g. the held-out event's at evaluation) replace ts[i + 1]."""
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreter")
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    g = torch.Generator().manual_seed(4)
+    offsets = torch.tensor([0, 5, 5, 6, 26])
+    q, k, v = (torch.randn(26, 2, 4, generator=g, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    ts = torch.cumsum(torch.randint(1, 5000, (26,), generator=g), 0)
+    tq = ts + torch.randint(0, 100_000, (26,), generator=g)
+    rab_pos = torch.randn(MAX_LEN, generator=g, dtype=dtype)
+    rab_time = torch.randn(21, generator=g, dtype=dtype)
+    outs = []
+    for which in (impl, "pytorch_padded"):
+        out = hstu_attention(q, k, v, offsets, MAX_LEN, rab_pos, rab_time, ts, which, tq)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        outs.append([out.detach(), *grads])
+    tol = 1e-4 if impl == "triton" else 1e-10
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=tol, atol=tol), float((a - b).abs().max())
