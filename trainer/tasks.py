@@ -16,12 +16,13 @@ The loop in :mod:`trainer.trainer` is the same for every kind; a new kind regist
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
 
 import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.blocks import CTRTask
@@ -50,6 +51,13 @@ class Task:
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         """The task wrapper (loss owner) around the unsharded over-arch ``model``."""
         raise NotImplementedError
+
+    def batch_transform(self, split: str) -> Optional[Callable[[Batch], Batch]]:
+        """A data-path step the reader applies to every batch of ``split`` in its background
+        thread, before the model's sharded lookups see it (e.g. sampled negatives added to
+        the sequence KJT); ``None`` for none. Must be a pure function of the batch so a
+        resumed run rebuilds the same batches."""
+        return None
 
     def examples(self, output: Tuple[Any, ...]) -> int:
         """Examples (rows) of this rank's batch behind ``output``."""

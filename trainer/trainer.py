@@ -100,21 +100,21 @@ def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
     return CombinedOptimizer([dmp.fused_optimizer, dense, *dp_tables])
 
 
-def build_readers(cfg: Config, ctx: DistContext, schema: Schema,
-                  task: Optional[Task] = None) -> tuple:
+def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
+                  ) -> Tuple[ParquetReader, ParquetReader]:
+    """This rank's train and eval readers, each with the task kind's data-path step."""
     d = cfg.data
     common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema,
                   validate=d.validate)
     # A task kind may rewrite batches in the reader thread before the model's sharded lookups
     # see them (the sequential kind adds sampled negatives and splits off eval targets).
-    transform = getattr(task, "batch_transform", None)
     train = ParquetReader(d.path, d.train_split, d.batch_size, shuffle=d.shuffle,
                           seed=cfg.training.seed, remainder=d.remainder,
                           shuffle_buffer_rows=d.shuffle_buffer_rows,
-                          transform=transform("train") if transform else None,
+                          transform=task.batch_transform("train"),
                           **common)  # type: ignore[arg-type]
     evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
-                               shuffle=False, transform=transform("eval") if transform else None,
+                               shuffle=False, transform=task.batch_transform("eval"),
                                **common)  # type: ignore[arg-type]
     return train, evaluation
 
