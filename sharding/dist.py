@@ -168,12 +168,12 @@ def init_distributed(backend: str = "auto", device: str = "auto",
 def restart_store_prefix() -> str:
     """Key prefix that keeps each torchelastic restart attempt's process group apart.
 
-    ``torchrun`` (c10d rendezvous, the default since torch 2.4) hosts one TCPStore in the
-    agent and hands the same ``MASTER_ADDR:MASTER_PORT`` to every restart attempt, and
+    ``torchrun``'s agent hosts one TCPStore (static and c10d rendezvous, ``--standalone``
+    included) and hands the same ``MASTER_ADDR:MASTER_PORT`` to every restart attempt, and
     ``init_process_group`` always writes the same keys (``default_pg/0//cpu//0/R``). gloo
     publishes each rank's listening address there, so a restarted rank that read before its
     new peer wrote got the killed attempt's address: ``Gloo connectFullMesh ... Connection
-    refused``, or a wait until the timeout if that port was open again for something else.
+    refused``, or, more rarely, a hang in that same set-up until the timeout.
     ``TORCHELASTIC_RESTART_COUNT`` is the same on every rank of an attempt and grows with
     every failure restart, so it makes the keys unique per attempt. (Restarts for a
     membership change, ``--nnodes MIN:MAX``, do not bump it; shardrec jobs have a fixed size.)
