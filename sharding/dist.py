@@ -173,7 +173,9 @@ def restart_store_prefix() -> str:
     ``init_process_group`` always writes the same keys (``default_pg/0//cpu//0/R``). gloo
     publishes each rank's listening address there, so a restarted rank that read before its
     new peer wrote got the killed attempt's address: ``Gloo connectFullMesh ... Connection
-    refused``, or, more rarely, a hang in that same set-up until the timeout.
+    refused``, or a hang until the timeout when both ranks, each comparing its own address
+    with a different generation of the other's, took gloo's listening side and waited for
+    the other to connect (both stacks in ``gloo::transport::tcp::Pair::waitUntilConnected``).
     ``TORCHELASTIC_RESTART_COUNT`` is the same on every rank of an attempt and grows with
     every failure restart, so it makes the keys unique per attempt. (Restarts for a
     membership change, ``--nnodes MIN:MAX``, do not bump it; shardrec jobs have a fixed size.)
