@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -152,12 +153,42 @@ def init_distributed(backend: str = "auto", device: str = "auto",
     logger.info("rank %d/%d (local %d/%d): device %s, backend %s, %d intra-op threads",
                 rank, world_size, local_rank, local_world_size, dev, backend,
                 torch.get_num_threads())
+    restarts = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if restarts:
+        # The visible trace of a torchrun --max-restarts recovery in the job's log.
+        logger.info("torchelastic restart %d of at most %s: joining a new process group",
+                    restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
     if not dist.is_initialized():
-        from datetime import timedelta
-
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, store=_group_store(rank, world_size, timeout),
+                                rank=rank, world_size=world_size, timeout=timeout)
     return DistContext(rank, world_size, local_rank, local_world_size, dev, backend)
+
+
+def restart_store_prefix() -> str:
+    """Key prefix that keeps each torchelastic restart attempt's process group apart.
+
+    ``torchrun``'s agent hosts one TCPStore (static and c10d rendezvous, ``--standalone``
+    included) and hands the same ``MASTER_ADDR:MASTER_PORT`` to every restart attempt, and
+    ``init_process_group`` always writes the same keys (``default_pg/0//cpu//0/R``). gloo
+    publishes each rank's listening address there, so a restarted rank that read before its
+    new peer wrote got the killed attempt's address: ``Gloo connectFullMesh ... Connection
+    refused``, or a hang until the timeout when both ranks, each comparing its own address
+    with a different generation of the other's, took gloo's listening side and waited for
+    the other to connect (both stacks in ``gloo::transport::tcp::Pair::waitUntilConnected``).
+    ``TORCHELASTIC_RESTART_COUNT`` is the same on every rank of an attempt and grows with
+    every failure restart, so it makes the keys unique per attempt. (Restarts for a
+    membership change, ``--nnodes MIN:MAX``, do not bump it; shardrec jobs have a fixed size.)
+    """
+    return f"shardrec/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The launcher's ``env://`` store (agent-hosted under torchrun, else rank 0 hosts it),
+    with keys under :func:`restart_store_prefix`."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(restart_store_prefix(), store)
 
 
 def destroy_distributed() -> None:

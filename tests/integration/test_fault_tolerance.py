@@ -1,5 +1,6 @@
 """Fault tolerance under torchrun on 2 gloo ranks: a killed run resumes exactly, a kill during
-a checkpoint write loses nothing, and checkpoints reshard between world sizes."""
+a checkpoint write loses nothing, ``torchrun --max-restarts`` recovers without a rerun, and
+checkpoints reshard between world sizes."""
 
 from __future__ import annotations
 
@@ -94,6 +95,28 @@ def test_kill_during_checkpoint_write_keeps_previous(repo_root: str, tiny_ctr: s
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at step 8" in proc.stderr + proc.stdout
     assert parse_final(proc.stdout)["steps"] == STEPS
+    assert not [n for n in os.listdir(ckpts) if n.startswith(".tmp")]
+    _assert_same_run(straight_run, run_dir, tmp_path)
+
+
+def test_torchrun_max_restarts_recovers_on_its_own(repo_root: str, tiny_ctr: str,
+                                                   straight_run: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``torchrun --max-restarts 1``: rank 0 is SIGKILLed while writing step 16, the elastic
+    agent restarts the group, which resumes from step 8 and ends like the uninterrupted run,
+    with no rerun by hand. Regression test for the restarted group reading the killed
+    attempt's gloo addresses from the agent's store (connectFullMesh refused, or a hang)."""
+    run_dir = str(tmp_path / "elastic")
+    proc = run_trainer(repo_root, 2, _args(tiny_ctr, run_dir, "--training.fail_at=save:16",
+                                           "--training.fail_rank=0", "--dist.timeout_s=120"),
+                       timeout=420, extra_torchrun=["--max-restarts=1"])
+    log = proc.stderr + proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fault injection: killing rank 0 at save:16" in log
+    assert "torchelastic restart 1 of at most 1" in log
+    assert "resuming at step 8" in log
+    assert parse_final(proc.stdout)["steps"] == STEPS
+    ckpts = os.path.join(run_dir, "checkpoints")
+    assert list_complete(ckpts)[-1][0] == STEPS
     assert not [n for n in os.listdir(ckpts) if n.startswith(".tmp")]
     _assert_same_run(straight_run, run_dir, tmp_path)
 

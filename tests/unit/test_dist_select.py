@@ -1,9 +1,13 @@
-"""Device / backend auto-selection and the CPU threads-per-rank rule of ``sharding.dist``."""
+"""Device / backend auto-selection, the CPU threads-per-rank rule and the per-restart store
+keys of ``sharding.dist``."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from sharding import dist as sdist
 
@@ -66,3 +70,30 @@ def test_cgroup_v2_quota_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path) -> N
     assert sdist._cgroup_cpu_limit() == 2.5
     files["/sys/fs/cgroup/cpu.max"] = "max 100000\n"
     assert sdist._cgroup_cpu_limit() is None
+
+
+def test_restart_attempts_never_share_process_group_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every restart attempt gets the agent's same TCPStore: attempt 1 must not
+    find (and connect to) the addresses attempt 0's gloo ranks published there."""
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30))
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(agent_store.port),
+                        "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_MAX_RESTARTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    keys_by_attempt = []
+    for attempt in (0, 1):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        before = set(agent_store.list_keys())
+        sdist.init_distributed("gloo", "cpu", cpu_threads=1, timeout_s=30)
+        try:
+            t = torch.ones(1)
+            dist.all_reduce(t)
+        finally:
+            sdist.destroy_distributed()
+        keys_by_attempt.append(set(agent_store.list_keys()) - before)
+    first, second = keys_by_attempt
+    assert first and second, "init_distributed wrote nothing to the launcher's store"
+    assert all(k.startswith("shardrec/restart_0/") for k in first), first
+    assert all(k.startswith("shardrec/restart_1/") for k in second), second
