@@ -106,7 +106,7 @@ def test_recent_tokens_are_each_rows_last_events() -> None:
     arch = InterFormerArch(4, k, D, args).eval()
     x, seqs = torch.randn(B, 4, D), torch.randn(B, T, k * D)
     lengths = torch.tensor([1, 4, 6])
-    seen = []
+    seen: list = []  # the first Cross Arch's [S_CLS ‖ S_PMA ‖ S_recent]
     arch.s_gate[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     with torch.no_grad():
         arch(x, seqs, lengths)
