@@ -20,6 +20,16 @@ The per-id weight is the last column of each table and the other ``D = width −
 are the field vector, so one sharded lookup serves both (widths stay multiples of 4 for
 fbgemm).
 
+The sparse field vector is the stored one times ``field_scale`` (default 8). Tables start
+at torchrec's ``±1/√rows`` and, under the row-wise Adagrad whose one accumulator per row
+also sees the large first-order gradient, stayed near that size unscaled (mean row norm 0.35
+after two epochs of the CI-sized synthetic set): attention scores and the deep MLP's
+products of such small vectors are ~0, so the field × field interactions sat at the zero
+saddle and the model learned only the first-order and dense terms (eval AUC 0.810; the
+planted model without its pairwise term scores 0.812). The scale makes the fields O(1) and
+multiplies their gradients alike. Measured on that set (AutoInt+, 2 ranks, 2 epochs):
+scale 1 / √15 / 8 / 16 → AUC 0.81 / 0.836 / 0.843 / 0.832 (oracle 0.869).
+
 Shapes: ``Batch.dense [B, Dd]``, ``Batch.sparse`` KJT with F keys → logits ``[B]``.
 
 Example::
@@ -63,6 +73,8 @@ class AutoIntArgs:
     residual: bool = True
     #: hidden sizes of the parallel deep MLP; empty = plain AutoInt, non-empty = AutoInt+.
     deep_dims: List[int] = field(default_factory=list)
+    #: factor on the stored sparse field vectors (see the module docstring).
+    field_scale: float = 8.0
 
 
 class InteractingLayer(nn.Module):
@@ -127,6 +139,7 @@ class AutoInt(nn.Module):
             raise ValueError(f"AutoInt tables must share one width, got {sorted(dims)}; set "
                              f"model.args.embedding_dim")
         self.dim = dims.pop() - 1
+        self.field_scale = args.field_scale
         self.ebc = ebc
         self.feature_names = list(feature_names)
         self.dense_in = dense_in
@@ -151,7 +164,7 @@ class AutoInt(nn.Module):
     def fields(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(fields [B, Dd + F, D], first_order [B])``."""
         emb = stack_fields(self.ebc(batch.sparse), self.feature_names, self.dim + 1)
-        vectors = emb[:, :, : self.dim]
+        vectors = emb[:, :, : self.dim] * self.field_scale
         first = emb[:, :, self.dim].sum(dim=1)
         if self.dense_in:
             dense_fields = batch.dense.unsqueeze(2) * self.dense_vectors  # [B, Dd, D]

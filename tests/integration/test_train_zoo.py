@@ -1,11 +1,11 @@
 """End to end under torchrun (2 gloo ranks) with the shipped configs: DCN-v2 and AutoInt+
-approach the CI-sized synthetic set's oracle, and on the sequence-signal set InterFormer beats
-the pooled-only DeepFM and DCN-v2 by a clear margin.
+reach the CI-sized synthetic set's oracle within 0.03, and on the sequence-signal set
+InterFormer does too and beats the pooled-only DeepFM and DCN-v2 by a clear margin.
 
-Measured on a shared 2-core CPU (see docs/models.md): on ``ctr --preset ci`` (oracle 0.869)
-DCN-v2 (full, 2 epochs) 0.841; AutoInt+ (2 epochs) 0.809-0.826 depending on the run. On
-``ctr_seq --preset ci`` (oracle 0.770) after one epoch InterFormer 0.709 vs DeepFM 0.657 and
-DCN-v2 0.658.
+Measured on a shared 2-core CPU (see the README's Models section): on ``ctr --preset ci``
+(oracle 0.869) DCN-v2 (full, 2 epochs) 0.841; AutoInt+ (2 epochs) 0.843-0.844. On
+``ctr_seq --preset ci`` (oracle 0.770) after one epoch InterFormer 0.743-0.744 vs DeepFM 0.657
+and DCN-v2 0.658.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def _train(repo_root: str, config: str, data: str, run_dir: str, *extra: str
     return final
 
 
-# (config, allowed gap to the oracle AUC). AutoInt+ misses 0.03 at this budget (measured gaps
-# 0.043-0.060 after 2 epochs over several runs, 0.039 after 3), so its bound is looser.
+# (config, allowed gap to the oracle AUC); measured gaps 0.027-0.028 (DCN-v2) and
+# 0.025-0.026 (AutoInt+, seeds 0 and 1). A run with the same seed, code and machine repeats
+# to the last digit, so the margin guards against seed and library drift, not run noise.
 @pytest.mark.parametrize("config,gap", [("dcn_v2_synthetic", 0.03),
-                                        ("autoint_synthetic", 0.075)])
+                                        ("autoint_synthetic", 0.03)])
 def test_pooled_models_approach_oracle(repo_root: str, ci_ctr: str, tmp_path, config: str,  # type: ignore[no-untyped-def]
                                        gap: float) -> None:
     final = _train(repo_root, config, ci_ctr, str(tmp_path / "run"), "--data.batch_size=512",
@@ -48,6 +49,7 @@ def test_interformer_uses_the_sequence_signal(repo_root: str, ci_seq: str, tmp_p
     inter = _train(repo_root, "interformer_synthetic", ci_seq, str(tmp_path / "if"),
                    "--data.batch_size=256", "--training.epochs=1")
     best_pooled = max(deepfm["auc"], dcn["auc"])
-    # Measured margin ~0.05; the pooled models sit ~0.12 below the oracle, InterFormer ~0.06.
-    assert inter["auc"] - best_pooled >= 0.025, (inter, deepfm, dcn)
-    assert inter["oracle_auc"] - inter["auc"] <= 0.09, inter
+    # Measured margin ~0.085; the pooled models sit ~0.11 below the oracle, InterFormer
+    # 0.027-0.028 (seeds 0 and 1).
+    assert inter["auc"] - best_pooled >= 0.05, (inter, deepfm, dcn)
+    assert inter["oracle_auc"] - inter["auc"] <= 0.03, inter

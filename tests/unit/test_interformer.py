@@ -95,3 +95,26 @@ def test_needs_sequence_features(tiny_ctr: str) -> None:
     spec = get_model_spec("interformer")
     with pytest.raises(ValueError, match="data.synth ctr_seq"):
         spec.build(Schema.load(tiny_ctr), spec.make_args("default"), "cpu")
+
+
+def test_recent_tokens_are_each_rows_last_events() -> None:
+    """The arch flips rows to newest first: S_recent of the first Cross Arch holds each row's
+    last, then second-to-last event (zero where the row is shorter)."""
+    torch.manual_seed(0)
+    B, T, k, D = 3, 6, 2, 16
+    args = InterFormerArgs(num_layers=1)
+    arch = InterFormerArch(4, k, D, args).eval()
+    x, seqs = torch.randn(B, 4, D), torch.randn(B, T, k * D)
+    lengths = torch.tensor([1, 4, 6])
+    seen: list = []  # the first Cross Arch's [S_CLS ‖ S_PMA ‖ S_recent]
+    arch.s_gate[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        arch(x, seqs, lengths)
+        merged = arch.lce(seqs * arch.mask_mlp(seqs))  # MaskNet is position-wise
+    recent = seen[0][:, args.num_cls + args.num_pma:]  # [B, R, D]
+    for r, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(recent[r, 0], merged[r, n - 1])
+        if n > 1:
+            torch.testing.assert_close(recent[r, 1], merged[r, n - 2])
+        else:
+            assert recent[r, 1].abs().max() == 0

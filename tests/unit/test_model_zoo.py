@@ -98,3 +98,23 @@ def test_autoint_flavours_train(tiny_ctr: str, flavour: str) -> None:
     loss.backward()
     assert logits.shape == (24,)
     assert model.layers[0].query.weight.grad.abs().sum() > 0
+
+
+def test_autoint_fields_are_scaled_table_vectors(tiny_ctr: str) -> None:
+    """Sparse fields = stored vector columns × field_scale; the first-order column and the
+    dense fields are not scaled."""
+    schema = Schema.load(tiny_ctr)
+    spec = get_model_spec("autoint")
+    args = spec.make_args("default")
+    args.field_scale = 3.0
+    model = spec.build(schema, args, "cpu")
+    batch = next(iter(ParquetReader(tiny_ctr, "train", 8, prefetch=0)))
+    vectors, first = model.fields(batch)
+    args.field_scale = 1.0
+    unscaled = spec.build(schema, args, "cpu")
+    unscaled.load_state_dict(model.state_dict())
+    plain, plain_first = unscaled.fields(batch)
+    dense = schema.dense_dim
+    torch.testing.assert_close(vectors[:, dense:], 3.0 * plain[:, dense:])
+    torch.testing.assert_close(vectors[:, :dense], plain[:, :dense])
+    torch.testing.assert_close(first, plain_first)
