@@ -76,7 +76,9 @@ def make_batches(schema: Schema, batch_size: int, count: int, seed: int = 0,
             dense=torch.from_numpy(rng.normal(size=(batch_size, schema.dense_dim)).astype(np.float32)),
             sparse=KeyedJaggedTensor(
                 keys=[f.name for f in feats], values=torch.from_numpy(values),
-                lengths=torch.ones(batch_size * len(feats), dtype=torch.int32)),
+                # int64 like ``data.reader``'s offsets: int32 lengths made every TBE call
+                # convert the [26·B + 1] offsets first (a copy the real path does not pay).
+                lengths=torch.ones(batch_size * len(feats), dtype=torch.int64)),
             labels=torch.from_numpy((rng.random(batch_size) < 0.25).astype(np.float32)),
         ))
     return out
@@ -101,15 +103,13 @@ def time_repeated(step: Callable[[], None], steps: int, warmup: int, repeats: in
     return Timing(statistics.median(samples), samples)
 
 
-def time_pipeline(ctx: Any, schema: Schema, model: torch.nn.Module, batch_size: int, steps: int,
-                  warmup: int, repeats: int, profile_steps: int = 0) -> Dict[str, Any]:
-    """Shard ``model`` (meta-device tables) as the trainer does and time its training step.
+def pipeline_step(ctx: Any, schema: Schema, model: torch.nn.Module,
+                  batch_size: int) -> Callable[[], None]:
+    """Shard ``model`` (meta-device tables) as the trainer does; return one training step.
 
     ``trainer.shard_and_optimize`` plans, wraps in DMP and builds the fused sparse + dense
     optimizer; ``TrainPipelineSparseDist`` drives it over 8 pre-built batches of ``schema``
-    (``batch_size`` per rank, so no data loading is timed). Returns the median ``step_s``,
-    ``examples_per_s`` over all ranks and, when ``profile_steps`` > 0, a ``profile`` of that
-    many more steps (``profile_ops``; every rank profiles, as collectives need all ranks).
+    (``batch_size`` per rank, so no data loading is timed).
     """
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -121,11 +121,20 @@ def time_pipeline(ctx: Any, schema: Schema, model: torch.nn.Module, batch_size: 
     dmp, optimizer = shard_and_optimize(cfg, ctx, schema, model)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
     it = itertools.cycle(make_batches(schema, batch_size, 8, seed=ctx.rank))
-    timing = time_repeated(lambda: pipeline.progress(it), steps, warmup, repeats)
+    return lambda: pipeline.progress(it)
+
+
+def time_pipeline(ctx: Any, schema: Schema, model: torch.nn.Module, batch_size: int, steps: int,
+                  warmup: int, repeats: int, profile_steps: int = 0) -> Dict[str, Any]:
+    """Median ``step_s`` and ``examples_per_s`` (all ranks) of ``pipeline_step``; with
+    ``profile_steps`` > 0 also a ``profile`` of that many more steps (``profile_ops``; every
+    rank profiles, as the collectives need all ranks; rank 0's is returned)."""
+    step = pipeline_step(ctx, schema, model, batch_size)
+    timing = time_repeated(step, steps, warmup, repeats)
     out: Dict[str, Any] = {"step_s": timing.median_s / steps,
                            "examples_per_s": batch_size * ctx.world_size * steps / timing.median_s}
     if profile_steps:
-        out["profile"] = profile_ops(lambda: pipeline.progress(it), profile_steps)
+        out["profile"] = profile_ops(step, profile_steps)
     return out
 
 
