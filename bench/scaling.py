@@ -1,7 +1,8 @@
 """Step-time scaling: how the cost of a training step grows with table rows, batch, sequence
 length and rank count.
 
-``python -m bench.scaling [--quick] [--only rows,batch,hstu,ranks] [--max-rows 1e8] [--out FILE]``
+``python -m bench.scaling [--quick] [--only rows,batch,hstu,ranks] [--max-rows 1e8]
+[--batches 512,1024,2048,4096,8192] [--steps 5] [--repeats 3] [--out FILE]``
 
 Four sweeps, each printed as a table with the ratio to its smallest size:
 
@@ -246,6 +247,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"comma-separated subset of {', '.join(SWEEPS)}")
     p.add_argument("--max-rows", type=lambda s: int(float(s)), default=None,
                    help="largest table size of the rows sweep (default 1e8)")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes of the batch sweep (default 512..8192)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repetition")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (median)")
     p.add_argument("--out", default=None, help="JSON results path")
     ns = p.parse_args(argv)
     sweeps = [s for s in ns.only.split(",") if s]
@@ -256,6 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = QUICK if ns.quick else FULL
     if ns.max_rows:
         sizes.rows = [r for r in sizes.rows if r <= ns.max_rows]
+    if ns.batches:
+        sizes.batches = [int(b) for b in ns.batches.split(",")]
+    sizes.steps = ns.steps or sizes.steps
+    sizes.repeats = ns.repeats or sizes.repeats
     result = run(sizes, sweeps, overlap_ranks=ns.quick)
     _print(result)
     payload = {"quick": ns.quick, "dim": DIM, "steps": sizes.steps, "repeats": sizes.repeats,

@@ -267,6 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default 4096)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repetition")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (median)")
     p.add_argument("--contenders", default=None, help="comma-separated subset")
     p.add_argument("--profile", nargs="?", const="shardrec_deepfm", default="",
                    help="also record torch.profiler's top-10 ops by self CPU time of these "
@@ -288,6 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ranks = [int(r) for r in ns.ranks.split(",")] if ns.ranks else ranks
     bs = ns.batch_size or bs
     steps = ns.steps or steps
+    repeats = ns.repeats or repeats
     contenders = ns.contenders.split(",") if ns.contenders else default_contenders()
     profile = [n for n in ns.profile.split(",") if n]
     result = run(grid, ranks, bs, steps, warmup, repeats, contenders, profile)
