@@ -190,11 +190,15 @@ def profile_ops(step: Callable[[], None], steps: int, top: int = 10) -> Dict[str
 
 # Op-name patterns of the parts of a sharded step, first match wins (see ``profile_ops``).
 _CATEGORIES = [
-    ("input/output dist (gloo collectives)", r"all_to_all|alltoall|gloo|c10d::|allreduce|"
-                                             r"all_reduce|reduce_scatter|all_gather|wait|_dist\]"),
+    ("input/output dist (gloo collectives)", r"all_to_all|alltoall|all2all|gloo|c10d::|"
+                                             r"allreduce|all_reduce|reduce_?scatter|"
+                                             r"all_?gather|wait|_dist\]|awaitable"),
+    # The lookup autograd function's own name carries the optimizer ("..._adagrad_function"),
+    # so forward patterns go first.
+    ("TBE lookup (forward)", r"codegen_lookup|codegen_forward|bounds_check|\[lookup\]"),
     ("TBE backward + fused optimizer", r"backward.*(embedding|codegen)|(embedding|codegen).*"
                                        r"backward|adagrad|sgd|adam"),
-    ("TBE lookup (forward)", r"split_embedding|embedding_codegen|tbe|bounds_check|\[lookup\]"),
+    ("TBE lookup (forward)", r"split_embedding|embedding_codegen|tbe"),
     ("KJT permute / bucketize", r"permute|bucketize|jagged|asynchronous_complete_cumsum|"
                                 r"segment_sum|keyed_jagged"),
     ("dense matmul", r"aten::(addmm|mm|bmm|matmul|linear)$"),
