@@ -2,7 +2,7 @@
 length and rank count.
 
 ``python -m bench.scaling [--quick] [--only rows,batch,hstu,ranks] [--max-rows 1e8]
-[--batches 512,1024,2048,4096,8192] [--steps 5] [--repeats 3] [--out FILE]``
+[--batches 512,1024,2048,4096,8192] [--steps 5] [--repeats 3] [--profile] [--out FILE]``
 
 Four sweeps, each printed as a table with the ratio to its smallest size:
 
@@ -27,6 +27,8 @@ The DeepFM steps go through ``bench.common.time_pipeline`` — the same model, s
 (``trainer.shard_and_optimize``) and pipeline as ``bench.throughput``. The 1-rank sweeps run
 in this process on a 1-rank gloo group; ``--quick`` (tiny sizes, CI smoke) overlaps the
 2-rank run with them, since there only finiteness is checked, never speed.
+``--profile`` adds the top ops of one HSTU layer step at the largest L. A run of a subset
+(``--only``) keeps the other sweeps of the results file it overwrites.
 Results: ``bench/results/scaling.json`` (``scaling_quick.json`` with ``--quick``).
 """
 
@@ -34,15 +36,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from bench.common import (available_memory_bytes, criteo_like_schema, format_table, table_bytes,
-                          time_pipeline, write_results)
+from bench.common import (RESULTS_DIR, available_memory_bytes, criteo_like_schema,
+                          format_table, profile_ops, table_bytes, time_pipeline, write_results)
 
 SWEEPS = ("rows", "batch", "hstu", "ranks")
 DIM = 16
@@ -132,6 +136,24 @@ def hstu_case(seq_len: int, sizes: Sizes) -> Dict[str, Any]:
             "attn_GFLOP/s": res["attention_flops"] / 1e9}
 
 
+def hstu_profile(seq_len: int, sizes: Sizes) -> Dict[str, Any]:
+    """Where one HSTU layer step's CPU time goes at ``seq_len`` (``profile_ops``, 1 step)."""
+    import torch
+
+    from models.hstu.layer import HSTULayer
+
+    torch.manual_seed(0)
+    lengths = [seq_len] * sizes.seq_batch
+    layer = HSTULayer(sizes.hstu_dim, sizes.hstu_heads, max(sizes.seq_lens),
+                      num_time_buckets=128, impl="pytorch_jagged")
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    x = torch.randn(int(offsets[-1]), sizes.hstu_dim, requires_grad=True)
+    ts = torch.cat([torch.randint(1, 100_000, (n,)).cumsum(0) for n in lengths])
+    step = lambda: layer(x, offsets, ts).sum().backward()  # noqa: E731
+    step()  # warm-up
+    return {"L": seq_len, "B": sizes.seq_batch, **profile_ops(step, 1)}
+
+
 def _add_ratios(out: Dict[str, List[Dict[str, Any]]]) -> None:
     """Each sweep's ratio to its smallest size (1 = flat / perfectly proportional)."""
     if out.get("rows"):
@@ -156,7 +178,8 @@ def _add_ratios(out: Dict[str, List[Dict[str, Any]]]) -> None:
                 r["vs_1_rank"] = r["examples_per_s"] / one
 
 
-def run(sizes: Sizes, sweeps: Sequence[str], overlap_ranks: bool) -> Dict[str, Any]:
+def run(sizes: Sizes, sweeps: Sequence[str], overlap_ranks: bool,
+        profile: bool = False) -> Dict[str, Any]:
     """Measure the chosen sweeps; the 1-rank ones in this process on a 1-rank gloo group."""
     from sharding.dist import destroy_distributed, init_distributed
     from sharding.spawn import run_ranks
@@ -194,6 +217,8 @@ def run(sizes: Sizes, sweeps: Sequence[str], overlap_ranks: bool) -> Dict[str, A
         if "hstu" in sweeps:
             for n in sizes.seq_lens:
                 out["hstu"].append(hstu_case(n, sizes))
+            if profile:
+                out["hstu_profile"] = hstu_profile(max(sizes.seq_lens), sizes)
         if "ranks" in sweeps:
             # Measured right before the 2-rank run (not reused from the sweeps above) so
             # machine-load drift hits both sides of the ratio alike.
@@ -226,6 +251,10 @@ def _print(result: Dict[str, Any]) -> None:
         print(format_table(result["hstu"], ["L", "B", "sum_L2", "layer_s", "attention_s",
                                             "attn_GFLOP/s", "layer_per_L2_vs_smallest",
                                             "attn_per_L2_vs_smallest"]))
+    if result.get("hstu_profile"):
+        p = result["hstu_profile"]
+        print(f"\nprofile: one HSTU layer step, B={p['B']}, L={p['L']}")
+        print(format_table(p["top_ops"], ["op", "self_ms_per_step", "share", "calls_per_step"]))
     if result["ranks"]:
         print("\n(d) gloo ranks (DeepFM, same batch per rank): examples/s of all ranks vs 1 rank")
         print(format_table(result["ranks"], ["ranks", "threads_per_rank", "batch_per_rank",
@@ -251,6 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="comma-separated batch sizes of the batch sweep (default 512..8192)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repetition")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (median)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one HSTU layer step at the largest L (top-10 ops)")
     p.add_argument("--out", default=None, help="JSON results path")
     ns = p.parse_args(argv)
     sweeps = [s for s in ns.only.split(",") if s]
@@ -265,11 +296,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes.batches = [int(b) for b in ns.batches.split(",")]
     sizes.steps = ns.steps or sizes.steps
     sizes.repeats = ns.repeats or sizes.repeats
-    result = run(sizes, sweeps, overlap_ranks=ns.quick)
+    result = run(sizes, sweeps, overlap_ranks=ns.quick, profile=ns.profile)
     _print(result)
+    name = "scaling_quick" if ns.quick else "scaling"
+    path = ns.out or os.path.join(RESULTS_DIR, f"{name}.json")
+    if set(sweeps) != set(SWEEPS) and os.path.exists(path):
+        # A partial re-run keeps the other sweeps of the earlier results file.
+        with open(path) as fh:
+            previous = json.load(fh)
+        for s in SWEEPS:
+            if s not in sweeps and previous.get(s):
+                result[s] = previous[s]
+                sizes.notes.append(f"{s} sweep: from the run of {previous['machine']['date']} "
+                                   f"{previous['machine'].get('time_utc', '')} UTC")
+        if "hstu_profile" not in result and "hstu_profile" in previous:
+            result["hstu_profile"] = previous["hstu_profile"]
+        sizes.notes += [n for n in previous.get("notes", []) if n.split(" sweep")[0] not in sweeps
+                        and "from the run of" not in n]
     payload = {"quick": ns.quick, "dim": DIM, "steps": sizes.steps, "repeats": sizes.repeats,
                "notes": sizes.notes, **result}
-    path = write_results("scaling_quick" if ns.quick else "scaling", payload, ns.out)
+    path = write_results(name, payload, path)
     print(f"\nresults: {path}")
     return 0 if finite(result) else 1
 
