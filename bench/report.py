@@ -431,7 +431,13 @@ def render(res: Dict[str, Dict[str, Any]], pngs: Dict[str, str], quick: bool) ->
                         f"- HSTU: attention time / ΣL² changed {r:.2f}× from L={a['L']} to "
                         f"L={b['L']} (∝ ΣL² would be 1.0). Attention throughput was "
                         f"{b['attn_GFLOP/s']:.2f} GFLOP/s of useful causal work at L={b['L']}. "
-                        f"Top ops of a layer step at the largest L: {top}.")
+                        f"Top ops of a layer step at the largest L: {top}. "
+                        + ("Below 1 the cost per ΣL² is still falling: at these lengths work "
+                           "that is not the L² matmuls (bmm) — the per-tile bias built with "
+                           "index / clamp / log and the copies around it, plus fixed per-call "
+                           "costs — still dominates." if r < 1 else
+                           "Above 1 the cost grows faster than ΣL²: the per-tile work grows "
+                           "with the tile count and stops fitting in cache."))
         if s["ranks"]:
             md += ["(d) DeepFM on 1 and 2 gloo ranks, same batch per rank (the ranks split "
                    "this machine's cores, so 1.0 is the most to expect here).", "",
