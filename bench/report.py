@@ -193,12 +193,13 @@ def plot_lookups(res: Dict[str, Any], path: str) -> str:
     a.legend()
     profs = res.get("profiles") or []
     if profs:
-        cats = [c["category"] for c in profs[0]["categories"]]
+        # One colour per category across all bars (the default cycle would move on per bar).
+        cats = list(dict.fromkeys(c["category"] for p in profs for c in p["categories"]))
         for i, p in enumerate(profs):
             left = 0.0
-            for cat in cats:
+            for k, cat in enumerate(cats):
                 share = next((c["share"] for c in p["categories"] if c["category"] == cat), 0.0)
-                b.barh(i, share, left=left, label=cat if i == 0 else None)
+                b.barh(i, share, left=left, color=f"C{k}", label=cat if i == 0 else None)
                 left += share
         b.set_yticks(range(len(profs)))
         b.set_yticklabels([f"{p['ranks']} rank(s)" for p in profs])
