@@ -1,9 +1,11 @@
 """Training throughput: shardrec vs plain torchrec vs plain PyTorch, in one run.
 
-``python -m bench.throughput [--quick] [--grid 100000x16,100000x64,1000000x16]
-[--ranks 1,2] [--batch-size 4096]``
+``python -m bench.throughput [--quick] [--grid 1e5x16,1e5x64,1e6x16,1e7x16:2]
+[--ranks 1,2] [--batch-size 4096] [--profile [CONTENDERS]] [--out FILE]``
 
-Contenders (same Criteo-like batches: 13 dense, 26 single-id Zipf features, one table each):
+Contenders (same Criteo-like batches: 13 dense, 26 single-id Zipf features, one table each;
+at 1e6 and 1e7 rows per table the embeddings dominate the step; 26 tables of 1e7 rows do
+not fit in this machine's memory, so that size has 2 tables of 1e7 rows and 24 of 1e5):
 
 * ``shardrec_deepfm`` (and ``_bf16``, and ``shardrec_dcn_v2`` once registered): our model,
   sharded by ``trainer.shard_and_optimize``, driven by ``TrainPipelineSparseDist``, fused row-wise
@@ -16,6 +18,10 @@ Contenders (same Criteo-like batches: 13 dense, 26 single-id Zipf features, one 
 MLP sizes are matched (DeepFM deep [512, 256] vs DLRM over-arch [512, 256]; dense
 projections [512, 256]). Besides examples/s the run reports the deep MLP's achieved
 fwd+bwd FLOP/s next to this machine's square-matmul FLOP/s, measured in the same run.
+All pipeline contenders of one (size, rank count) share one set of spawned rank processes.
+``--profile`` records, for the named contenders, where a step's CPU time goes
+(``bench.common.profile_ops``: top-10 ops by self CPU time, the same time by part of the
+step, and the pipeline's forward / backward / optimizer phases) into the JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 from torch import nn
 
 from bench.common import (criteo_like_schema, format_table, make_batches, matmul_flops,
-                          time_repeated, write_results)
+                          time_pipeline, time_repeated, write_results)
 from data.batch import Batch
 from data.schema import Schema
 
@@ -80,26 +86,24 @@ def build_contender(name: str, schema: Schema, dim: int, device_type: str) -> nn
     return CTRTask(spec.build(schema, args, "meta"), "bf16" if dtype else "fp32", device_type)
 
 
-def _pipeline_worker(ctx: Any, name: str, rows: int, dim: int, batch_size: int, steps: int,
-                     warmup: int, repeats: int) -> Dict[str, float]:
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+def _pipeline_worker(ctx: Any, names: Sequence[str], rows: int, dim: int, big: Optional[int],
+                     batch_size: int, steps: int, warmup: int, repeats: int,
+                     profile: Sequence[str]) -> List[Dict[str, Any]]:
+    """Every pipeline contender in turn in this one set of rank processes (a spawn costs
+    seconds of imports; the contenders share them). Each is sharded and optimised by the
+    trainer's own ``shard_and_optimize`` (row-wise Adagrad on the tables, Adam on dense)."""
+    import gc
 
-    from trainer.config import Config
-    from trainer.trainer import shard_and_optimize
-
-    torch.manual_seed(0)
-    schema = criteo_like_schema(rows, dim)
-    cfg = Config()
-    cfg.data.batch_size = batch_size
-    # Every contender goes through the trainer's own sharding and optimizer set-up
-    # (row-wise Adagrad on the tables, Adam on dense).
-    dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
-                                        build_contender(name, schema, dim, ctx.device.type))
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
-    batches = make_batches(schema, batch_size, 8, seed=ctx.rank)
-    it = itertools.cycle(batches)
-    timing = time_repeated(lambda: pipeline.progress(it), steps, warmup, repeats)
-    return {"examples_per_s": batch_size * ctx.world_size * steps / timing.median_s}
+    out = []
+    for name in names:
+        torch.manual_seed(0)
+        schema = criteo_like_schema(rows, dim, big_tables=big)
+        res = time_pipeline(ctx, schema, build_contender(name, schema, dim, ctx.device.type),
+                            batch_size, steps, warmup, repeats,
+                            profile_steps=3 if name in profile else 0)
+        out.append(res)
+        gc.collect()  # the previous contender's tables go before the next one's are built
+    return out
 
 
 class PlainDeepFM(nn.Module):
@@ -133,10 +137,10 @@ class PlainDeepFM(nn.Module):
         return self.loss_fn(logits, labels)
 
 
-def plain_throughput(rows: int, dim: int, batch_size: int, sparse_grad: bool, steps: int,
-                     warmup: int, repeats: int) -> float:
+def plain_throughput(rows: int, dim: int, big: Optional[int], batch_size: int,
+                     sparse_grad: bool, steps: int, warmup: int, repeats: int) -> float:
     torch.manual_seed(0)
-    schema = criteo_like_schema(rows, dim)
+    schema = criteo_like_schema(rows, dim, big_tables=big)
     model = PlainDeepFM(schema, dim, sparse_grad)
     bag_params = list(model.bags.parameters())
     bag_ids = {id(p) for p in bag_params}
@@ -182,31 +186,39 @@ def mlp_flops(in_features: int, batch_size: int, dtype: torch.dtype = torch.floa
     return flops * 5 / time_repeated(step, 5, 2, 3).median_s
 
 
-def run(grid: Sequence[Tuple[int, int]], ranks: Sequence[int], batch_size: int, steps: int,
-        warmup: int, repeats: int, contenders: Sequence[str]) -> Dict[str, Any]:
+def run(grid: Sequence[Tuple[int, int, Optional[int]]], ranks: Sequence[int], batch_size: int,
+        steps: int, warmup: int, repeats: int, contenders: Sequence[str],
+        profile: Sequence[str] = ()) -> Dict[str, Any]:
     from sharding.spawn import run_ranks
 
     rows_out: List[Dict[str, Any]] = []
-    for rows, dim in grid:
+    profiles: List[Dict[str, Any]] = []
+    pipelined = [n for n in contenders if not n.startswith("plain_")]
+    for rows, dim, big in grid:
+        tables = f"{big} x {rows:.0e} + {26 - big} x {min(rows, 100_000):.0e}" if big else \
+            f"26 x {rows:.0e}"
+        key = {"rows": rows, "dim": dim, "tables": tables}
         for world in ranks:
-            for name in contenders:
-                if name.startswith("plain_"):
-                    continue
-                res = run_ranks(_pipeline_worker, world, name, rows, dim, batch_size, steps,
-                                warmup, repeats, cpu_threads=None, timeout_s=1800)
-                rows_out.append({"rows": rows, "dim": dim, "ranks": world, "contender": name,
-                                 "examples_per_s": res[0]["examples_per_s"]})
+            if pipelined:
+                res = run_ranks(_pipeline_worker, world, pipelined, rows, dim, big, batch_size,
+                                steps, warmup, repeats, list(profile), cpu_threads=None,
+                                timeout_s=3600)
+                for name, r in zip(pipelined, res[0]):
+                    rows_out.append({**key, "ranks": world, "contender": name,
+                                     "examples_per_s": r["examples_per_s"]})
+                    if "profile" in r:
+                        profiles.append({**key, "ranks": world, "contender": name,
+                                         **r["profile"]})
         # Plain PyTorch is single-process by construction: one rank with every core.
         torch.set_num_threads(os.cpu_count() or 1)
         for name in contenders:
             if name.startswith("plain_"):
-                eps = plain_throughput(rows, dim, batch_size, name == "plain_sparse_adam",
+                eps = plain_throughput(rows, dim, big, batch_size, name == "plain_sparse_adam",
                                        steps, warmup, repeats)
-                rows_out.append({"rows": rows, "dim": dim, "ranks": 1, "contender": name,
-                                 "examples_per_s": eps})
+                rows_out.append({**key, "ranks": 1, "contender": name, "examples_per_s": eps})
     for r in rows_out:
         base = [b["examples_per_s"] for b in rows_out if b["contender"] == "torchrec_dlrm"
-                and (b["rows"], b["dim"], b["ranks"]) == (r["rows"], r["dim"], r["ranks"])]
+                and (b["tables"], b["dim"], b["ranks"]) == (r["tables"], r["dim"], r["ranks"])]
         if base:
             r["vs_torchrec_dlrm"] = r["examples_per_s"] / base[0]
     torch.set_num_threads(os.cpu_count() or 1)
@@ -216,12 +228,13 @@ def run(grid: Sequence[Tuple[int, int]], ranks: Sequence[int], batch_size: int, 
     mlp = [{"dim": dim, "in_features": fields * (dim - 1),
             "mlp_flops": mlp_flops(fields * (dim - 1), batch_size),
             "mlp_flops_bf16": mlp_flops(fields * (dim - 1), batch_size, torch.bfloat16)}
-           for dim in sorted({d for _, d in grid})]
+           for dim in sorted({d for _, d, _ in grid})]
     for m in mlp:
         m["fraction_of_matmul"] = m["mlp_flops"] / peak
         m["fraction_of_matmul_bf16"] = m["mlp_flops_bf16"] / peak_bf16
     return {"batch_size": batch_size, "steps": steps, "repeats": repeats, "results": rows_out,
-            "matmul_flops": peak, "matmul_flops_bf16": peak_bf16, "mlp": mlp}
+            "matmul_flops": peak, "matmul_flops_bf16": peak_bf16, "mlp": mlp,
+            "profiles": profiles}
 
 
 def default_contenders() -> List[str]:
@@ -233,11 +246,14 @@ def default_contenders() -> List[str]:
     return names + ["plain_dense_adam", "plain_sparse_adam"]
 
 
-def _grid(text: str) -> List[Tuple[int, int]]:
+def _grid(text: str) -> List[Tuple[int, int, Optional[int]]]:
+    """``ROWSxDIM[:BIG]`` items: ``BIG`` tables of ``ROWS`` rows, the rest of 1e5 (all 26
+    when ``:BIG`` is left out)."""
     out = []
     for item in text.split(","):
-        rows, _, dim = item.partition("x")
-        out.append((int(float(rows)), int(dim)))
+        size, _, big = item.partition(":")
+        rows, _, dim = size.partition("x")
+        out.append((int(float(rows)), int(dim), int(big) if big else None))
     return out
 
 
@@ -246,29 +262,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny CI smoke run (< 1 minute)")
     p.add_argument("--grid", type=_grid, default=None,
-                   help="ROWSxDIM list (default 100000x16,100000x64,1000000x16)")
+                   help="ROWSxDIM[:BIG] list; BIG = how many of the 26 tables have ROWS rows, "
+                        "the rest 1e5 (default 1e5x16,1e5x64,1e6x16,1e7x16:2)")
     p.add_argument("--ranks", default=None, help="comma-separated rank counts (default 1,2)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default 4096)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repetition")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (median)")
     p.add_argument("--contenders", default=None, help="comma-separated subset")
+    p.add_argument("--profile", nargs="?", const="shardrec_deepfm", default="",
+                   help="also record torch.profiler's top-10 ops by self CPU time of these "
+                        "comma-separated pipeline contenders (default shardrec_deepfm)")
     p.add_argument("--out", default=None, help="JSON results path")
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if ns.quick:
         # CI smoke: every contender once, pipeline contenders on 2 ranks only (< 1 minute).
-        grid, ranks, bs, steps, warmup, repeats = [(1000, 16)], [2], 256, 3, 1, 1
+        grid, ranks, bs, steps, warmup, repeats = [(1000, 16, None)], [2], 256, 3, 1, 1
     else:
+        # 26 tables of 1e7 x 16 fp32 (+ optimizer state) are 17 GB per copy: more than this
+        # 24 GiB machine holds beside plain dense Adam's gradient and moments, so the 1e7 size
+        # has 2 tables of 1e7 rows (1.3 GB) and 24 of 1e5 — still embedding-dominated.
         grid, ranks, bs, steps, warmup, repeats = (
-            [(100_000, 16), (100_000, 64), (1_000_000, 16)], [1, 2], 4096, 10, 4, 3)
+            [(100_000, 16, None), (100_000, 64, None), (1_000_000, 16, None),
+             (10_000_000, 16, 2)], [1, 2], 4096, 10, 4, 3)
     grid = ns.grid or grid
     ranks = [int(r) for r in ns.ranks.split(",")] if ns.ranks else ranks
     bs = ns.batch_size or bs
     steps = ns.steps or steps
+    repeats = ns.repeats or repeats
     contenders = ns.contenders.split(",") if ns.contenders else default_contenders()
-    result = run(grid, ranks, bs, steps, warmup, repeats, contenders)
+    profile = [n for n in ns.profile.split(",") if n]
+    result = run(grid, ranks, bs, steps, warmup, repeats, contenders, profile)
     result["quick"] = ns.quick
-    print(format_table(result["results"], ["rows", "dim", "ranks", "contender",
+    print(format_table(result["results"], ["tables", "dim", "ranks", "contender",
                                            "examples_per_s", "vs_torchrec_dlrm"]))
+    for prof in result["profiles"]:
+        print(f"\nprofile: {prof['contender']}, {prof['tables']} x {prof['dim']}, "
+              f"{prof['ranks']} rank(s), rank 0, {prof['self_ms_per_step']:.1f} ms CPU per step")
+        print(format_table(prof["categories"], ["category", "self_ms_per_step", "share"]))
+        print(format_table(prof["top_ops"], ["op", "self_ms_per_step", "share",
+                                             "calls_per_step"]))
     print()
     print(f"matmul FLOP/s: fp32 {result['matmul_flops']:.3g}, bf16 {result['matmul_flops_bf16']:.3g}")
     print(format_table(result["mlp"], ["dim", "in_features", "mlp_flops", "fraction_of_matmul",

@@ -26,3 +26,34 @@ def test_throughput_quick(repo_root: str, tmp_path) -> None:  # type: ignore[no-
         assert math.isfinite(r["examples_per_s"]) and r["examples_per_s"] > 0, r
     assert res["matmul_flops"] > 0 and all(m["mlp_flops"] > 0 for m in res["mlp"])
     assert "vs_torchrec_dlrm" in proc.stdout
+
+
+def test_scaling_and_report_quick(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick", "--out",
+                           str(results / "scaling_quick.json")],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((results / "scaling_quick.json").read_text())
+    # Every sweep ran every size, the 2-rank run included.
+    assert [r["rows"] for r in res["rows"]] == [1000, 10_000]
+    assert [r["batch_size"] for r in res["batch"]] == [64, 128]
+    assert [r["L"] for r in res["hstu"]] == [8, 16]
+    assert [r["ranks"] for r in res["ranks"]] == [1, 2]
+    for sweep in ("rows", "batch", "ranks"):
+        for r in res[sweep]:
+            assert math.isfinite(r["step_s"]) and r["step_s"] > 0, r
+            assert math.isfinite(r["examples_per_s"]) and r["examples_per_s"] > 0, r
+    for r in res["hstu"]:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("layer_s", "attention_s")), r
+        assert math.isfinite(r["attn_per_L2_vs_smallest"]), r
+    assert "vs_1_rank" in proc.stdout
+
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "bench.report", "--quick", "--results",
+                           str(results), "--out", str(out)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "RESULTS.md").read_text()
+    assert "## Machine" in text and "## Scaling" in text and "](scaling.png)" in text
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
