@@ -3,7 +3,8 @@
 ``python -m data.synth ctr --out DIR [--preset demo] [--seed 0] ...`` writes a CTR dataset:
 ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet``, ``schema.json`` and ``meta.json``.
 ``python -m data.synth ctr_seq ...`` writes CTR data with a behaviour-sequence signal
-(:mod:`data.synth_seq`).
+(:mod:`data.synth_seq`); ``python -m data.synth ctr2 ...`` writes two-task click /
+conversion data (:mod:`data.synth_multitask`).
 
 The planted click model (all parameters drawn from ``--seed``)::
 
@@ -222,11 +223,16 @@ SampleFn = Callable[[int, np.random.Generator], Tuple[pa.Table, np.ndarray, np.n
 
 def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
                           sample: SampleFn, overwrite: bool = False,
-                          progress: bool = True) -> Dict[str, object]:
+                          progress: bool = True,
+                          task_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Write ``train``/``eval`` parquet parts drawn by ``sample(rows, rng)`` (→ table, planted
     probabilities, labels), ``schema.json`` and ``meta.json`` with the oracle metrics, into
     a temp dir renamed to ``out`` at the end. ``args`` (a dataclass) needs ``seed``,
-    ``train_rows``, ``eval_rows``, ``rows_per_file`` and ``row_group_rows``."""
+    ``train_rows``, ``eval_rows``, ``rows_per_file`` and ``row_group_rows``.
+
+    With ``task_names`` (T names), ``sample`` returns probabilities and labels of shape
+    ``[rows, T]`` and the oracle holds ``auc_<task>`` / ``logloss_<task>`` / ``rate_<task>``
+    per task (eval split) besides ``auc`` / ``logloss`` of the first task."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -252,6 +258,15 @@ def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
             if progress:
                 logger.info("%s: wrote %s (%d rows)", split, name, n)
         p, y = np.concatenate(probs_all), np.concatenate(labels_all)
+        if task_names:
+            for k, task in enumerate(task_names):
+                oracle[f"{split}_auc_{task}"] = roc_auc(p[:, k], y[:, k])
+                oracle[f"{split}_logloss_{task}"] = log_loss(p[:, k], y[:, k])
+                oracle[f"{split}_rate_{task}"] = float(y[:, k].mean())
+                if split == "eval":
+                    oracle[f"auc_{task}"] = oracle[f"eval_auc_{task}"]
+                    oracle[f"logloss_{task}"] = oracle[f"eval_logloss_{task}"]
+            p, y = p[:, 0], y[:, 0]
         oracle[f"{split}_auc"] = roc_auc(p, y)
         oracle[f"{split}_logloss"] = log_loss(p, y)
         oracle[f"{split}_ctr"] = float(y.mean())
@@ -313,7 +328,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             ctr.add_argument(flag, type=type(getattr(defaults, f.name)), default=None,
                              help=f"default {getattr(defaults, f.name)}")
+    from data.synth_multitask import MultiTaskSynthArgs, generate_ctr2
     from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
+
+    ctr2 = sub.add_parser("ctr2", help="two-task dataset: click, and conversion only after a "
+                                       "click (CTCVR = CTR x CVR; data.synth_multitask)")
+    ctr2.add_argument("--out", required=True, help="dataset directory to create")
+    ctr2.add_argument("--preset", choices=sorted(PRESETS), help="start from a named size")
+    ctr2.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    mt_defaults = MultiTaskSynthArgs()
+    for f in dataclasses.fields(MultiTaskSynthArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("num_embeddings", "multi_hot"):
+            ctr2.add_argument(flag, type=_int_list, default=None,
+                              help=f"comma-separated ints (default {getattr(mt_defaults, f.name)})")
+        else:
+            ctr2.add_argument(flag, type=type(getattr(mt_defaults, f.name)), default=None,
+                              help=f"default {getattr(mt_defaults, f.name)}")
 
     seq = sub.add_parser("ctr_seq", help="CTR dataset whose main signal is in a behaviour "
                                          "sequence (data.synth_seq)")
@@ -336,6 +367,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps({"out": ns.out, "oracle_auc": meta["oracle"]["auc"]}))  # type: ignore[index]
+        return 0
+    if ns.kind == "ctr2":
+        mt_kwargs: Dict[str, object] = dict(PRESETS[ns.preset]) if ns.preset else {}
+        mt_kwargs.update({f.name: getattr(ns, f.name)
+                          for f in dataclasses.fields(MultiTaskSynthArgs)
+                          if getattr(ns, f.name) is not None})
+        try:
+            meta = generate_ctr2(ns.out, MultiTaskSynthArgs(**mt_kwargs), overwrite=ns.overwrite)  # type: ignore[arg-type]
+        except (FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        oracle = meta["oracle"]  # type: ignore[index]
+        print(json.dumps({"out": ns.out, **{k: v for k, v in oracle.items()  # type: ignore[union-attr]
+                                            if k.startswith("auc_")}}))
         return 0
     kwargs: Dict[str, object] = dict(PRESETS[ns.preset]) if ns.preset else {}
     for f in dataclasses.fields(CTRSynthArgs):
