@@ -164,3 +164,6 @@ def get_task(kind: str, cfg: Config, schema: Schema) -> Task:
     if kind not in TASKS:
         raise KeyError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(TASKS))}")
     return TASKS[kind](cfg, schema)
+
+
+import trainer.multitask  # noqa: E402,F401  registers the "multitask" kind
