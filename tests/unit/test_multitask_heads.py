@@ -216,3 +216,17 @@ def test_poso_without_features_and_esmm_task_count(tiny_ctr2: str) -> None:
         _build("poso", tiny_ctr2, overrides={"poso_dense": []})
     with pytest.raises(ValueError, match="ESMM needs exactly two tasks"):
         _build("esmm", tiny_ctr2, overrides={"tasks": ["click"]})
+
+
+def test_heads_over_interformer_on_sequence_data(tiny_seq: str) -> None:
+    """The InterFormer backbone (pooled + sequence embeddings) under a head; one label, so
+    one task: a multi-task head on single-label data is a single-task model."""
+    model = _build("mmoe", tiny_seq, flavour="interformer")
+    wrapped = MultiTaskLoss(model)
+    batch = _batch(tiny_seq)
+    loss, (_, logits, labels) = wrapped(batch)
+    loss.backward()
+    assert logits.shape == (64, 1) and labels.shape == (64, 1)
+    missing = [n for n, p in wrapped.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert model.rep_dim == model.backbone.arch.representation_dim
