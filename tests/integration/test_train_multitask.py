@@ -1,7 +1,10 @@
 """End to end under torchrun (2 gloo ranks) with the shipped multi-task configs on the
 two-task synthetic set (``data.synth ctr2 --preset ci``): MMoE and PLE approach each task's
 oracle AUC; ESMM's CVR, evaluated over the whole impression space, against a CVR model
-trained on clicked rows only; MMoE on converted MovieLens data with two labels.
+trained on clicked rows only. (MMoE on converted MovieLens like/love data is checked
+in-process by ``tests/unit/test_multitask_movielens.py``.)
+
+One epoch per run keeps the four runs near the time budget of the slow suite.
 
 Measured numbers are in the README's "Multi-task heads" section.
 """
@@ -12,11 +15,9 @@ from typing import Dict
 
 import pytest
 
-from data.convert.__main__ import main as convert_main
 from data.synth import PRESETS
 from data.synth_multitask import MultiTaskSynthArgs, generate_ctr2
 from tests.integration.runner import parse_final, run_trainer
-from tests.integration.test_train_converted import write_movielens_1m
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +41,15 @@ def _train(repo_root: str, config: str, data: str, run_dir: str, *extra: str
     return final
 
 
-# (config, allowed gap to each task's oracle AUC). Measured after 2 epochs: MMoE click 0.029,
-# conversion 0.021; PLE click 0.032, conversion 0.021 — the click task sits at the 0.03
-# target (single-task DCN-v2 reaches 0.028 at this budget), so 0.035 is asserted.
-@pytest.mark.parametrize("config,gap", [("mmoe_synthetic", 0.035), ("ple_synthetic", 0.035)])
+# (config, allowed gap to each task's oracle AUC) after ONE epoch. The 0.03 target is met
+# after 2 epochs by MMoE (click 0.029, conversion 0.021) and nearly by PLE (click 0.032,
+# conversion 0.021) — single-task DCN-v2 sits at 0.028 there too — but two epochs of both
+# cost more CI time than the suite allows; after one epoch MMoE measured click 0.037,
+# conversion 0.024, and PLE 0.038 / 0.024, so the asserted bound is 0.045.
+@pytest.mark.parametrize("config,gap", [("mmoe_synthetic", 0.045), ("ple_synthetic", 0.045)])
 def test_mmoe_and_ple_approach_every_oracle(repo_root: str, ci_ctr2: str, tmp_path,  # type: ignore[no-untyped-def]
                                             config: str, gap: float) -> None:
-    final = _train(repo_root, config, ci_ctr2, str(tmp_path / "run"))
+    final = _train(repo_root, config, ci_ctr2, str(tmp_path / "run"), "--training.epochs=1")
     for task in ("click", "conversion"):
         assert final[f"oracle_auc_{task}"] - final[f"auc_{task}"] <= gap, (task, final)
     assert final["examples_per_s"] > 0
@@ -77,18 +80,3 @@ def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(repo_root: str, ci
     assert esmm["auc_cvr"] >= 0.80, esmm  # learnt through pCTCVR = pCTR x pCVR only
     assert naive["auc_conversion"] - esmm["auc_cvr"] <= 0.04, (esmm, naive)
     assert esmm["oracle_auc_conversion"] - esmm["auc_conversion"] <= 0.04, esmm
-
-
-def test_mmoe_trains_like_and_love_from_converted_movielens(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    d = tmp_path / "ml-1m"
-    d.mkdir()
-    write_movielens_1m(str(d))
-    data = str(tmp_path / "ml")
-    assert convert_main(["movielens", str(d / "ratings.dat"), str(d / "movies.dat"),
-                         str(d / "users.dat"), "--task", "ctr", "--love-label",
-                         "--embedding-dim", "16", "--out", data, "--row-group-rows", "128",
-                         "--no-progress"]) == 0
-    final = _train(repo_root, "mmoe_movielens_ctr", data, str(tmp_path / "run"),
-                   "--data.batch_size=64", "--data.eval_batch_size=32", "--training.epochs=2")
-    assert final["auc_label"] > 0.65 and final["auc_love"] > 0.65, final
-    assert "oracle_auc_label" not in final  # converted data has no oracle
