@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
@@ -68,8 +69,6 @@ class ESMM(MultiTaskModel):
 
 
 def _with_cvr_given(args: MultiTaskArgs, click: str) -> MultiTaskArgs:
-    import dataclasses
-
     # The paper's CVR evaluation: conversions among clicked rows.
     return dataclasses.replace(args, loss_given={**args.loss_given, "cvr": click})
 
