@@ -21,14 +21,16 @@ from sharding.sharders import apply_sparse_optimizer
 from sharding.spawn import run_ranks
 from sharding.state import load_full_state
 
-# (head, flavour, overrides): every head on the DCN-v2 backbone, MMoE also on DeepFM, POSO
-# with a dense and a sparse (its own sharded table) personalisation input.
-CASES: List[Tuple[str, str, Dict[str, object]]] = [
-    ("shared_bottom", "default", {}),
-    ("mmoe", "deepfm", {"backbone_flavour": "small"}),
-    ("ple", "default", {}),
-    ("esmm", "default", {}),
-    ("poso", "default", {"poso_dense": ["d0"], "poso_sparse": ["s1"]}),
+# (case, head, flavour, overrides, data): every head on the DCN-v2 backbone, MMoE also on
+# DeepFM and on InterFormer (pooled and sequence tables, EBC and EC sharded) over behaviour
+# sequences, POSO with a dense and a sparse (its own sharded table) personalisation input.
+CASES: List[Tuple[str, str, str, Dict[str, object], str]] = [
+    ("shared_bottom", "shared_bottom", "default", {}, "ctr2"),
+    ("mmoe", "mmoe", "deepfm", {"backbone_flavour": "small"}, "ctr2"),
+    ("mmoe/interformer", "mmoe", "interformer", {}, "seq"),
+    ("ple", "ple", "default", {}, "ctr2"),
+    ("esmm", "esmm", "default", {}, "ctr2"),
+    ("poso", "poso", "default", {"poso_dense": ["d0"], "poso_sparse": ["s1"]}, "ctr2"),
 ]
 
 
@@ -39,17 +41,18 @@ def tiny_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
-def _parity(ctx: DistContext, data_dir: str) -> Dict[str, Dict[str, object]]:
-    schema = Schema.load(data_dir)
+def _parity(ctx: DistContext, dirs: Dict[str, str]) -> Dict[str, Dict[str, object]]:
     results: Dict[str, Dict[str, object]] = {}
-    for name, flavour, overrides in CASES:
+    for case, name, flavour, overrides, data in CASES:
+        data_dir = dirs[data]
+        schema = Schema.load(data_dir)
         spec = get_model_spec(name)
         args = spec.make_args(flavour, overrides)
         torch.manual_seed(0)  # the same reference weights on every rank
         reference = MultiTaskLoss(spec.build(schema, args, "cpu"))
         with torch.no_grad():
             for n, p in reference.named_parameters():
-                if "embedding_bags" in n:
+                if "embedding_bags" in n or "embeddings" in n:
                     p.uniform_(-0.5, 0.5)  # embeddings far from zero
                 elif ".gates." in n and n.endswith("out.weight"):
                     p.normal_()  # POSO gates that depend on pc (fresh ones are constant)
@@ -66,7 +69,8 @@ def _parity(ctx: DistContext, data_dir: str) -> Dict[str, Dict[str, object]]:
         ref_loss.backward()
         # DDP averages dense gradients over ranks: compare with the mean of the reference's.
         ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()
-                     if p.grad is not None and "embedding_bags" not in n}
+                     if p.grad is not None and "embedding_bags" not in n
+                     and "embeddings" not in n}
         for g in ref_grads.values():
             torch.distributed.all_reduce(g)
             g /= ctx.world_size
@@ -79,7 +83,7 @@ def _parity(ctx: DistContext, data_dir: str) -> Dict[str, Dict[str, object]]:
                 matched += 1
         with torch.no_grad():
             _, (_, after, _) = dmp(batch)
-        results[name] = {
+        results[case] = {
             "max_diff": float((sharded - ref).abs().max()), "scale": float(ref.std()),
             "loss_diff": abs(float(loss) - float(ref_loss)),
             "outputs": int(sharded.shape[1]),
@@ -91,8 +95,8 @@ def _parity(ctx: DistContext, data_dir: str) -> Dict[str, Dict[str, object]]:
     return results
 
 
-def test_every_head_sharded_equals_unsharded(tiny_ctr2: str) -> None:
-    ranks = run_ranks(_parity, 2, tiny_ctr2, timeout_s=300)
+def test_every_head_sharded_equals_unsharded(tiny_ctr2: str, tiny_seq: str) -> None:
+    ranks = run_ranks(_parity, 2, {"ctr2": tiny_ctr2, "seq": tiny_seq}, timeout_s=420)
     for rank, results in enumerate(ranks):
         assert set(results) == {c[0] for c in CASES}
         for case, r in results.items():
@@ -104,5 +108,7 @@ def test_every_head_sharded_equals_unsharded(tiny_ctr2: str) -> None:
             assert r["grad_diff"] < 1e-4 * max(1.0, r["grad_scale"]), (rank, case, r)
             assert r["moved"] > 1e-6, (rank, case, "the fused update changed nothing")
         assert results["esmm"]["outputs"] == 3
+        assert results["mmoe/interformer"]["modules"] == ["model.backbone.ebc",
+                                                          "model.backbone.ec"], results
         # POSO's own table for its sparse personalisation feature is sharded too.
         assert results["poso"]["modules"] == ["model.backbone.ebc", "model.poso_ebc"], results
