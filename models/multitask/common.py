@@ -129,7 +129,7 @@ class Prediction:
         label: column of ``Batch.labels`` the loss uses.
         weight: loss weight (0: evaluated only).
         given: column whose rows equal to 1 are the only ones the loss sees (-1: all rows).
-        eval_label, eval_given: the same two for evaluation.
+        eval_label, eval_given: the same two for evaluation (``None``: as for the loss).
     """
 
     name: str
@@ -137,8 +137,15 @@ class Prediction:
     label: int
     weight: float
     given: int = -1
-    eval_label: int = -1
-    eval_given: int = -1
+    eval_label: Optional[int] = None
+    eval_given: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        # Frozen: fill the evaluation defaults through object.__setattr__.
+        if self.eval_label is None:
+            object.__setattr__(self, "eval_label", self.label)
+        if self.eval_given is None:
+            object.__setattr__(self, "eval_given", self.given)
 
 
 def resolve_tasks(schema: Schema, args: MultiTaskArgs) -> List[str]:

@@ -230,3 +230,36 @@ def test_heads_over_interformer_on_sequence_data(tiny_seq: str) -> None:
     missing = [n for n, p in wrapped.named_parameters() if p.grad is None]
     assert not missing, missing
     assert model.rep_dim == model.backbone.arch.representation_dim
+
+
+def test_metrics_per_prediction_with_masks_equal_exact_auc() -> None:
+    """torchrec's AUC / NE per prediction, with rows outside an evaluation mask weighted 0,
+    equal the exact AUC over the kept rows; MSE for a regression output."""
+    from data.synth import roc_auc
+    from models.multitask.common import Prediction
+    from trainer.multitask import MultiTaskMetrics
+
+    torch.manual_seed(0)
+    n = 512
+    labels = torch.stack([(torch.rand(n) < 0.4).float(), (torch.rand(n) < 0.5).float(),
+                          torch.randn(n)], dim=1)
+    logits = torch.stack([labels[:, 0] + torch.randn(n), labels[:, 1] + torch.randn(n),
+                          labels[:, 2] + 0.5 * torch.randn(n)], dim=1)
+    preds = [Prediction("a", "binary", 0, 1.0),
+             Prediction("b", "binary", 1, 1.0, given=0, eval_label=1, eval_given=0),
+             Prediction("r", "regression", 2, 1.0, eval_label=2)]
+    metrics = MultiTaskMetrics(preds, 1, 0, 128, n, torch.device("cpu"))
+    for k in range(0, n, 128):
+        metrics.update(logits[k:k + 128], labels[k:k + 128])
+    out = metrics.compute()
+    keep = labels[:, 0] == 1
+    assert out["auc_a"] == pytest.approx(roc_auc(logits[:, 0].numpy(), labels[:, 0].numpy()),
+                                         abs=1e-4)
+    assert out["auc_b"] == pytest.approx(roc_auc(logits[keep, 1].numpy(),
+                                                 labels[keep, 1].numpy()), abs=1e-4)
+    # The masked AUC is not the unmasked one: the mask really is applied.
+    assert abs(out["auc_b"] - roc_auc(logits[:, 1].numpy(), labels[:, 1].numpy())) > 1e-3
+    bce = nn.functional.binary_cross_entropy_with_logits(logits[keep, 1], labels[keep, 1])
+    assert out["logloss_b"] == pytest.approx(float(bce), abs=1e-5)
+    assert out["mse_r"] == pytest.approx(float((logits[:, 2] - labels[:, 2]).pow(2).mean()),
+                                         rel=1e-4)
