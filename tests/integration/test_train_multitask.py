@@ -63,8 +63,7 @@ def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(repo_root: str, ci
 
     Measured (README, "Multi-task heads"): ESMM's pCVR did NOT beat the naive model on this
     data — 0.852 vs 0.870 after one epoch (0.858 vs 0.868 after two), and also not with
-    rarer clicks (CTR 10% and 5%:
-    0.822 vs 0.847, 0.790 vs 0.842). The planted conversion model is additive in per-id
+    rarer clicks (CTR 10% and 5%: 0.822 vs 0.847, 0.790 vs 0.842). The planted conversion model is additive in per-id
     weights, so a model fitted on clicked rows extrapolates well; ESMM's pCVR is only
     determined through pCTR·pCVR and is weakly pinned down where pCTR is small. This test
     therefore asserts the measured relation (ESMM within 0.04 of the naive model), that the
