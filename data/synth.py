@@ -328,13 +328,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             ctr.add_argument(flag, type=type(getattr(defaults, f.name)), default=None,
                              help=f"default {getattr(defaults, f.name)}")
-    from data.synth_multitask import MultiTaskSynthArgs, generate_ctr2
+    from data.synth_multitask import CTR2_PRESETS, MultiTaskSynthArgs, ctr2_preset, generate_ctr2
     from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
     ctr2 = sub.add_parser("ctr2", help="two-task dataset: click, and conversion only after a "
                                        "click (CTCVR = CTR x CVR; data.synth_multitask)")
     ctr2.add_argument("--out", required=True, help="dataset directory to create")
-    ctr2.add_argument("--preset", choices=sorted(PRESETS), help="start from a named size")
+    ctr2.add_argument("--preset", choices=sorted({**PRESETS, **CTR2_PRESETS}),
+                      help="start from a named size, or the ESMM setting esmm_ci "
+                           "(data.synth_multitask.CTR2_PRESETS)")
     ctr2.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     mt_defaults = MultiTaskSynthArgs()
     for f in dataclasses.fields(MultiTaskSynthArgs):
@@ -369,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps({"out": ns.out, "oracle_auc": meta["oracle"]["auc"]}))  # type: ignore[index]
         return 0
     if ns.kind == "ctr2":
-        mt_kwargs: Dict[str, object] = dict(PRESETS[ns.preset]) if ns.preset else {}
+        mt_kwargs: Dict[str, object] = ctr2_preset(ns.preset) if ns.preset else {}
         mt_kwargs.update({f.name: getattr(ns, f.name)
                           for f in dataclasses.fields(MultiTaskSynthArgs)
                           if getattr(ns, f.name) is not None})
