@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 
 from data.synth import PRESETS, CTRSynthArgs, generate_ctr
+from data.synth_multitask import MultiTaskSynthArgs, ctr2_preset, generate_ctr2
 from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -47,6 +48,27 @@ def ci_seq(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The CI-sized sequence-signal CTR dataset (``data.synth ctr_seq --preset ci``)."""
     return _generated(tmp_path_factory, "ci_seq", generate_ctr_seq,
                       SeqCTRSynthArgs(**SEQ_PRESETS["ci"]))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """4k-row two-task dataset (click, conversion, eval-only would_convert)."""
+    return _generated(tmp_path_factory, "tiny_ctr2", generate_ctr2,
+                      MultiTaskSynthArgs(**ctr2_preset("tiny")))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def ci_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The CI-sized two-task dataset (``data.synth ctr2 --preset ci``)."""
+    return _generated(tmp_path_factory, "ci_ctr2", generate_ctr2,
+                      MultiTaskSynthArgs(**ctr2_preset("ci")))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def esmm_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """ESMM's data-sparsity setting (``data.synth ctr2 --preset esmm_ci``)."""
+    return _generated(tmp_path_factory, "esmm_ctr2", generate_ctr2,
+                      MultiTaskSynthArgs(**ctr2_preset("esmm_ci")))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from data.convert.__main__ import main as convert_main
 from data.reader import ParquetReader
 from data.schema import FeatureSpec, LabelSpec, Schema, SchemaError
 from data.synth import PRESETS
-from data.synth_multitask import PlantedCTCVR, MultiTaskSynthArgs, ctr2_preset, generate_ctr2
+from data.synth_multitask import MultiTaskSynthArgs, PlantedCTCVR, ctr2_preset, generate_ctr2
 
 
 def test_ctr2_conversion_only_after_click_and_oracles(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -59,9 +59,8 @@ def test_esmm_preset_rare_clicks_and_conversion_driven_by_the_click_structure() 
         ctr2_preset("big")
 
 
-def test_reader_gives_b_by_t_labels_and_b_for_one(tmp_path, tiny_ctr: str) -> None:  # type: ignore[no-untyped-def]
-    out = str(tmp_path / "d")
-    generate_ctr2(out, MultiTaskSynthArgs(**PRESETS["tiny"]), progress=False)  # type: ignore[arg-type]
+def test_reader_gives_b_by_t_labels_and_b_for_one(tiny_ctr2: str, tiny_ctr: str) -> None:
+    out = tiny_ctr2  # the session's data.synth ctr2 --preset tiny
     batch = next(iter(ParquetReader(out, "eval", 64, prefetch=0)))
     assert batch.labels.shape == (64, 3) and batch.batch_size == 64
     first = pq.read_table(os.path.join(out, "eval")).slice(0, 64).to_pydict()

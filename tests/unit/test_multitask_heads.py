@@ -13,17 +13,8 @@ from torch import nn
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth import PRESETS
-from data.synth_multitask import MultiTaskSynthArgs, generate_ctr2
 from models import get_model_spec
 from models.multitask.common import MultiTaskLoss, MultiTaskModel
-
-
-@pytest.fixture(scope="module")
-def tiny_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("data") / "tiny_ctr2")
-    generate_ctr2(out, MultiTaskSynthArgs(**PRESETS["tiny"]), progress=False)  # type: ignore[arg-type]
-    return out
 
 
 def _batch(path: str, n: int = 64) -> Batch:
