@@ -1,82 +1,118 @@
-"""End to end under torchrun (2 gloo ranks) with the shipped multi-task configs on the
-two-task synthetic set (``data.synth ctr2 --preset ci``): MMoE and PLE approach each task's
-oracle AUC; ESMM's CVR, evaluated over the whole impression space, against a CVR model
-trained on clicked rows only. (MMoE on converted MovieLens like/love data is checked
-in-process by ``tests/unit/test_multitask_movielens.py``.)
+"""Learning runs of the shipped multi-task configs through the trainer's ``train()`` on 2
+gloo ranks: MMoE and PLE approach each task's oracle AUC on ``data.synth ctr2 --preset ci``;
+ESMM's CVR, evaluated over the whole impression space, against a CVR model trained on
+clicked rows only, on ESMM's data-sparsity setting (``--preset esmm_ci``).
 
-One epoch per run keeps the four runs near the time budget of the slow suite.
+All four runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group,
+so the suite pays for process start-up and the torchrec imports once, not
+once per ``torchrun``; ``python -m trainer`` under ``torchrun`` is covered by the other
+integration tests, and ``train()`` is what it runs. (MMoE on converted MovieLens like/love
+data is checked in-process by ``tests/unit/test_multitask_movielens.py``.)
 
 Measured numbers are in the README's "Multi-task heads" section.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+import os
+from typing import Dict, List, Tuple
 
 import pytest
 
-from data.synth import PRESETS
-from data.synth_multitask import MultiTaskSynthArgs, generate_ctr2
-from tests.integration.runner import parse_final, run_trainer
+from sharding.dist import DistContext
+from sharding.spawn import run_ranks
 
 pytestmark = pytest.mark.slow
 
+# The naive CVR model: the same backbone and the same tower as ESMM's CVR tower
+# ([64, 32] on the DCN-v2 representation, no shared bottom), one task whose loss (and
+# metrics) keep clicked rows only, evaluated like ESMM's pCVR against would_convert.
+NAIVE_CVR = ['--model.args.tasks=["conversion"]', "--model.args.bottom_dims=[]",
+             "--model.args.tower_dims=[64, 32]",
+             "--model.args.loss_weights={conversion = 1.0}",
+             '--model.args.loss_given={conversion = "click"}',
+             '--model.args.eval_labels={conversion = "would_convert"}']
+
+# name → (config, dataset fixture, overrides). ESMM and the naive model: the same rows seen
+# (two epochs of the 100k-row set), the same optimizers and learning rates.
+RUNS: Dict[str, Tuple[str, str, List[str]]] = {
+    "mmoe": ("mmoe_synthetic", "ci_ctr2", ["--training.epochs=1"]),
+    "ple": ("ple_synthetic", "ci_ctr2", ["--training.epochs=1"]),
+    "esmm": ("esmm_synthetic", "esmm_ctr2", ["--training.epochs=2"]),
+    "naive_cvr": ("shared_bottom_synthetic", "esmm_ctr2", ["--training.epochs=2", *NAIVE_CVR]),
+}
+
+
+def _train_all(ctx: DistContext, repo_root: str, runs: List[Tuple[str, str, List[str]]],
+               run_root: str) -> List[Dict[str, float]]:
+    """On each rank: ``train()`` every run in turn on the spawn's process group; returns their
+    final metrics.
+
+    ``train()`` joins the default group if there is one (``init_distributed``) and destroys it
+    at its end, as a process launched for one run should; here the group outlives the runs,
+    so its teardown is skipped and every run reuses it. Only rank 0 computes the final
+    metrics (the other ranks' values are None).
+    """
+    import trainer.trainer as trainer_module
+    from trainer.config import load_config
+
+    os.chdir(repo_root)  # the configs' relative paths
+    trainer_module.destroy_distributed = lambda: None  # the spawn's worker tears it down
+    finals = []
+    for i, (config, data, extra) in enumerate(runs):
+        cfg = load_config(f"launch/configs/{config}.toml",
+                          [f"--data.path={data}", "--training.log_every=100",
+                           f"--training.run_dir={run_root}/{i}",
+                           "--checkpoint.save_at_end=false", *extra])
+        final = trainer_module.train(cfg)
+        finals.append({k: float(v) for k, v in final.items() if v is not None})
+    return finals
+
 
 @pytest.fixture(scope="module")
-def ci_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("data") / "ci_ctr2")
-    generate_ctr2(out, MultiTaskSynthArgs(**PRESETS["ci"]), progress=False)  # type: ignore[arg-type]
-    return out
+def finals(repo_root: str, ci_ctr2: str, esmm_ctr2: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, float]]:
+    data = {"ci_ctr2": ci_ctr2, "esmm_ctr2": esmm_ctr2}
+    runs = [(config, data[d], extra) for config, d, extra in RUNS.values()]
+    run_root = str(tmp_path_factory.mktemp("runs"))
+    ranks = run_ranks(_train_all, 2, repo_root, runs, run_root, timeout_s=900,
+                      cpu_threads=None)
+    by_name = dict(zip(RUNS, ranks[0]))
+    print(by_name)  # the measured numbers, visible with pytest -s
+    return by_name
 
 
-def _train(repo_root: str, config: str, data: str, run_dir: str, *extra: str
-           ) -> Dict[str, float]:
-    proc = run_trainer(repo_root, 2, ["--config", f"launch/configs/{config}.toml",
-                                      f"--data.path={data}", "--training.log_every=100",
-                                      f"--training.run_dir={run_dir}",
-                                      "--checkpoint.save_at_end=false", *extra])
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    final = parse_final(proc.stdout)
-    print(config, final)  # the measured numbers, visible with pytest -s
-    return final
-
-
-# (config, allowed gap to each task's oracle AUC) after ONE epoch. The 0.03 target is met
-# after 2 epochs by MMoE (click 0.029, conversion 0.021) and nearly by PLE (click 0.032,
-# conversion 0.021) — single-task DCN-v2 sits at 0.028 there too — but two epochs of both
-# cost more CI time than the suite allows; after one epoch MMoE measured click 0.037,
-# conversion 0.024, and PLE 0.038 / 0.024, so the asserted bound is 0.045.
-@pytest.mark.parametrize("config,gap", [("mmoe_synthetic", 0.045), ("ple_synthetic", 0.045)])
-def test_mmoe_and_ple_approach_every_oracle(repo_root: str, ci_ctr2: str, tmp_path,  # type: ignore[no-untyped-def]
-                                            config: str, gap: float) -> None:
-    final = _train(repo_root, config, ci_ctr2, str(tmp_path / "run"), "--training.epochs=1")
+# Allowed gap to each task's oracle AUC after ONE epoch. The 0.03 target is met after 2
+# epochs by MMoE (click 0.029, conversion 0.021) and nearly by PLE (click 0.032, conversion
+# 0.021) — single-task DCN-v2 sits at 0.028 there too — but two epochs of both cost more CI
+# time than the suite allows; after one epoch MMoE measured click 0.037, conversion 0.024,
+# and PLE 0.038 / 0.024, so the asserted bound is 0.045.
+@pytest.mark.parametrize("name,gap", [("mmoe", 0.045), ("ple", 0.045)])
+def test_mmoe_and_ple_approach_every_oracle(finals: Dict[str, Dict[str, float]], name: str,
+                                            gap: float) -> None:
+    final = finals[name]
     for task in ("click", "conversion"):
         assert final[f"oracle_auc_{task}"] - final[f"auc_{task}"] <= gap, (task, final)
     assert final["examples_per_s"] > 0
 
 
-def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(repo_root: str, ci_ctr2: str,  # type: ignore[no-untyped-def]
-                                                              tmp_path) -> None:
+def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(
+        finals: Dict[str, Dict[str, float]]) -> None:
     """ESMM's pCVR has no loss of its own, yet ranks would-be conversions over the whole
-    impression space; compared with the naive CVR model (the same backbone, one task, its
-    loss only on clicked rows), evaluated against the same counterfactual label.
+    impression space; compared with the naive CVR model (:data:`NAIVE_CVR`), evaluated
+    against the same counterfactual label, after the same rows.
 
-    Measured (README, "Multi-task heads"): ESMM's pCVR did NOT beat the naive model on this
-    data — 0.852 vs 0.870 after one epoch (0.858 vs 0.868 after two), and also not with
-    rarer clicks (CTR 10% and 5%: 0.822 vs 0.847, 0.790 vs 0.842). The planted conversion model is additive in per-id
-    weights, so a model fitted on clicked rows extrapolates well; ESMM's pCVR is only
-    determined through pCTR·pCVR and is weakly pinned down where pCTR is small. This test
-    therefore asserts the measured relation (ESMM within 0.04 of the naive model), that the
-    CVR tower learns through the product alone, and that pCTCVR approaches its oracle.
+    On ``esmm_ci`` (clicks rare, ids heavy-tailed, conversion driven by the click model's
+    structure) after two epochs each, measured: ESMM's pCVR 0.787, the naive model 0.744
+    (oracle 0.913); ESMM's pCTCVR 0.822 (oracle 0.917). The naive model sees only the
+    clicked 28% of the rows, so the embeddings of rarely clicked ids barely move and it
+    overfits the rest (its AUC falls from the first epoch to the second); ESMM's shared
+    embeddings learn the same structure from every impression through pCTR. The margin
+    asserted is half the measured one. (On the default ``ci`` data, where conversion has
+    much signal of its own, the naive model wins: README, "Multi-task heads".)
     """
-    short = "--training.epochs=1"
-    esmm = _train(repo_root, "esmm_synthetic", ci_ctr2, str(tmp_path / "esmm"), short)
-    naive = _train(repo_root, "shared_bottom_synthetic", ci_ctr2, str(tmp_path / "naive"),
-                   short, '--model.args.tasks=["conversion"]',
-                   "--model.args.loss_weights={conversion = 1.0}",
-                   '--model.args.loss_given={conversion = "click"}',
-                   '--model.args.eval_labels={conversion = "would_convert"}')
+    esmm, naive = finals["esmm"], finals["naive_cvr"]
     assert esmm["oracle_auc_cvr"] == naive["oracle_auc_conversion"]  # the same target
-    assert esmm["auc_cvr"] >= 0.80, esmm  # learnt through pCTCVR = pCTR x pCVR only
-    assert naive["auc_conversion"] - esmm["auc_cvr"] <= 0.04, (esmm, naive)
-    assert esmm["oracle_auc_conversion"] - esmm["auc_conversion"] <= 0.04, esmm
+    assert esmm["auc_cvr"] - naive["auc_conversion"] >= 0.02, (esmm, naive)
+    assert esmm["auc_cvr"] >= 0.75, esmm  # learnt through pCTCVR = pCTR x pCVR only
+    assert esmm["auc_conversion"] >= 0.80, esmm  # pCTCVR against conversions
