@@ -40,6 +40,9 @@ RUNS: Dict[str, Tuple[str, str, List[str]]] = {
     "ple": ("ple_synthetic", "ci_ctr2", ["--training.epochs=1"]),
     "esmm": ("esmm_synthetic", "esmm_ctr2", ["--training.epochs=2"]),
     "naive_cvr": ("shared_bottom_synthetic", "esmm_ctr2", ["--training.epochs=2", *NAIVE_CVR]),
+    # The naive model overfits its clicked rows in the second epoch: its best is one epoch.
+    "naive_cvr_1_epoch": ("shared_bottom_synthetic", "esmm_ctr2",
+                          ["--training.epochs=1", *NAIVE_CVR]),
 }
 
 
@@ -103,16 +106,19 @@ def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(
     against the same counterfactual label, after the same rows.
 
     On ``esmm_ci`` (clicks rare, ids heavy-tailed, conversion driven by the click model's
-    structure) after two epochs each, measured: ESMM's pCVR 0.787, the naive model 0.744
-    (oracle 0.913); ESMM's pCTCVR 0.822 (oracle 0.917). The naive model sees only the
-    clicked 28% of the rows, so the embeddings of rarely clicked ids barely move and it
-    overfits the rest (its AUC falls from the first epoch to the second); ESMM's shared
-    embeddings learn the same structure from every impression through pCTR. The margin
-    asserted is half the measured one. (On the default ``ci`` data, where conversion has
+    structure), measured: after two epochs each, ESMM's pCVR 0.787 and the naive model 0.744
+    (oracle 0.913; ESMM's pCTCVR 0.822, oracle 0.917); the naive model's best is after ONE
+    epoch, 0.768, which ESMM's two-epoch pCVR still beats by 0.019 (with data seed 1: 0.765
+    vs 0.720 and 0.745). The naive model sees only the clicked 28% of the rows, so rarely
+    clicked ids barely train and the rest overfit; ESMM's shared embeddings learn the same
+    structure from every impression through pCTR. After one epoch ESMM's pCVR is not there
+    yet (0.748): it is pinned down only through pCTCVR once pCTR is. The margins asserted
+    are about half the measured ones. (On the default ``ci`` data, where conversion has
     much signal of its own, the naive model wins: README, "Multi-task heads".)
     """
-    esmm, naive = finals["esmm"], finals["naive_cvr"]
+    esmm, naive, naive_1 = finals["esmm"], finals["naive_cvr"], finals["naive_cvr_1_epoch"]
     assert esmm["oracle_auc_cvr"] == naive["oracle_auc_conversion"]  # the same target
     assert esmm["auc_cvr"] - naive["auc_conversion"] >= 0.02, (esmm, naive)
+    assert esmm["auc_cvr"] - naive_1["auc_conversion"] >= 0.01, (esmm, naive_1)
     assert esmm["auc_cvr"] >= 0.75, esmm  # learnt through pCTCVR = pCTR x pCVR only
     assert esmm["auc_conversion"] >= 0.80, esmm  # pCTCVR against conversions
