@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-import pytest
 import torch
 
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth import PRESETS
-from data.synth_multitask import MultiTaskSynthArgs, generate_ctr2
 from models import get_model_spec
 from models.multitask.common import MultiTaskLoss
 from sharding.dist import DistContext
@@ -32,13 +29,6 @@ CASES: List[Tuple[str, str, str, Dict[str, object], str]] = [
     ("esmm", "esmm", "default", {}, "ctr2"),
     ("poso", "poso", "default", {"poso_dense": ["d0"], "poso_sparse": ["s1"]}, "ctr2"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("data") / "tiny_ctr2")
-    generate_ctr2(out, MultiTaskSynthArgs(**PRESETS["tiny"]), progress=False)  # type: ignore[arg-type]
-    return out
 
 
 def _parity(ctx: DistContext, dirs: Dict[str, str]) -> Dict[str, Dict[str, object]]:
