@@ -93,10 +93,17 @@ class FeatureSpec:
 
 @dataclass
 class LabelSpec:
-    """A training target column: ``binary`` (float32 0/1) or ``regression`` (float32)."""
+    """A target column: ``binary`` (float32 0/1) or ``regression`` (float32).
+
+    A dataset may have several labels (multi-task data); ``Batch.labels`` is then
+    ``[B, T]`` in schema order. ``eval_only`` marks a label that is read but never trained
+    on by default — e.g. the synthetic data's counterfactual "would convert if clicked",
+    which no real log observes but which measures a CVR model over all impressions.
+    """
 
     name: str
     kind: str = "binary"
+    eval_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,8 @@ class Schema:
                 )
             if label.name in seen:
                 raise SchemaError(f"label {label.name!r} has the same name as a feature")
+            if any(other.name == label.name for other in self.labels[:j]):
+                raise SchemaError(f"label #{j} {label.name!r}: duplicate label name")
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -258,7 +267,10 @@ class Schema:
         return {
             "version": SCHEMA_VERSION,
             "features": feats,
-            "labels": [dataclasses.asdict(label) for label in self.labels],
+            # ``eval_only`` is written only when set, so single-task schema files stay
+            # byte-identical to the ones older code wrote (and reads).
+            "labels": [{k: v for k, v in dataclasses.asdict(label).items()
+                        if k != "eval_only" or v} for label in self.labels],
         }
 
     @classmethod

@@ -3,8 +3,9 @@
 ``python -m data.synth ctr --out DIR [--preset demo] [--seed 0] ...`` writes a CTR dataset:
 ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet``, ``schema.json`` and ``meta.json``.
 ``python -m data.synth ctr_seq ...`` writes CTR data with a behaviour-sequence signal
-(:mod:`data.synth_seq`); ``python -m data.synth seq ...`` next-item sequences with an oracle
-HR@10 (:mod:`data.synth_nextitem`).
+(:mod:`data.synth_seq`); ``python -m data.synth ctr2 ...`` two-task click / conversion data
+(:mod:`data.synth_multitask`); ``python -m data.synth seq ...`` next-item sequences with an
+oracle HR@10 (:mod:`data.synth_nextitem`).
 
 The planted click model (all parameters drawn from ``--seed``)::
 
@@ -30,7 +31,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import pyarrow as pa
@@ -223,11 +224,16 @@ SampleFn = Callable[[int, np.random.Generator], Tuple[pa.Table, np.ndarray, np.n
 
 def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
                           sample: SampleFn, overwrite: bool = False,
-                          progress: bool = True) -> Dict[str, object]:
+                          progress: bool = True,
+                          task_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Write ``train``/``eval`` parquet parts drawn by ``sample(rows, rng)`` (→ table, planted
     probabilities, labels), ``schema.json`` and ``meta.json`` with the oracle metrics, into
     a temp dir renamed to ``out`` at the end. ``args`` (a dataclass) needs ``seed``,
-    ``train_rows``, ``eval_rows``, ``rows_per_file`` and ``row_group_rows``."""
+    ``train_rows``, ``eval_rows``, ``rows_per_file`` and ``row_group_rows``.
+
+    With ``task_names`` (T names), ``sample`` returns probabilities and labels of shape
+    ``[rows, T]`` and the oracle holds ``auc_<task>`` / ``logloss_<task>`` / ``rate_<task>``
+    per task (eval split) besides ``auc`` / ``logloss`` of the first task."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -253,6 +259,15 @@ def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
             if progress:
                 logger.info("%s: wrote %s (%d rows)", split, name, n)
         p, y = np.concatenate(probs_all), np.concatenate(labels_all)
+        if task_names:
+            for k, task in enumerate(task_names):
+                oracle[f"{split}_auc_{task}"] = roc_auc(p[:, k], y[:, k])
+                oracle[f"{split}_logloss_{task}"] = log_loss(p[:, k], y[:, k])
+                oracle[f"{split}_rate_{task}"] = float(y[:, k].mean())
+                if split == "eval":
+                    oracle[f"auc_{task}"] = oracle[f"eval_auc_{task}"]
+                    oracle[f"logloss_{task}"] = oracle[f"eval_logloss_{task}"]
+            p, y = p[:, 0], y[:, 0]
         oracle[f"{split}_auc"] = roc_auc(p, y)
         oracle[f"{split}_logloss"] = log_loss(p, y)
         oracle[f"{split}_ctr"] = float(y.mean())
@@ -297,82 +312,76 @@ def _int_list(s: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
 
 
+@dataclass(frozen=True)
+class _Generator:
+    """One ``python -m data.synth KIND`` subcommand: its argument dataclass (every field
+    becomes a ``--flag``), named presets, writer, and the oracle keys it prints."""
+
+    help: str
+    args_cls: Type[Any]
+    presets: Dict[str, Dict[str, object]]
+    generate: Callable[..., Dict[str, object]]
+    printed: Callable[[Dict[str, Any]], Dict[str, Any]]
+
+
+def _generators() -> Dict[str, _Generator]:
+    # Imported here: those modules import this one (planted-dataset writer, samplers).
+    from data.synth_multitask import CTR2_PRESETS, MultiTaskSynthArgs, generate_ctr2
+    from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
+    from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
+
+    def auc(oracle: Dict[str, Any]) -> Dict[str, Any]:
+        return {"oracle_auc": oracle["auc"]}
+
+    return {
+        "ctr": _Generator("CTR dataset from a planted FM-like click model", CTRSynthArgs,
+                          PRESETS, generate_ctr, auc),
+        "ctr2": _Generator("two-task dataset: click, and conversion only after a click "
+                           "(CTCVR = CTR x CVR; data.synth_multitask); presets: the ctr sizes "
+                           "and the ESMM setting esmm_ci", MultiTaskSynthArgs,
+                           {**PRESETS, **CTR2_PRESETS}, generate_ctr2,
+                           lambda o: {k: v for k, v in o.items() if k.startswith("auc_")}),
+        "ctr_seq": _Generator("CTR dataset whose main signal is in a behaviour sequence "
+                              "(data.synth_seq)", SeqCTRSynthArgs, SEQ_PRESETS,
+                              generate_ctr_seq, auc),
+        "seq": _Generator("next-item sequences from a planted cluster Markov chain with an "
+                          "oracle HR@10 (data.synth_nextitem)", NextItemSynthArgs,
+                          NEXT_ITEM_PRESETS, generate_next_item,
+                          lambda o: {"oracle_hr@10": o["hr@10"]}),
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.synth",
                                      description="Generate synthetic datasets with an oracle.")
     sub = parser.add_subparsers(dest="kind", required=True)
-    ctr = sub.add_parser("ctr", help="CTR dataset from a planted FM-like click model")
-    ctr.add_argument("--out", required=True, help="dataset directory to create")
-    ctr.add_argument("--preset", choices=sorted(PRESETS), help="start from a named size")
-    ctr.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    defaults = CTRSynthArgs()
-    for f in dataclasses.fields(CTRSynthArgs):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("num_embeddings", "multi_hot"):
-            ctr.add_argument(flag, type=_int_list, default=None,
-                             help=f"comma-separated ints (default {getattr(defaults, f.name)})")
-        else:
-            ctr.add_argument(flag, type=type(getattr(defaults, f.name)), default=None,
-                             help=f"default {getattr(defaults, f.name)}")
-    from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
-
-    seq = sub.add_parser("ctr_seq", help="CTR dataset whose main signal is in a behaviour "
-                                         "sequence (data.synth_seq)")
-    seq.add_argument("--out", required=True, help="dataset directory to create")
-    seq.add_argument("--preset", choices=sorted(SEQ_PRESETS), help="start from a named size")
-    seq.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    seq_defaults = SeqCTRSynthArgs()
-    for f in dataclasses.fields(SeqCTRSynthArgs):
-        seq.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(seq_defaults, f.name)),
-                         default=None, help=f"default {getattr(seq_defaults, f.name)}")
-    from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
-
-    nxt = sub.add_parser("seq", help="next-item sequences from a planted cluster Markov chain "
-                                     "with an oracle HR@10 (data.synth_nextitem)")
-    nxt.add_argument("--out", required=True, help="dataset directory to create")
-    nxt.add_argument("--preset", choices=sorted(NEXT_ITEM_PRESETS), help="start from a named size")
-    nxt.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    nxt_defaults = NextItemSynthArgs()
-    for f in dataclasses.fields(NextItemSynthArgs):
-        nxt.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(nxt_defaults, f.name)),
-                         default=None, help=f"default {getattr(nxt_defaults, f.name)}")
+    generators = _generators()
+    for kind, gen in generators.items():
+        p = sub.add_parser(kind, help=gen.help)
+        p.add_argument("--out", required=True, help="dataset directory to create")
+        p.add_argument("--preset", choices=sorted(gen.presets), help="start from a named size")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+        defaults = gen.args_cls()
+        for f in dataclasses.fields(gen.args_cls):
+            default = getattr(defaults, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(default, (list, tuple)):
+                p.add_argument(flag, type=_int_list, default=None,
+                               help=f"comma-separated ints (default {default})")
+            else:
+                p.add_argument(flag, type=type(default), default=None, help=f"default {default}")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if ns.kind == "seq":
-        nxt_kwargs: Dict[str, object] = dict(NEXT_ITEM_PRESETS[ns.preset]) if ns.preset else {}
-        nxt_kwargs.update({f.name: getattr(ns, f.name)
-                           for f in dataclasses.fields(NextItemSynthArgs)
-                           if getattr(ns, f.name) is not None})
-        try:
-            meta = generate_next_item(ns.out, NextItemSynthArgs(**nxt_kwargs),  # type: ignore[arg-type]
-                                      overwrite=ns.overwrite)
-        except (FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps({"out": ns.out, "oracle_hr@10": meta["oracle"]["hr@10"]}))  # type: ignore[index]
-        return 0
-    if ns.kind == "ctr_seq":
-        seq_kwargs: Dict[str, object] = dict(SEQ_PRESETS[ns.preset]) if ns.preset else {}
-        seq_kwargs.update({f.name: getattr(ns, f.name) for f in dataclasses.fields(SeqCTRSynthArgs)
-                           if getattr(ns, f.name) is not None})
-        try:
-            meta = generate_ctr_seq(ns.out, SeqCTRSynthArgs(**seq_kwargs), overwrite=ns.overwrite)  # type: ignore[arg-type]
-        except (FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps({"out": ns.out, "oracle_auc": meta["oracle"]["auc"]}))  # type: ignore[index]
-        return 0
-    kwargs: Dict[str, object] = dict(PRESETS[ns.preset]) if ns.preset else {}
-    for f in dataclasses.fields(CTRSynthArgs):
-        value = getattr(ns, f.name)
-        if value is not None:
-            kwargs[f.name] = value
+    gen = generators[ns.kind]
+    kwargs: Dict[str, object] = dict(gen.presets[ns.preset]) if ns.preset else {}
+    kwargs.update({f.name: getattr(ns, f.name) for f in dataclasses.fields(gen.args_cls)
+                   if getattr(ns, f.name) is not None})
     try:
-        meta = generate_ctr(ns.out, CTRSynthArgs(**kwargs), overwrite=ns.overwrite)
+        meta = gen.generate(ns.out, gen.args_cls(**kwargs), overwrite=ns.overwrite)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": ns.out, "oracle_auc": meta["oracle"]["auc"]}))  # type: ignore[index]
+    print(json.dumps({"out": ns.out, **gen.printed(meta["oracle"])}))  # type: ignore[arg-type]
     return 0
 
 

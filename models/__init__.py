@@ -17,9 +17,14 @@ _MODEL_MODULES: Dict[str, str] = {
     "autoint": "models.autoint",
     "dcn_v2": "models.dcn_v2",
     "deepfm": "models.deepfm",
+    "esmm": "models.multitask.esmm",
     "hstu": "models.hstu.model",
     "interformer": "models.interformer",
+    "mmoe": "models.multitask.mmoe",
+    "ple": "models.multitask.ple",
+    "poso": "models.multitask.poso",
     "sasrec": "models.sasrec",
+    "shared_bottom": "models.multitask.shared_bottom",
 }
 
 

@@ -124,6 +124,19 @@ class DCNv2(nn.Module):
             parts = [batch.dense] + parts
         return torch.cat(parts, dim=1)
 
+    @property
+    def representation_dim(self) -> int:
+        """Width H of :meth:`representation` (the head's input)."""
+        return self.head.in_features
+
+    def representation(self, batch: Batch) -> torch.Tensor:
+        """``[B, H]``: the cross/deep output the head maps to the logit (for multi-task
+        heads); ``forward(batch) == head(representation(batch)).squeeze(1)``."""
+        x0 = self.cross_input(batch)
+        if self.structure == "stacked":
+            return self.deep(self.cross(x0))
+        return torch.cat([self.cross(x0), self.deep(x0)], dim=1)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         x0 = self.cross_input(batch)
         if self.structure == "stacked":

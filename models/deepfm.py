@@ -111,6 +111,20 @@ class DeepFM(nn.Module):
             first = first + self.dense_linear(batch.dense).squeeze(1)
         return vectors, first
 
+    @property
+    def representation_dim(self) -> int:
+        """Width H of :meth:`representation`: deep hidden size + D + 1."""
+        return self.deep[-1].in_features + self.dim + 1
+
+    def representation(self, batch: Batch) -> torch.Tensor:
+        """``[B, H] = [h ‖ fm ‖ first]``, what the logit is a linear function of (for
+        multi-task heads): ``h`` the deep MLP's last hidden layer, ``fm`` the per-dimension
+        FM terms ``½[(Σ_i e_i)² − Σ_i e_i²]`` (``[B, D]``, they sum to the FM logit) and
+        ``first`` the first-order term; ``logit = deep[-1](h) + Σ fm + first + bias``."""
+        vectors, first = self.fields(batch)
+        fm = 0.5 * (vectors.sum(dim=1).pow(2) - vectors.pow(2).sum(dim=1))
+        return torch.cat([self.deep[0](vectors.flatten(1)), fm, first.unsqueeze(1)], dim=1)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         vectors, first = self.fields(batch)
         second = self.fm(vectors)

@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 
 from data.synth import PRESETS, CTRSynthArgs, generate_ctr
+from data.synth_multitask import MultiTaskSynthArgs, ctr2_preset, generate_ctr2
 from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
 from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
@@ -62,6 +63,27 @@ def ci_nextitem(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The CI-sized next-item dataset (``data.synth seq --preset ci``)."""
     return _generated(tmp_path_factory, "ci_nextitem", generate_next_item,
                       NextItemSynthArgs(**NEXT_ITEM_PRESETS["ci"]))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """4k-row two-task dataset (click, conversion, eval-only would_convert)."""
+    return _generated(tmp_path_factory, "tiny_ctr2", generate_ctr2,
+                      MultiTaskSynthArgs(**ctr2_preset("tiny")))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def ci_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The CI-sized two-task dataset (``data.synth ctr2 --preset ci``)."""
+    return _generated(tmp_path_factory, "ci_ctr2", generate_ctr2,
+                      MultiTaskSynthArgs(**ctr2_preset("ci")))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def esmm_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """ESMM's data-sparsity setting (``data.synth ctr2 --preset esmm_ci``)."""
+    return _generated(tmp_path_factory, "esmm_ctr2", generate_ctr2,
+                      MultiTaskSynthArgs(**ctr2_preset("esmm_ci")))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -422,6 +422,12 @@ def validate(cfg: Config) -> List[str]:
     args_errors: List[str] = []
     parsed = dataclass_from_dict(spec.args_cls, cfg.model.args, "model.args.", args_errors)
     errors += args_errors
+    if not args_errors and hasattr(parsed, "validate"):
+        # The model's own range checks (they name their model.args keys), before any work.
+        try:
+            parsed.validate()
+        except ValueError as e:
+            errors.append(str(e))
     if not args_errors:
         # keep only the keys the user set, now with their checked types
         cfg.model.args = {k: getattr(parsed, k) for k in cfg.model.args}

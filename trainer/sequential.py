@@ -55,7 +55,7 @@ from models.sequential import (
 )
 from sharding.dist import DistContext
 from trainer.config import Config
-from trainer.tasks import TASKS, RunningMetrics, Task, eval_batches, run_eval
+from trainer.tasks import RunningMetrics, Task, eval_batches, run_eval
 
 HR_KS = (1, 10, 50, 200)
 NDCG_KS = (10, 50, 200)
@@ -439,5 +439,3 @@ class SequentialTaskKind(Task):
             "eval_users": metrics.get("eval_users"),
         }
 
-
-TASKS["sequential"] = SequentialTaskKind

@@ -9,12 +9,13 @@ A registered model names its task kind (``ModelSpec.task``). The kind decides
   item of a sharded table),
 * the keys of the ``final`` line.
 
-The loop in :mod:`trainer.trainer` is the same for every kind; a new kind registers a
-:class:`Task` subclass in :data:`TASKS`.
+The loop in :mod:`trainer.trainer` is the same for every kind; a new kind is a :class:`Task`
+subclass named in :data:`TASKS`.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
 
@@ -162,8 +163,11 @@ def run_eval(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetR
         dmp.train()
 
 
-TASKS: Dict[str, Type[Task]] = {
-    "ctr": CTRTaskKind,
+# kind → "module:Class"; imported on use, so a CTR run does not load the ranking code.
+TASKS: Dict[str, str] = {
+    "ctr": "trainer.tasks:CTRTaskKind",
+    "multitask": "trainer.multitask:MultiTaskKind",
+    "sequential": "trainer.sequential:SequentialTaskKind",
 }
 
 
@@ -171,6 +175,6 @@ def get_task(kind: str, cfg: Config, schema: Schema) -> Task:
     """The task kind ``kind`` (a model spec's ``task``) for this run."""
     if kind not in TASKS:
         raise KeyError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(TASKS))}")
-    return TASKS[kind](cfg, schema)
-
-import trainer.sequential  # noqa: E402,F401  (registers the "sequential" kind in TASKS)
+    module, cls_name = TASKS[kind].split(":")
+    cls: Type[Task] = getattr(importlib.import_module(module), cls_name)
+    return cls(cfg, schema)

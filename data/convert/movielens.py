@@ -10,7 +10,8 @@ arrays (32 bytes per rating: ML-20M needs about 0.7 GB), since grouping by user 
 ``item_seq``, ``item_ts`` and ``action_seq`` (rating as an action id: the rating for integer
 ratings, ``2 × rating`` for the half-star ``ratings.csv``), leave-one-out train/eval split.
 
-``--task ctr``: one row per rating, ``label`` = rating >= 4 (float32); sparse ``user_id``,
+``--task ctr``: one row per rating, ``label`` = rating >= 4 (float32) and, with
+``--love-label``, a second label ``love`` = rating >= 5 (multi-task); sparse ``user_id``,
 ``item_id``, ``genres`` (multi-valued, when a movies file is given) and ``gender``, ``age``,
 ``occupation``, ``zip3`` (when a users file is given; id 0 = unknown); ``hist_items`` with
 ``hist_ts``: the user's items rated strictly before this rating (most recent
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-dim", type=int, default=50)
     p.add_argument("--min-interactions", type=int, default=2,
                    help="sequential: drop users with fewer interactions (default 2)")
+    p.add_argument("--love-label", action="store_true",
+                   help="ctr: add a second binary label 'love' = rating >= 5 beside 'label' "
+                        "(rating >= 4), for multi-task models")
 
 
 def _classify(inputs: Sequence[str]) -> Tuple[str, Optional[str], Optional[str]]:
@@ -268,7 +272,11 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
     feats.append(FeatureSpec("hist_items", "sequence", table="hist_item",
                              num_embeddings=item_keys.size + 1, embedding_dim=dim,
                              max_len=args.history_len, timestamps="hist_ts"))
-    schema = Schema(features=feats, labels=[LabelSpec("label", "binary")])
+    love = bool(getattr(args, "love_label", False))
+    labels = [LabelSpec("label", "binary")] + ([LabelSpec("love", "binary")] if love else [])
+    if love:
+        facts["labels"] = {"label": "rating >= 4", "love": "rating >= 5"}
+    schema = Schema(features=feats, labels=labels)
     for c0 in range(0, n, chunk):
         sl = slice(c0, min(n, c0 + chunk))
         hist_len = np.minimum(run_start[sl] - user_start[sl], args.history_len)
@@ -290,6 +298,8 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
         cols["hist_items"] = list_column(offsets, it[idx])
         cols["hist_ts"] = list_column(offsets, t[idx])
         cols["label"] = pa.array((r[sl] >= 4).astype(np.float32))
+        if love:
+            cols["love"] = pa.array((r[sl] >= 5).astype(np.float32))
         table = pa.table(cols)
         is_eval = last_of_user[sl]
         writer.write("train", table.filter(pa.array(~is_eval)))

@@ -1,0 +1,190 @@
+"""The ``multitask`` task kind: several labels, one loss and one set of metrics per task.
+
+The model is a :class:`models.multitask.common.MultiTaskModel` (shared-bottom, MMoE, PLE,
+ESMM, POSO). Its ``predictions`` say, per output column, which label the loss uses (BCE for
+binary, MSE for regression), the loss weight (``[model.args] loss_weights``) and the rows it
+sees, and which label and rows evaluation uses. The wrapper
+(:class:`models.multitask.common.MultiTaskLoss`) returns ``(loss, (loss, logits [B, P],
+labels [B, T]))``.
+
+Metrics go through torchrec's metric modules with one ``RecTaskInfo`` per prediction: AUC and
+NE for binary predictions, MSE for regression ones; rows outside a prediction's evaluation
+mask get weight 0. The ``final`` line holds, per prediction, ``auc_<name>``, ``ne_<name>``,
+``logloss_<name>`` (binary) or ``mse_<name>`` (regression) and, on synthetic data,
+``oracle_auc_<name>`` (the planted model's AUC against the same label over all rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.metrics_config import RecTaskInfo
+from torchrec.metrics.mse import MSEMetric
+from torchrec.metrics.ne import NEMetric
+
+from data.reader import ParquetReader
+from data.schema import Schema
+from models import get_model_spec
+from models.multitask.common import MultiTaskLoss, MultiTaskModel, Prediction
+from sharding.dist import DistContext
+from trainer.config import Config
+from trainer.tasks import RunningMetrics, Task, eval_batches, run_eval
+
+
+class MultiTaskMetrics:
+    """Per-prediction metrics over a window of examples (all ranks together).
+
+    Args:
+        predictions: the model's output columns.
+        world_size, rank: the process group's.
+        batch_size: examples per rank per update.
+        window_examples: examples (all ranks) the windows hold.
+        device: where the metric state lives.
+    """
+
+    def __init__(self, predictions: List[Prediction], world_size: int, rank: int,
+                 batch_size: int, window_examples: int, device: torch.device) -> None:
+        self.predictions = predictions
+        self.device = device
+        kwargs: Dict[str, Any] = dict(world_size=world_size, my_rank=rank,
+                                      batch_size=batch_size,
+                                      window_size=max(window_examples, batch_size * world_size))
+
+        def infos(kind: str) -> List[RecTaskInfo]:
+            return [RecTaskInfo(name=p.name, label_name=p.name, prediction_name=p.name,
+                                weight_name=p.name) for p in predictions if p.kind == kind]
+
+        binary, regression = infos("binary"), infos("regression")
+        self.auc = AUCMetric(tasks=binary, **kwargs).to(device) if binary else None
+        self.ne = NEMetric(tasks=binary, **kwargs).to(device) if binary else None
+        self.mse = MSEMetric(tasks=regression, **kwargs).to(device) if regression else None
+        # Per prediction: weighted log-loss sum and weight sum (binary predictions only).
+        self._sums = torch.zeros(len(predictions), 2, dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.detach().float()
+        labels = labels.detach().float().reshape(logits.shape[0], -1)
+        preds: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
+        targets: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
+        weights: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
+        for k, p in enumerate(self.predictions):
+            y = labels[:, p.eval_label]
+            w = labels[:, p.eval_given] if p.eval_given >= 0 else torch.ones_like(y)
+            x = logits[:, k]
+            preds[p.kind][p.name] = torch.sigmoid(x) if p.kind == "binary" else x
+            targets[p.kind][p.name] = y
+            weights[p.kind][p.name] = w
+            if p.kind == "binary":
+                bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+                self._sums[k] += torch.stack([(bce * w).sum().double(), w.sum().double()])
+        for kind, modules in (("binary", (self.auc, self.ne)), ("regression", (self.mse,))):
+            for m in modules:
+                if m is not None:
+                    m.update(predictions=preds[kind], labels=targets[kind],
+                             weights=weights[kind])
+
+    def compute(self) -> Dict[str, float]:
+        """``auc_<p>``, ``ne_<p>``, ``logloss_<p>``, ``mse_<p>`` and ``examples``; a
+        collective."""
+        out: Dict[str, float] = {}
+        for prefix, module in (("auc", self.auc), ("ne", self.ne), ("mse", self.mse)):
+            if module is None:
+                continue
+            for key, value in module.compute().items():
+                # torchrec keys: "<metric>-<task>|window_<metric>"
+                head, _, tail = key.partition("|")
+                if tail == f"window_{prefix}":
+                    out[f"{prefix}_{head.split('-', 1)[1]}"] = float(value.reshape(-1)[0])
+        sums = self._sums.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        for k, p in enumerate(self.predictions):
+            if p.kind == "binary":
+                out[f"logloss_{p.name}"] = float(sums[k, 0] / sums[k, 1].clamp(min=1))
+        return out
+
+
+class _Running:
+    """Adapts :class:`MultiTaskMetrics` to the ``(loss, logits, labels)`` pipeline output."""
+
+    def __init__(self, metrics: MultiTaskMetrics) -> None:
+        self.metrics = metrics
+
+    def update(self, output: Tuple[Any, ...]) -> None:
+        _, logits, labels = output
+        self.metrics.update(logits, labels)
+
+    def compute(self) -> Dict[str, float]:
+        return self.metrics.compute()
+
+
+class MultiTaskKind(Task):
+    """Several labels trained together by a multi-task head (see the module docstring)."""
+
+    name = "multitask"
+
+    def __init__(self, cfg: Config, schema: Schema) -> None:
+        super().__init__(cfg, schema)
+        spec = get_model_spec(cfg.model.name)
+        args = spec.make_args(cfg.model.flavour, cfg.model.args)
+        # Built on the meta device (no memory, no init cost) only to read its outputs; this
+        # also validates every multi-task argument before any work.
+        model = spec.build(schema, args, "meta")
+        if not isinstance(model, MultiTaskModel):
+            raise ValueError(f"model {cfg.model.name!r} is not a multi-task head")
+        self.predictions: List[Prediction] = list(model.predictions)
+        self.label_names = [lab.name for lab in schema.labels]
+
+    def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
+        assert isinstance(model, MultiTaskModel), type(model)
+        return MultiTaskLoss(model, self.cfg.training.dense_dtype, device_type)
+
+    def examples(self, output: Tuple[Any, ...]) -> int:
+        return int(output[1].shape[0])
+
+    def _metrics(self, ctx: DistContext, batch_size: int, window: int) -> MultiTaskMetrics:
+        return MultiTaskMetrics(self.predictions, ctx.world_size, ctx.rank, batch_size, window,
+                                ctx.device)
+
+    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
+        return _Running(self._metrics(ctx, self.cfg.data.batch_size, window_examples))
+
+    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
+                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
+        n = eval_batches(reader, max_batches)
+        running = _Running(self._metrics(ctx, reader.batch_size,
+                                         n * reader.batch_size * ctx.world_size))
+        run_eval(pipeline, dmp, reader, n, running)
+        return running.compute()
+
+    def summary(self, metrics: Mapping[str, float]) -> str:
+        parts = []
+        for p in self.predictions:
+            key = f"auc_{p.name}" if p.kind == "binary" else f"mse_{p.name}"
+            parts.append(f"{key} {metrics.get(key, float('nan')):.4f}")
+        return " ".join(parts)
+
+    def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
+              ) -> Dict[str, Optional[float]]:
+        oracle = meta.get("oracle", {})
+        out: Dict[str, Optional[float]] = {}
+        for p in self.predictions:
+            if p.kind == "regression":
+                out[f"mse_{p.name}"] = metrics.get(f"mse_{p.name}")
+                continue
+            out[f"auc_{p.name}"] = metrics.get(f"auc_{p.name}")
+            # The oracle is over all rows: comparable only without an evaluation mask.
+            value = oracle.get(f"auc_{self.label_names[p.eval_label]}")
+            if p.eval_given < 0 and value is not None:
+                out[f"oracle_auc_{p.name}"] = float(value)
+        for p in self.predictions:
+            if p.kind == "binary":
+                out[f"logloss_{p.name}"] = metrics.get(f"logloss_{p.name}")
+                out[f"ne_{p.name}"] = metrics.get(f"ne_{p.name}")
+        return out
+
