@@ -81,6 +81,17 @@ class FactorizationMachine(nn.Module):
 DENSE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast_forward(model: nn.Module, batch: Batch, dtype: Optional[torch.dtype],
+                     device_type: str) -> torch.Tensor:
+    """``model(batch)`` with its dense compute autocast to ``dtype`` (``None``: fp32), the
+    result back in fp32 so losses and metrics stay full precision."""
+    if dtype is None:
+        return model(batch)
+    with torch.autocast(device_type, dtype=dtype):
+        out = model(batch)
+    return out.float()
+
+
 class CTRTask(nn.Module):
     """Wraps a ``Batch`` → logits ``[B]`` model with binary cross-entropy.
 
@@ -108,11 +119,6 @@ class CTRTask(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]]:
-        if self.autocast_dtype is None:
-            logits = self.model(batch)
-        else:
-            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-                logits = self.model(batch)
-            logits = logits.float()
+        logits = autocast_forward(self.model, batch, self.autocast_dtype, self.device_type)
         loss = self.loss_fn(logits, batch.labels)
         return loss, (loss.detach(), logits.detach(), batch.labels)

@@ -138,12 +138,7 @@ class DCNv2(nn.Module):
         return torch.cat([self.cross(x0), self.deep(x0)], dim=1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        x0 = self.cross_input(batch)
-        if self.structure == "stacked":
-            out = self.deep(self.cross(x0))
-        else:
-            out = torch.cat([self.cross(x0), self.deep(x0)], dim=1)
-        return self.head(out).squeeze(1)
+        return self.head(self.representation(batch)).squeeze(1)
 
 
 def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta") -> DCNv2:

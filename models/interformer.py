@@ -289,8 +289,16 @@ class InterFormerArch(nn.Module):
         s_sum = self.s_gate[i](torch.cat([s_cls, s_pma, recent], dim=1))
         return x_sum, s_sum
 
-    def forward(self, x: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor
-                ) -> torch.Tensor:
+    @property
+    def representation_dim(self) -> int:
+        """Width H of :meth:`representation`: ``(2·n_cls + n_pma + n_recent) · D``."""
+        a = self.args
+        return (2 * a.num_cls + a.num_pma + a.num_recent) * self.dim
+
+    def representation(self, x: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor
+                       ) -> torch.Tensor:
+        """``[B, H]``: the last summaries ``[X_sum ‖ S_sum]`` flattened — what the head maps
+        to the logit (multi-task heads start from it)."""
         T = seqs.shape[1]
         lengths = lengths.to(torch.long)
         steps = torch.arange(T, device=seqs.device)
@@ -318,41 +326,11 @@ class InterFormerArch(nn.Module):
             seq = self.sequence[i](seq, x_sum, valid)
             x = x_next
             x_sum, s_sum = self.cross(i + 1, x, seq, valid, lengths)
-        return self.head(torch.cat([x_sum, s_sum], dim=1).flatten(1)).squeeze(1)
-
-
-    @property
-    def representation_dim(self) -> int:
-        """Width H of :meth:`representation`: ``(2·n_cls + n_pma + n_recent) · D``."""
-        a = self.args
-        return (2 * a.num_cls + a.num_pma + a.num_recent) * self.dim
-
-    def representation(self, x: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor
-                       ) -> torch.Tensor:
-        """``[B, H]``: the last summaries ``[X_sum ‖ S_sum]`` flattened — what :meth:`forward`
-        feeds its head (for multi-task heads). The same steps as :meth:`forward` up to the
-        head; a unit test checks ``head(representation(...)) == forward(...)``, so the two
-        cannot drift apart silently."""
-        T = seqs.shape[1]
-        lengths = lengths.to(torch.long)
-        steps = torch.arange(T, device=seqs.device)
-        in_seq = steps.unsqueeze(0) < lengths.unsqueeze(1)
-        seqs = seqs * in_seq.unsqueeze(2).to(seqs.dtype)
-        seq = self.lce(seqs * self.mask_mlp(seqs))
-        cls_valid = torch.ones_like(lengths, dtype=torch.bool).unsqueeze(1).expand(
-            -1, self.args.num_cls)
-        valid = torch.cat([cls_valid, in_seq], dim=1)
-        n_cls = self.args.num_cls
-        x_sum = self.x_gate[0](self.x_summary[0](x.flatten(1)).reshape(-1, n_cls, self.dim))
-        seq = torch.cat([x_sum, seq], dim=1)
-        x_sum, s_sum = self.cross(0, x, seq, valid, lengths)
-        for i in range(self.args.num_layers):
-            inter = self.interaction[i]
-            x_next = inter["mlp"](inter["dhen"](torch.cat([x, s_sum], dim=1)))
-            seq = self.sequence[i](seq, x_sum, valid)
-            x = x_next
-            x_sum, s_sum = self.cross(i + 1, x, seq, valid, lengths)
         return torch.cat([x_sum, s_sum], dim=1).flatten(1)
+
+    def forward(self, x: torch.Tensor, seqs: torch.Tensor, lengths: torch.Tensor
+                ) -> torch.Tensor:
+        return self.head(self.representation(x, seqs, lengths)).squeeze(1)
 
 
 class InterFormer(nn.Module):

@@ -16,24 +16,22 @@ mask get weight 0. The ``final`` line holds, per prediction, ``auc_<name>``, ``n
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.mse import MSEMetric
 from torchrec.metrics.ne import NEMetric
 
-from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
 from models.multitask.common import MultiTaskLoss, MultiTaskModel, Prediction
 from sharding.dist import DistContext
 from trainer.config import Config
-from trainer.tasks import RunningMetrics, Task, eval_batches, run_eval
+from trainer.tasks import LogitsLabelsTask
 
 
 class MultiTaskMetrics:
@@ -109,21 +107,7 @@ class MultiTaskMetrics:
         return out
 
 
-class _Running:
-    """Adapts :class:`MultiTaskMetrics` to the ``(loss, logits, labels)`` pipeline output."""
-
-    def __init__(self, metrics: MultiTaskMetrics) -> None:
-        self.metrics = metrics
-
-    def update(self, output: Tuple[Any, ...]) -> None:
-        _, logits, labels = output
-        self.metrics.update(logits, labels)
-
-    def compute(self) -> Dict[str, float]:
-        return self.metrics.compute()
-
-
-class MultiTaskKind(Task):
+class MultiTaskKind(LogitsLabelsTask):
     """Several labels trained together by a multi-task head (see the module docstring)."""
 
     name = "multitask"
@@ -144,23 +128,10 @@ class MultiTaskKind(Task):
         assert isinstance(model, MultiTaskModel), type(model)
         return MultiTaskLoss(model, self.cfg.training.dense_dtype, device_type)
 
-    def examples(self, output: Tuple[Any, ...]) -> int:
-        return int(output[1].shape[0])
-
-    def _metrics(self, ctx: DistContext, batch_size: int, window: int) -> MultiTaskMetrics:
-        return MultiTaskMetrics(self.predictions, ctx.world_size, ctx.rank, batch_size, window,
-                                ctx.device)
-
-    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
-        return _Running(self._metrics(ctx, self.cfg.data.batch_size, window_examples))
-
-    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
-                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
-        n = eval_batches(reader, max_batches)
-        running = _Running(self._metrics(ctx, reader.batch_size,
-                                         n * reader.batch_size * ctx.world_size))
-        run_eval(pipeline, dmp, reader, n, running)
-        return running.compute()
+    def metrics(self, ctx: DistContext, batch_size: int, window_examples: int
+                ) -> MultiTaskMetrics:
+        return MultiTaskMetrics(self.predictions, ctx.world_size, ctx.rank, batch_size,
+                                window_examples, ctx.device)
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         parts = []

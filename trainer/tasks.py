@@ -85,10 +85,11 @@ class Task:
         raise NotImplementedError
 
 
-class _CTRRunning:
-    """Adapts :class:`CTRMetrics` to the ``(loss, logits, labels)`` output of ``CTRTask``."""
+class LogitsLabelsMetrics:
+    """Adapts metrics with ``update(logits, labels)`` / ``compute()`` (``CTRMetrics``, the
+    multi-task metrics) to a wrapper whose pipeline output is ``(loss, logits, labels)``."""
 
-    def __init__(self, metrics: CTRMetrics) -> None:
+    def __init__(self, metrics: Any) -> None:
         self.metrics = metrics
 
     def update(self, output: Tuple[Any, ...]) -> None:
@@ -99,7 +100,31 @@ class _CTRRunning:
         return self.metrics.compute()
 
 
-class CTRTaskKind(Task):
+class LogitsLabelsTask(Task):
+    """A task kind whose wrapper outputs ``(loss, logits [B, ...], labels [B, ...])`` and
+    whose metrics come from :meth:`metrics` (``update(logits, labels)`` / ``compute()``)."""
+
+    def metrics(self, ctx: DistContext, batch_size: int, window_examples: int) -> Any:
+        """Metrics over ``window_examples`` (all ranks), fed ``batch_size`` rows per rank."""
+        raise NotImplementedError
+
+    def examples(self, output: Tuple[Any, ...]) -> int:
+        return int(output[1].shape[0])
+
+    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
+        return LogitsLabelsMetrics(self.metrics(ctx, self.cfg.data.batch_size,
+                                                window_examples))
+
+    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
+                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
+        n = eval_batches(reader, max_batches)
+        running = LogitsLabelsMetrics(self.metrics(ctx, reader.batch_size,
+                                                   n * reader.batch_size * ctx.world_size))
+        run_eval(pipeline, dmp, reader, n, running)
+        return running.compute()
+
+
+class CTRTaskKind(LogitsLabelsTask):
     """Binary click prediction: BCE loss, AUC / NE / log-loss metrics, ``oracle_auc``."""
 
     name = "ctr"
@@ -107,22 +132,8 @@ class CTRTaskKind(Task):
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         return CTRTask(model, self.cfg.training.dense_dtype, device_type)
 
-    def examples(self, output: Tuple[Any, ...]) -> int:
-        return int(output[2].shape[0])
-
-    def _metrics(self, ctx: DistContext, batch_size: int, window: int) -> CTRMetrics:
-        return CTRMetrics(ctx.world_size, ctx.rank, batch_size, window, ctx.device)
-
-    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
-        return _CTRRunning(self._metrics(ctx, self.cfg.data.batch_size, window_examples))
-
-    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
-                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
-        n = eval_batches(reader, max_batches)
-        running = _CTRRunning(self._metrics(ctx, reader.batch_size,
-                                            n * reader.batch_size * ctx.world_size))
-        run_eval(pipeline, dmp, reader, n, running)
-        return running.compute()
+    def metrics(self, ctx: DistContext, batch_size: int, window_examples: int) -> CTRMetrics:
+        return CTRMetrics(ctx.world_size, ctx.rank, batch_size, window_examples, ctx.device)
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         return (f"auc {metrics.get('auc', float('nan')):.4f} "

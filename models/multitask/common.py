@@ -39,7 +39,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import DENSE_DTYPES, pooled_table_configs
+from models.blocks import DENSE_DTYPES, autocast_forward, pooled_table_configs
 
 #: Backbones with ``representation(batch) -> [B, H]`` and ``representation_dim``, and the
 #: submodules / parameters of their final logit layer (dropped: a head replaces them).
@@ -369,12 +369,7 @@ class MultiTaskLoss(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]]:
-        if self.autocast_dtype is None:
-            logits = self.model(batch)
-        else:
-            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-                logits = self.model(batch)
-            logits = logits.float()
+        logits = autocast_forward(self.model, batch, self.autocast_dtype, self.device_type)
         labels = batch.labels.reshape(logits.shape[0], -1)
         loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
         for k, p in enumerate(self.predictions):
