@@ -15,6 +15,7 @@ subclass named in :data:`TASKS`.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import itertools
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
@@ -40,8 +41,8 @@ class RunningMetrics(Protocol):
     def compute(self) -> Dict[str, float]: ...
 
 
-class Task:
-    """Base class of a task kind. Subclasses set ``name`` and implement every method."""
+class Task(abc.ABC):
+    """Base class of a task kind. Subclasses set ``name`` and implement the abstract methods."""
 
     name: str = ""
 
@@ -49,6 +50,7 @@ class Task:
         self.cfg = cfg
         self.schema = schema
 
+    @abc.abstractmethod
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         """The task wrapper (loss owner) around the unsharded over-arch ``model``."""
         raise NotImplementedError
@@ -60,14 +62,17 @@ class Task:
         resumed run rebuilds the same batches."""
         return None
 
+    @abc.abstractmethod
     def examples(self, output: Tuple[Any, ...]) -> int:
         """Examples (rows) of this rank's batch behind ``output``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
         """Running metrics over a window of ``window_examples`` (all ranks)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
                  reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
         """Metrics over the eval split (or its first ``max_batches`` batches), all ranks.
@@ -75,10 +80,12 @@ class Task:
         Called with the pipeline drained; runs it in eval mode (no backward, no step)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def summary(self, metrics: Mapping[str, float]) -> str:
         """A few metrics for a log line, e.g. ``auc 0.8012 logloss 0.4410``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
               ) -> Dict[str, Optional[float]]:
         """The task's part of the ``final`` line (the loop adds throughput and steps)."""
@@ -104,6 +111,7 @@ class LogitsLabelsTask(Task):
     """A task kind whose wrapper outputs ``(loss, logits [B, ...], labels [B, ...])`` and
     whose metrics come from :meth:`metrics` (``update(logits, labels)`` / ``compute()``)."""
 
+    @abc.abstractmethod
     def metrics(self, ctx: DistContext, batch_size: int, window_examples: int) -> Any:
         """Metrics over ``window_examples`` (all ranks), fed ``batch_size`` rows per rank."""
         raise NotImplementedError
