@@ -23,13 +23,17 @@ Three implementations sit behind :func:`hstu_attention`:
 
 * ``pytorch_padded`` pads the batch to its longest sequence; short and obviously correct, the
   reference the others are tested against; cost ``B · max(L)²``.
-* ``pytorch_jagged`` (the CPU default) sorts the sequences by length and walks the query
-  tiles of ``block`` rows: tile ``t`` of every sequence that has one is processed in one
-  batched matmul against keys ``[0, (t + 1)·block)``. Only tiles on or below the causal
-  diagonal are computed and no sequence is padded beyond its last tile, so the cost is
-  ``≈ ΣLᵢ² / 2`` plus at most one tile per row. Its backward pass is written out (a custom
-  ``autograd.Function``) and recomputes each tile's scores, as flash attention does, so
-  memory grows with ``ΣLᵢ`` plus one tile step, not with ``ΣLᵢ²``.
+* ``pytorch_jagged`` (the CPU default) groups the sequences by their number of ``block``-row
+  tiles and gathers each group once into padded buffers (at most one tile of padding per
+  sequence); query tile ``t`` of a group attends to keys ``[0, (t + 1)·block)`` as strided
+  views of those buffers, in chunks of sequences whose scores fit in cache. Only tiles on or
+  below the causal diagonal are computed, so the cost is ``≈ ΣLᵢ² / 2`` plus at most one
+  tile per row. The causal mask is folded into the position bias (a very negative bias
+  above the diagonal, where ``SiLU`` and its derivative are exactly 0) and ``1/n`` into
+  ``V``, so a tile costs its matmuls plus two elementwise passes forward and three backward.
+  The backward pass is written out (a custom ``autograd.Function``) and recomputes each
+  tile's scores, as flash attention does, so memory grows with ``ΣLᵢ`` (plus one byte per
+  causal pair for the cached time buckets), not with ``H·ΣLᵢ²``.
 * ``triton`` runs fused forward and backward Triton kernels over the jagged values and the
   offsets (see :mod:`models.hstu.triton_attention`); on CPU tensors it needs the Triton
   interpreter (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
@@ -37,7 +41,6 @@ Three implementations sit behind :func:`hstu_attention`:
 
 from __future__ import annotations
 
-import bisect
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -204,14 +207,9 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
 def _jagged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
             max_seq_len: int, rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
             timestamps: Optional[torch.Tensor], block: int = 64,
-            query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal tiles only: query tile ``t`` of all sequences at once, keys ``[0, (t+1)·block)``.
-
-    Sequences are sorted by length (longest first) so those that still have a tile ``t`` are
-    a prefix of the order; each step is one batched matmul ``[H, S, block, d] @ [H, S, d,
-    (t + 1)·block]``. Rows past a sequence's end point at an all-zero pad row (index ΣL), and
-    their outputs are dropped when the tiles are put back in token order.
-    """
+            query_timestamps: Optional[torch.Tensor] = None,
+            tile_cells: int = 1 << 18) -> torch.Tensor:
+    """Causal tiles only, sequences grouped by tile count (see :class:`_TileGroups`)."""
     if q.shape[0] == 0:
         return v * 0  # keeps the (empty) result connected to the graph
     ts = ts_next = None
@@ -221,116 +219,204 @@ def _jagged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
             else query_timestamps
         ts_next = torch.cat([tq, timestamps.new_zeros(1)])
     return _JaggedAttention.apply(q, k, v, rab_pos, rab_time, offsets, ts, ts_next,
-                                  max_seq_len, block)
+                                  max_seq_len, block, tile_cells)
 
 
-class _CausalTiles:
-    """The tile schedule of one jagged batch: for each query tile ``t``, the gather indices of
-    the ``S_t`` sequences that have such a tile (rows past a sequence's end point at the
-    all-zero pad row, index ``ΣL``), their query/key positions and the bias index tensors."""
+class _TileGroups:
+    """The tile schedule of one jagged batch.
 
-    def __init__(self, offsets: torch.Tensor, total: int, block: int) -> None:
+    Sequences with the same number of ``block``-row tiles form a group; a group of ``S``
+    sequences of ``n`` tiles is gathered once into padded ``[S, H, n·block, d]`` buffers
+    (rows past a sequence's end come from the all-zero pad row, index ``ΣL``), so padding
+    costs at most one tile per sequence. Query tile ``t`` of a group attends to keys
+    ``[0, (t + 1)·block)``: both are strided views of the buffers, so no tile is copied, and
+    the tile's ``[S_c, H, block, (t + 1)·block]`` scores are computed for chunks of ``S_c``
+    sequences small enough (``tile_cells`` scores) to stay in cache while the elementwise
+    passes run over them.
+    """
+
+    def __init__(self, offsets: torch.Tensor, total: int, block: int, heads: int,
+                 tile_cells: int) -> None:
         lengths = offsets.diff()
-        order = torch.argsort(lengths, descending=True, stable=True)
-        lens, starts = lengths[order], offsets[:-1][order]
-        tiles_desc: List[int] = ((lens + block - 1) // block).tolist()
-        neg_tiles = [-t for t in tiles_desc]
-        steps = torch.arange(tiles_desc[0] * block, device=offsets.device)
-        self.tiles = []
-        for t in range(tiles_desc[0]):
-            active = bisect.bisect_left(neg_tiles, -t)  # sequences with more than t tiles
-            q_pos, k_pos = steps[t * block:(t + 1) * block], steps[:(t + 1) * block]
-            seq_len, seq_start = lens[:active, None], starts[:active, None]
-            q_idx = torch.where(q_pos < seq_len, seq_start + q_pos, total)   # [S, T]
-            k_idx = torch.where(k_pos < seq_len, seq_start + k_pos, total)   # [S, J]
-            self.tiles.append((q_pos, k_pos, q_idx, k_idx))
+        tiles = (lengths + block - 1) // block
+        order = torch.argsort(tiles, descending=True, stable=True)
+        counts = torch.bincount(tiles)
+        self.block, self.max_tiles = block, int(tiles.max()) if tiles.numel() else 0
+        steps = torch.arange(self.max_tiles * block, device=offsets.device)
+        #: per group: (tile count n, gather index [S, n·block], chunks per tile t)
+        self.groups: List[Tuple[int, torch.Tensor, List[List[Tuple[int, int]]]]] = []
+        first = 0
+        for n in range(self.max_tiles, 0, -1):
+            size = int(counts[n])
+            if size == 0:
+                continue
+            members = order[first:first + size]
+            first += size
+            pos = steps[:n * block]
+            idx = torch.where(pos < lengths[members, None], offsets[:-1][members, None] + pos,
+                              total)
+            chunks = []
+            for t in range(n):
+                per = max(1, tile_cells // (heads * block * (t + 1) * block))
+                chunks.append([(lo, min(lo + per, size)) for lo in range(0, size, per)])
+            self.groups.append((n, idx, chunks))
+
+    def position_bias(self, rab_pos: torch.Tensor, max_seq_len: int,
+                      dtype: torch.dtype) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per tile ``t``: the ``[T, J]`` relative positions (clamped) and ``rab_pos`` there,
+        with the causal mask folded in: a very negative bias above the diagonal, where
+        ``SiLU`` and its derivative are then exactly 0 (so no separate mask pass is needed;
+        pad keys of real queries always lie above it)."""
+        steps = torch.arange(self.max_tiles * self.block, device=rab_pos.device)
+        masked = -0.5 * torch.finfo(dtype).max
+        out = []
+        for t in range(self.max_tiles):
+            q_pos = steps[t * self.block:(t + 1) * self.block, None]
+            k_pos = steps[None, :(t + 1) * self.block]
+            rel = (q_pos - k_pos).clamp(0, max_seq_len - 1)
+            bias = torch.where(k_pos <= q_pos, rab_pos[rel].to(dtype),
+                               torch.full((), masked, dtype=dtype, device=rab_pos.device))
+            out.append((rel, bias))
+        return out
+
+
+def _group_major(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [S, L]`` of ``x [ΣL + 1, H, d]`` as a contiguous ``[S, H, L, d]``."""
+    return x[idx].transpose(1, 2).contiguous()
+
+
+def _with_pad_row(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``[ΣL, H, d]`` → ``[ΣL + 1, H, d]`` times ``scale``, the zero pad row last."""
+    out = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 class _JaggedAttention(torch.autograd.Function):
     """Forward and backward over the causal tiles, recomputing each tile's scores in the
-    backward pass (as flash attention does) so no ``[H, ΣLᵢ²]`` tensor is ever kept."""
+    backward pass (as flash attention does) so no ``[H, ΣLᵢ²]`` tensor is ever kept; only
+    the time buckets of the tiles (one byte per causal pair) are kept from the forward.
+
+    The ``1/n`` of the attention is folded into ``V`` (forward) and into the output gradient
+    (backward), so each tile costs two elementwise passes forward (bias, SiLU) and three
+    backward (bias, SiLU, SiLU's derivative) besides its matmuls.
+    """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
                 offsets: torch.Tensor, ts: Optional[torch.Tensor],
                 ts_next: Optional[torch.Tensor], max_seq_len: int,
-                block: int) -> torch.Tensor:
-        total = q.shape[0]
-        plan = _CausalTiles(offsets, total, block)
-        qh, kh, vh = _head_major(q), _head_major(k), _head_major(v)
-        out = v.new_zeros(v.shape[1], total + 1, v.shape[2])
-        for q_pos, k_pos, q_idx, k_idx in plan.tiles:
-            scores, _, _ = _tile_scores(qh, kh, q_pos, k_pos, q_idx, k_idx, max_seq_len,
-                                        rab_pos, rab_time, ts, ts_next)
-            attn = F.silu(scores).mul_(_causal(q_pos, k_pos, max_seq_len, q.dtype))
-            # Pad rows (index ΣL) may be written several times; they are dropped below.
-            out[:, q_idx.flatten()] = (attn @ vh[:, k_idx]).flatten(1, 2)
-        ctx.save_for_backward(qh, kh, vh, rab_pos, rab_time, ts, ts_next)
-        ctx.plan, ctx.max_seq_len = plan, max_seq_len
-        return out[:, :total].transpose(0, 1).contiguous()
+                block: int, tile_cells: int) -> torch.Tensor:
+        total, heads = q.shape[:2]
+        plan = _TileGroups(offsets, total, block, heads, tile_cells)
+        pos_bias = plan.position_bias(rab_pos, max_seq_len, q.dtype)
+        qx, kx, vx = _with_pad_row(q), _with_pad_row(k), _with_pad_row(v, 1.0 / max_seq_len)
+        out = v.new_empty(total + 1, *v.shape[1:])
+        buckets: List[torch.Tensor] = []
+        for n, idx, chunks in plan.groups:
+            qg, kg, vg = _group_major(qx, idx), _group_major(kx, idx), _group_major(vx, idx)
+            og = torch.empty_like(vg)
+            tsg = tqg = None
+            if ts is not None and ts_next is not None:
+                tsg, tqg = ts[idx], ts_next[idx]
+            for t in range(n):
+                rows = slice(t * block, (t + 1) * block)
+                keys = (t + 1) * block
+                for lo, hi in chunks[t]:
+                    scores, bucket = _tile_scores(qg[lo:hi, :, rows], kg[lo:hi, :, :keys],
+                                                  pos_bias[t][1], rab_time,
+                                                  None if tqg is None else tqg[lo:hi, rows],
+                                                  None if tsg is None else tsg[lo:hi, :keys])
+                    if bucket is not None:
+                        buckets.append(bucket)
+                    attn = F.silu(scores, inplace=True)
+                    og[lo:hi, :, rows] = (attn @ _flat(vg[lo:hi, :, :keys])).view(
+                        hi - lo, heads, block, -1)
+            # Pad rows (index ΣL) are written several times; they are dropped below.
+            out[idx.flatten()] = og.transpose(1, 2).flatten(0, 1)
+        ctx.save_for_backward(q, k, v, rab_pos, rab_time, ts, ts_next)
+        ctx.plan, ctx.max_seq_len, ctx.buckets = plan, max_seq_len, buckets
+        return out[:total]
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        qh, kh, vh, rab_pos, rab_time, ts, ts_next = ctx.saved_tensors
-        n = ctx.max_seq_len
-        gh = _head_major(grad_out)  # the pad row's gradient is 0: pad queries add nothing
-        dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-        d_pos = torch.zeros_like(rab_pos)
-        d_time = None if rab_time is None else torch.zeros_like(rab_time)
-        for q_pos, k_pos, q_idx, k_idx in ctx.plan.tiles:
-            scores, rel, bucket = _tile_scores(qh, kh, q_pos, k_pos, q_idx, k_idx, n, rab_pos,
-                                               rab_time, ts, ts_next)
-            causal = _causal(q_pos, k_pos, n, qh.dtype)
-            sig = torch.sigmoid(scores)
-            g = gh[:, q_idx]                                            # [H, S, T, d_v]
-            v_tile = vh[:, k_idx]
-            attn = scores * sig * causal
-            dv.index_add_(1, k_idx.flatten(), (attn.transpose(-1, -2) @ g).flatten(1, 2))
-            # d SiLU(s)/ds = σ(s)·(1 + s·(1 − σ(s)))
-            d_scores = (g @ v_tile.transpose(-1, -2)).mul_(
-                sig * (1 + scores * (1 - sig)) * causal)                # [H, S, T, J]
-            dq.index_add_(1, q_idx.flatten(), (d_scores @ kh[:, k_idx]).flatten(1, 2))
-            dk.index_add_(1, k_idx.flatten(),
-                          (d_scores.transpose(-1, -2) @ qh[:, q_idx]).flatten(1, 2))
-            d_bias = d_scores.sum(0)                                    # [S, T, J]
-            d_pos.index_add_(0, rel.flatten(), d_bias.sum(0).flatten())
-            if d_time is not None:
-                d_time.index_add_(0, bucket.flatten(), d_bias.flatten())
-        total = grad_out.shape[0]
+        q, k, v, rab_pos, rab_time, ts, ts_next = ctx.saved_tensors
+        plan, n_max = ctx.plan, ctx.max_seq_len
+        block, heads, total = plan.block, q.shape[1], q.shape[0]
+        pos_bias = plan.position_bias(rab_pos, n_max, q.dtype)
+        qx, kx, vx = _with_pad_row(q), _with_pad_row(k), _with_pad_row(v)
+        gx = _with_pad_row(grad_out.to(v.dtype), 1.0 / n_max)  # pad rows: zero gradient
+        dq, dk, dv = (x.new_empty(total + 1, *x.shape[1:]) for x in (q, k, v))
+        # Bias gradients sum over ΣLᵢ² pairs: at least fp32 even when q is bf16.
+        acc = torch.promote_types(q.dtype, rab_pos.dtype)
+        d_pos = torch.zeros(n_max, dtype=acc, device=q.device)
+        d_time = None if rab_time is None else \
+            torch.zeros(rab_time.numel(), dtype=acc, device=q.device)
+        buckets = iter(ctx.buckets)
+        for n, idx, chunks in plan.groups:
+            qg, kg, vg, gg = (_group_major(x, idx) for x in (qx, kx, vx, gx))
+            dqg, dkg, dvg = torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)
+            for t in range(n):
+                rows = slice(t * block, (t + 1) * block)
+                keys = (t + 1) * block
+                rel, bias = pos_bias[t]
+                for lo, hi in chunks[t]:
+                    bucket = None if d_time is None else next(buckets).long()
+                    q3, k3 = _flat(qg[lo:hi, :, rows]), _flat(kg[lo:hi, :, :keys])
+                    g3, v3 = _flat(gg[lo:hi, :, rows]), _flat(vg[lo:hi, :, :keys])
+                    scores = _biased_scores(q3, k3, bias, rab_time, bucket, hi - lo, heads)
+                    # The gradient buffers' tile views are strided (keys < n·block), where an
+                    # in-place baddbmm_ falls back to one matmul per batch entry: matmul into
+                    # a fresh tensor and add instead.
+                    _flat(dvg[lo:hi, :, :keys]).add_(
+                        torch.bmm(F.silu(scores).transpose(1, 2), g3))
+                    d_scores = torch.ops.aten.silu_backward(torch.bmm(g3, v3.transpose(1, 2)),
+                                                            scores)
+                    _flat(dqg[lo:hi, :, rows]).add_(torch.bmm(d_scores, k3))
+                    _flat(dkg[lo:hi, :, :keys]).add_(torch.bmm(d_scores.transpose(1, 2), q3))
+                    d_bias = d_scores.view(hi - lo, heads, block, keys).sum(1)  # [S_c, T, J]
+                    d_pos.index_add_(0, rel.flatten(), d_bias.sum(0).flatten().to(acc))
+                    if d_time is not None:
+                        d_time.index_add_(0, bucket.flatten(), d_bias.flatten().to(acc))
+            flat = idx.flatten()
+            for dx, dxg in ((dq, dqg), (dk, dkg), (dv, dvg)):
+                dx[flat] = dxg.transpose(1, 2).flatten(0, 1)
+        return (dq[:total], dk[:total], dv[:total], d_pos.to(rab_pos.dtype),
+                None if d_time is None else d_time.to(rab_time.dtype),
+                None, None, None, None, None, None)
 
-        def jagged(x: torch.Tensor) -> torch.Tensor:
-            return x[:, :total].transpose(0, 1)
 
-        return (jagged(dq), jagged(dk), jagged(dv), d_pos, d_time, None, None, None, None,
-                None)
-
-
-def _head_major(x: torch.Tensor) -> torch.Tensor:
-    """``[ΣL, H, d]`` → ``[H, ΣL + 1, d]``, zero pad row last; gathers give ``[H, S, T, d]``."""
-    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).transpose(0, 1).contiguous()
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[S, H, R, d]`` view → ``[S·H, R, d]`` view: ``S`` and ``H`` merge because the buffers
+    are sequence-major and only ``S`` and ``R`` are sliced. ``view`` (never a copy): the
+    backward accumulates into these views in place."""
+    return x.view(-1, *x.shape[2:])
 
 
-def _causal(q_pos: torch.Tensor, k_pos: torch.Tensor, max_seq_len: int,
-            dtype: torch.dtype) -> torch.Tensor:
-    """``[T, J]``: ``1/n`` where ``j ≤ i``, else 0."""
-    return (k_pos[None, :] <= q_pos[:, None]).to(dtype) / max_seq_len
+def _biased_scores(q3: torch.Tensor, k3: torch.Tensor, pos_bias: torch.Tensor,
+                   rab_time: Optional[torch.Tensor], bucket: Optional[torch.Tensor],
+                   seqs: int, heads: int) -> torch.Tensor:
+    """``Q Kᵀ + rab`` of one tile chunk, ``[S_c·H, T, J]``: the bias is written first and the
+    matmul accumulates onto it (one pass over the scores instead of two)."""
+    rows, keys = pos_bias.shape
+    bias = pos_bias if bucket is None else pos_bias + rab_time[bucket].to(pos_bias.dtype)
+    scores = q3.new_empty(seqs, heads, rows, keys)
+    scores.copy_(bias.unsqueeze(-3) if bias.dim() == 3 else bias)
+    return scores.view(seqs * heads, rows, keys).baddbmm_(q3, k3.transpose(1, 2))
 
 
-def _tile_scores(qh: torch.Tensor, kh: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                 q_idx: torch.Tensor, k_idx: torch.Tensor, max_seq_len: int,
-                 rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
-                 ts: Optional[torch.Tensor], ts_next: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``Q Kᵀ + rab`` of one tile ``[H, S, T, J]``, the ``[T, J]`` relative positions and the
-    ``[S, T, J]`` time buckets (None without a time bias)."""
-    scores = qh[:, q_idx] @ kh[:, k_idx].transpose(-1, -2)
-    rel = (q_pos[:, None] - k_pos[None, :]).clamp(0, max_seq_len - 1)
-    scores += rab_pos[rel]
+def _tile_scores(q4: torch.Tensor, k4: torch.Tensor, pos_bias: torch.Tensor,
+                 rab_time: Optional[torch.Tensor], ts_next_q: Optional[torch.Tensor],
+                 ts_k: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward scores ``[S_c·H, T, J]`` of queries ``q4 [S_c, H, T, d]`` against keys ``k4 [S_c,
+    H, J, d]``, and the tile's time buckets ``[S_c, T, J]`` stored compactly for the backward
+    pass (None without a time bias)."""
     bucket = None
     if rab_time is not None:
-        assert ts is not None and ts_next is not None
-        bucket = time_buckets(ts_next[q_idx][:, :, None] - ts[k_idx][:, None, :],
-                              rab_time.numel() - 1)
-        scores += rab_time[bucket]
-    return scores, rel, bucket
+        assert ts_next_q is not None and ts_k is not None
+        bucket = time_buckets(ts_next_q[:, :, None] - ts_k[:, None, :], rab_time.numel() - 1)
+    scores = _biased_scores(_flat(q4), _flat(k4), pos_bias, rab_time, bucket, q4.shape[0],
+                            q4.shape[1])
+    if bucket is not None:
+        bucket = bucket.to(torch.uint8 if rab_time.numel() <= 256 else torch.int32)
+    return scores, bucket

@@ -94,6 +94,19 @@ def test_jagged_tiles_more_than_one_block() -> None:
     assert_all_close(run(batch, "pytorch_jagged"), run(batch, "pytorch_padded"), 1e-10)
 
 
+def test_jagged_chunks_and_tile_groups_match_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sequence per chunk (``tile_cells=1``) and several tile-count groups, with the
+    32-row block: the chunk and group bookkeeping, not only the one-chunk fast case."""
+    import models.hstu.attention as attention
+
+    jagged = attention._jagged
+    monkeypatch.setattr(attention, "_jagged",
+                        lambda *a, **kw: jagged(*a, **{**kw, "block": 32, "tile_cells": 1}))
+    batch = make_batch([40, 3, 0, 33, 48, 1, 32, 7], heads=3, dim=4, dtype=torch.float64,
+                       seed=4, with_time=True)
+    assert_all_close(run(batch, "pytorch_jagged"), run(batch, "pytorch_padded"), 1e-10)
+
+
 @pytest.mark.parametrize("with_time", [False, True])
 def test_triton_matches_padded(with_time: bool, triton_interpreter) -> None:
     # Tiny: the interpreter runs each program in Python. 20 > one 16-row block.
