@@ -38,6 +38,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
+from models.blocks import DENSE_DTYPES
 from models.hstu.attention import jagged_positions, next_timestamps
 
 NEGATIVES_SUFFIX = "_neg"
@@ -340,13 +341,31 @@ def _unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 class SequentialTask(nn.Module):
     """Loss owner of a :class:`SequentialModel`: ``forward(batch)`` → ``(loss, output)`` (see
     :class:`SampledSoftmaxLoss`); ``batch.labels`` holds the held-out target ids on eval
-    batches (empty on train batches)."""
+    batches (empty on train batches).
+
+    ``dense_dtype`` (``fp32`` | ``bf16`` | ``fp16``) autocasts the encoder's dense compute
+    (projections, attention, feed-forward); the item-table lookups stay fp32 (fbgemm ops are
+    outside autocast's op list), and the encoding is cast back to fp32 before the sampled
+    softmax so the loss, its logsumexp over the negatives and the ranking stay full
+    precision, as in ``CTRTask``.
+    """
 
     def __init__(self, model: SequentialModel, temperature: float,
-                 in_batch_negatives: bool) -> None:
+                 in_batch_negatives: bool, dense_dtype: str = "fp32",
+                 device_type: str = "cpu") -> None:
         super().__init__()
+        if dense_dtype not in DENSE_DTYPES:
+            raise ValueError(f"dense_dtype {dense_dtype!r} is not one of {list(DENSE_DTYPES)}")
         self.model = model
         self.loss = SampledSoftmaxLoss(temperature, in_batch_negatives)
+        self.autocast_dtype = DENSE_DTYPES[dense_dtype]
+        self.device_type = device_type
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        return self.loss(self.model(batch), batch.labels)
+        if self.autocast_dtype is None:
+            return self.loss(self.model(batch), batch.labels)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            enc = self.model(batch)
+        enc = SequenceEncoding(enc.user.float(), enc.items.float(), enc.ids, enc.offsets,
+                               enc.neg.float(), enc.neg_ids)
+        return self.loss(enc, batch.labels)

@@ -402,7 +402,8 @@ class SequentialTaskKind(Task):
 
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         return SequentialTask(model, self.args.temperature,  # type: ignore[arg-type]
-                              self.args.in_batch_negatives)
+                              self.args.in_batch_negatives, self.cfg.training.dense_dtype,
+                              device_type)
 
     def examples(self, output: Tuple[Any, ...]) -> int:
         return int(output[4].numel())

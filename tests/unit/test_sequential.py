@@ -277,3 +277,39 @@ def test_attention_query_timestamps_all_impls_agree() -> None:
     assert (ref - default).abs().max() > 1e-6  # the query times are used
     with pytest.raises(ValueError, match="query_timestamps"):
         hstu_attention(q, k, v, offsets, 80, rab_pos, None, None, "pytorch_padded", tq)
+
+
+@pytest.mark.parametrize("model_name", ["hstu", "sasrec"])
+def test_bf16_dense_dtype_autocasts_the_encoder_and_keeps_the_loss_fp32(
+        tiny_nextitem: str, model_name: str) -> None:
+    """``training.dense_dtype = "bf16"``: the encoder's projections run in bf16, the loss and
+    the eval queries come out fp32 and close to the fp32 run, and every parameter gets a
+    gradient."""
+    from models.sequential import SequentialTask
+
+    schema = Schema.load(tiny_nextitem)
+    spec = get_model_spec(model_name)
+    args = spec.make_args("default", {"dropout": 0.0, "num_negatives": 8})
+    torch.manual_seed(0)
+    model = spec.build(schema, args, "cpu")
+    batch = next(iter(ParquetReader(tiny_nextitem, "train", 16, prefetch=0, schema=schema)))
+    batch = SequentialBatches("item_seq", model.num_items, 8, 0, holdout=False)(batch)
+    linear_dtypes: List[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda _m, _i, out: linear_dtypes.append(out.dtype))
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        task = SequentialTask(model, args.temperature, False, dtype, "cpu")
+        model.zero_grad()
+        loss, out = task(batch)
+        loss.backward()
+        results[dtype] = (loss, out, [p.grad for p in model.parameters()])
+    assert torch.float32 in linear_dtypes and torch.bfloat16 in linear_dtypes
+    (loss32, out32, grads32), (loss16, out16, grads16) = results["fp32"], results["bf16"]
+    assert loss16.dtype == torch.float32 and out16[1].dtype == torch.float32
+    assert abs(float(loss16) - float(loss32)) < 0.05 * abs(float(loss32))
+    assert float(F.cosine_similarity(out16[1], out32[1]).min()) > 0.95
+    assert all(g is not None and torch.isfinite(g).all() for g in grads16)
+    with pytest.raises(ValueError, match="dense_dtype"):
+        SequentialTask(model, args.temperature, False, "fp8", "cpu")
