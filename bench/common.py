@@ -13,6 +13,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -237,7 +239,11 @@ def machine_info() -> Dict[str, Any]:
             "torch": torch.__version__, "torchrec": getattr(torchrec, "__version__", "?"),
             "fbgemm_gpu": fbgemm,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": time.strftime("%Y-%m-%d"), "time_utc": time.strftime("%H:%M", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d"), "time_utc": time.strftime("%H:%M", time.gmtime()),
+            # 1/5/15-minute load when the results were written: how busy the shared machine
+            # was while they were measured (the 15-minute figure spans most runs).
+            "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+            else None}
 
 
 def _installed(dist: str) -> bool:
@@ -270,6 +276,55 @@ def write_results(name: str, payload: Dict[str, Any], out: Optional[str] = None)
         json.dump({"benchmark": name, "machine": machine_info(), **payload}, fh, indent=2)
     os.replace(tmp, path)
     return path
+
+
+# Runs the command, then reports the largest peak RSS among its (waited-for) descendants.
+_RSS_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[1:])\n"
+    "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}',"
+    " file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def trainer_command(config: str, ranks: int, overrides: Sequence[str]) -> List[str]:
+    """``python -m trainer`` (1 rank) or ``torchrun --standalone`` (more) on ``config``."""
+    args = ["-m", "trainer", "--config", config, *overrides]
+    if ranks == 1:
+        return [sys.executable, *args]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, "--standalone", f"--nproc_per_node={ranks}", *args]
+
+
+@dataclass
+class TrainerRun:
+    """What one real trainer run reported: its ``final`` line's values, the examples/s of
+    each logging window, and the largest peak RSS of its processes (KiB; 0 if unknown)."""
+
+    final: Dict[str, str]
+    window_examples_per_s: List[float]
+    peak_rss_kb: int
+
+
+def run_trainer(config: str, ranks: int, overrides: Sequence[str], what: str,
+                timeout_s: float = 1800) -> TrainerRun:
+    """Run the trainer as users do (see :func:`trainer_command`); ``what`` names the run in
+    errors, which carry the tail of its stderr."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-c", _RSS_WRAPPER, *trainer_command(config, ranks, overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": repo})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} on {ranks} rank(s) failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    final = [line for line in proc.stdout.splitlines() if line.startswith("final ")]
+    if not final:
+        raise RuntimeError(f"{what} on {ranks} rank(s): no final line in\n{proc.stdout[-2000:]}")
+    rss = re.findall(r"peak_rss_kb=(\d+)", proc.stderr)
+    return TrainerRun(dict(re.findall(r"(\S+)=(\S+)", final[-1])),
+                      [float(x) for x in re.findall(r"ex/s (\d+)", proc.stdout + proc.stderr)],
+                      int(rss[-1]) if rss else 0)
 
 
 def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:

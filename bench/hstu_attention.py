@@ -134,8 +134,16 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     for _ in range(spec["warmup"]):
         attention_step()
     attn_s = timed(attention_step)
-    return {"layer_s": layer_s, "attention_s": attn_s, "peak_bytes": peak,
-            "attention_flops": attention_flops(lengths, heads, head_dim) / attn_s}
+    out = {"layer_s": layer_s, "attention_s": attn_s, "peak_bytes": peak,
+           "attention_flops": attention_flops(lengths, heads, head_dim) / attn_s}
+    if spec.get("profile"):
+        # Where the attention op's time goes (the evidence for its FLOP/s against matmul).
+        from bench.common import profile_ops
+
+        prof = profile_ops(attention_step, 1, top=8)
+        out["profile"] = {"top_ops": prof["top_ops"],
+                          "self_ms_per_step": prof["self_ms_per_step"]}
+    return out
 
 
 def run_contender(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -185,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             slow = impl == "pytorch_padded" and name.startswith("longtail") and not ns.quick
             spec = {"workload": name, "impl": impl, "lengths": lengths, "dim": dim,
                     "heads": heads, "max_len": max_len, "warmup": 0 if slow else 1,
-                    "repeats": 1 if slow or ns.quick else 3}
+                    "repeats": 1 if slow or ns.quick else 3,
+                    "profile": impl == "pytorch_jagged" and name == workloads[-1][0]}
             # --quick stays in-process: a fresh interpreter per contender costs seconds on a
             # loaded CI machine, and the smoke test checks only that the numbers are finite.
             res = worker(spec) if ns.quick else run_contender(spec)
@@ -209,7 +218,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "attention_s", "peak_MB", "attn_GFLOP/s", "attn/matmul"]))
     print("ratios: pytorch_jagged vs the others (>1 = jagged faster / smaller)")
     print(format_table(ratios, ["workload", "vs", "speedup", "attn_speedup", "memory_ratio"]))
-    payload = {"quick": ns.quick, "matmul_flops": flops, "results": rows, "ratios": ratios}
+    prof = next((r.pop("profile") for r in rows if "profile" in r), None)
+    if prof:
+        print(f"pytorch_jagged attention op, {workloads[-1][0]}: "
+              f"{prof['self_ms_per_step']:.0f} ms of CPU per forward + backward")
+        print(format_table(prof["top_ops"], ["op", "self_ms_per_step", "share",
+                                             "calls_per_step"]))
+    payload = {"quick": ns.quick, "matmul_flops": flops, "results": rows, "ratios": ratios,
+               "jagged_profile": prof}
     write_results("hstu_attention_quick" if ns.quick else "hstu_attention", payload, ns.json)
     return 0
 

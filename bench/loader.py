@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data.reader import ParquetReader
+from bench.common import write_results
 from data.schema import FeatureSpec, LabelSpec, Schema, write_json_atomic
 
 
@@ -186,7 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{r['deepfm_train_samples_per_s_per_core']:>28,.0f} {r['ratio']:>7.2f}")
     print(json.dumps({"bench": "loader", "results": results}))
     if ns.json:
-        write_json_atomic(ns.json, {"bench": "loader", "results": results})
+        # With the machine record (CPU, versions, date, load) that bench.report shows.
+        write_results("loader_quick" if ns.quick else "loader",
+                      {"results": results, "quick": ns.quick}, ns.json)
     return 0
 
 

@@ -22,62 +22,40 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.common import format_table, write_results
+from bench.common import format_table, run_trainer, trainer_command, write_results
 from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
 MODELS = ("deepfm", "dcn_v2", "autoint", "interformer")
 CONFIGS = {m: f"launch/configs/{m}_synthetic.toml" for m in MODELS}
 
-# Runs the command, then reports the largest peak RSS among its (waited-for) descendants.
-_WRAPPER = (
-    "import resource, subprocess, sys\n"
-    "rc = subprocess.call(sys.argv[1:])\n"
-    "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}',"
-    " file=sys.stderr)\n"
-    "sys.exit(rc)\n"
-)
-
-
 def train_command(model: str, ranks: int, data: str, steps: int, batch_size: int,
                   run_dir: str) -> List[str]:
     """The trainer command line of one measurement."""
-    args = ["-m", "trainer", "--config", CONFIGS[model], f"--data.path={data}",
-            f"--data.batch_size={batch_size}", f"--training.steps={steps}",
-            "--training.eval_batches=1", f"--training.log_every={max(steps // 4, 1)}",
-            f"--training.run_dir={run_dir}", "--checkpoint.save_at_end=false"]
-    if ranks == 1:
-        return [sys.executable, *args]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return [torchrun, "--standalone", f"--nproc_per_node={ranks}", *args]
+    return trainer_command(CONFIGS[model], ranks, _overrides(data, steps, batch_size, run_dir))
+
+
+def _overrides(data: str, steps: int, batch_size: int, run_dir: str) -> List[str]:
+    return [f"--data.path={data}", f"--data.batch_size={batch_size}",
+            f"--training.steps={steps}", "--training.eval_batches=1",
+            f"--training.log_every={max(steps // 4, 1)}", f"--training.run_dir={run_dir}",
+            "--checkpoint.save_at_end=false"]
 
 
 def measure(model: str, ranks: int, data: str, steps: int, batch_size: int,
             work: str) -> Dict[str, Any]:
     """Train ``model`` for ``steps`` on ``ranks`` processes; throughput and peak RSS."""
-    run_dir = os.path.join(work, f"{model}_r{ranks}")
-    cmd = [sys.executable, "-c", _WRAPPER,
-           *train_command(model, ranks, data, steps, batch_size, run_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{model} on {ranks} rank(s) failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
-    final = [l for l in proc.stdout.splitlines() if l.startswith("final ")]
-    if not final:
-        raise RuntimeError(f"{model} on {ranks} rank(s): no final line in\n{proc.stdout[-2000:]}")
-    values = dict(re.findall(r"(\S+)=(\S+)", final[-1]))
-    rss = re.findall(r"peak_rss_kb=(\d+)", proc.stderr)
-    windows = re.findall(r"ex/s (\d+)", proc.stdout + proc.stderr)
+    run = run_trainer(CONFIGS[model], ranks,
+                      _overrides(data, steps, batch_size, os.path.join(work, f"{model}_r{ranks}")),
+                      model)
+    windows = run.window_examples_per_s
     return {"model": model, "ranks": ranks, "batch_size": batch_size, "steps": steps,
-            "examples_per_s": float(values["examples_per_s"]),
-            "steady_examples_per_s": float(windows[-1]) if windows else float("nan"),
-            "peak_rss_mb": int(rss[-1]) / 1024 if rss else float("nan")}
+            "examples_per_s": float(run.final["examples_per_s"]),
+            "steady_examples_per_s": windows[-1] if windows else float("nan"),
+            "peak_rss_mb": run.peak_rss_kb / 1024 if run.peak_rss_kb else float("nan")}
 
 
 def run(models: Sequence[str], ranks: Sequence[int], steps: int, batch_size: int,

@@ -22,12 +22,20 @@ All pipeline contenders of one (size, rank count) share one set of spawned rank 
 ``--profile`` records, for the named contenders, where a step's CPU time goes
 (``bench.common.profile_ops``: top-10 ops by self CPU time, the same time by part of the
 step, and the pipeline's forward / backward / optimizer phases) into the JSON.
+
+Mixed precision at equal quality (``precision`` in the JSON; ``--parts auc`` runs only this
+part and updates it in an existing results file): shardrec DeepFM trained by the real
+trainer (``launch/configs/deepfm_synthetic.toml``, 2 gloo ranks) on the synthetic CTR set
+(``data.synth ctr``, preset ``ci``: 300k rows, 2 epochs), once with
+``training.dense_dtype = "fp32"`` and once with ``"bf16"``, same seed and data: the eval AUC
+of both (and the data's oracle AUC), their difference, and the trainer's examples/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import math
 import os
@@ -37,8 +45,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from bench.common import (criteo_like_schema, format_table, make_batches, matmul_flops,
-                          time_pipeline, time_repeated, write_results)
+from bench.common import (RESULTS_DIR, criteo_like_schema, format_table, make_batches,
+                          matmul_flops, run_trainer, time_pipeline, time_repeated, write_results)
 from data.batch import Batch
 from data.schema import Schema
 
@@ -237,6 +245,33 @@ def run(grid: Sequence[Tuple[int, int, Optional[int]]], ranks: Sequence[int], ba
             "profiles": profiles}
 
 
+def precision_auc(preset: str, epochs: float, ranks: int) -> List[Dict[str, Any]]:
+    """Eval AUC and examples/s of shardrec DeepFM with fp32 and with bf16 dense compute, the
+    same data and seed (see the module docstring)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_precision_") as work:
+        data = os.path.join(work, "data")
+        subprocess.run([sys.executable, "-m", "data.synth", "ctr", "--preset", preset,
+                        "--out", data], check=True, capture_output=True)
+        out = []
+        for dtype in ("fp32", "bf16"):
+            run = run_trainer("launch/configs/deepfm_synthetic.toml", ranks,
+                              [f"--data.path={data}", f"--training.epochs={epochs}",
+                               f"--training.dense_dtype={dtype}", "--training.seed=0",
+                               f"--training.run_dir={os.path.join(work, dtype)}",
+                               "--checkpoint.save_at_end=false"], f"deepfm {dtype}")
+            out.append({"dense_dtype": dtype, "preset": preset, "epochs": epochs,
+                        "ranks": ranks, "auc": float(run.final["auc"]),
+                        "oracle_auc": float(run.final.get("oracle_auc", "nan")),
+                        "examples_per_s": float(run.final["examples_per_s"])})
+    for r in out:
+        r["auc_minus_fp32"] = r["auc"] - out[0]["auc"]
+        r["vs_fp32_speed"] = r["examples_per_s"] / out[0]["examples_per_s"]
+    return out
+
+
 def default_contenders() -> List[str]:
     from models import list_models
 
@@ -272,12 +307,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--profile", nargs="?", const="shardrec_deepfm", default="",
                    help="also record torch.profiler's top-10 ops by self CPU time of these "
                         "comma-separated pipeline contenders (default shardrec_deepfm)")
+    p.add_argument("--parts", default="grid,auc",
+                   help="grid (examples/s of every contender), auc (fp32 vs bf16 eval AUC "
+                        "through the trainer), or both; auc alone updates the existing "
+                        "results file's precision part")
     p.add_argument("--out", default=None, help="JSON results path")
     ns = p.parse_args(argv)
+    parts = set(ns.parts.split(","))
+    if not parts or parts - {"grid", "auc"}:
+        p.error(f"--parts takes grid and/or auc, got {ns.parts!r}")
     logging.basicConfig(level=logging.WARNING)
     if ns.quick:
         # CI smoke: every contender once, pipeline contenders on 2 ranks only (< 1 minute).
         grid, ranks, bs, steps, warmup, repeats = [(1000, 16, None)], [2], 256, 3, 1, 1
+        auc_preset, auc_epochs, auc_ranks = "tiny", 1.0, 1
     else:
         # 26 tables of 1e7 x 16 fp32 (+ optimizer state) are 17 GB per copy: more than this
         # 24 GiB machine holds beside plain dense Adam's gradient and moments, so the 1e7 size
@@ -285,6 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grid, ranks, bs, steps, warmup, repeats = (
             [(100_000, 16, None), (100_000, 64, None), (1_000_000, 16, None),
              (10_000_000, 16, 2)], [1, 2], 4096, 10, 4, 3)
+        auc_preset, auc_epochs, auc_ranks = "ci", 2.0, 2
     grid = ns.grid or grid
     ranks = [int(r) for r in ns.ranks.split(",")] if ns.ranks else ranks
     bs = ns.batch_size or bs
@@ -292,8 +336,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repeats = ns.repeats or repeats
     contenders = ns.contenders.split(",") if ns.contenders else default_contenders()
     profile = [n for n in ns.profile.split(",") if n]
-    result = run(grid, ranks, bs, steps, warmup, repeats, contenders, profile)
+    name = "throughput_quick" if ns.quick else "throughput"
+    if "grid" in parts:
+        result = run(grid, ranks, bs, steps, warmup, repeats, contenders, profile)
+    else:  # refresh the precision part of the last full results
+        path = ns.out or os.path.join(RESULTS_DIR, f"{name}.json")
+        try:
+            with open(path) as fh:
+                result = {k: v for k, v in json.load(fh).items()
+                          if k not in ("benchmark", "machine")}
+        except FileNotFoundError:
+            p.error(f"--parts auc updates {path}, which does not exist: run the grid first "
+                    "(or pass --out to the results file to update)")
     result["quick"] = ns.quick
+    if "auc" in parts:
+        result["precision"] = precision_auc(auc_preset, auc_epochs, auc_ranks)
     print(format_table(result["results"], ["tables", "dim", "ranks", "contender",
                                            "examples_per_s", "vs_torchrec_dlrm"]))
     for prof in result["profiles"]:
@@ -306,8 +363,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"matmul FLOP/s: fp32 {result['matmul_flops']:.3g}, bf16 {result['matmul_flops_bf16']:.3g}")
     print(format_table(result["mlp"], ["dim", "in_features", "mlp_flops", "fraction_of_matmul",
                                        "mlp_flops_bf16", "fraction_of_matmul_bf16"]))
+    if result.get("precision"):
+        print("\nfp32 vs bf16 dense compute, shardrec DeepFM through the trainer:")
+        print(format_table(result["precision"], ["dense_dtype", "preset", "epochs", "ranks",
+                                                 "auc", "oracle_auc", "auc_minus_fp32",
+                                                 "examples_per_s", "vs_fp32_speed"]))
     bad = [r for r in result["results"] if not math.isfinite(r["examples_per_s"])]
-    path = write_results("throughput_quick" if ns.quick else "throughput", result, ns.out)
+    bad += [r for r in result.get("precision", []) if not math.isfinite(r["auc"])]
+    path = write_results(name, result, ns.out)
     print(f"\nresults: {path}")
     return 1 if bad else 0
 

@@ -26,6 +26,10 @@ def test_throughput_quick(repo_root: str, tmp_path) -> None:  # type: ignore[no-
         assert math.isfinite(r["examples_per_s"]) and r["examples_per_s"] > 0, r
     assert res["matmul_flops"] > 0 and all(m["mlp_flops"] > 0 for m in res["mlp"])
     assert "vs_torchrec_dlrm" in proc.stdout
+    # fp32 and bf16 DeepFM through the trainer, on the same data: both AUCs real numbers.
+    assert [r["dense_dtype"] for r in res["precision"]] == ["fp32", "bf16"]
+    for r in res["precision"]:
+        assert 0.5 < r["auc"] <= 1 and math.isfinite(r["examples_per_s"]), r
 
 
 def test_scaling_and_report_quick(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
