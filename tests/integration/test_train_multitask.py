@@ -51,23 +51,25 @@ def _train_all(ctx: DistContext, repo_root: str, runs: List[Tuple[str, str, List
     """On each rank: ``train()`` every run in turn on the spawn's process group; returns their
     final metrics.
 
-    ``train()`` joins the default group if there is one (``init_distributed``) and destroys it
-    at its end, as a process launched for one run should; here the group outlives the runs,
-    so its teardown is skipped and every run reuses it. Only rank 0 computes the final
-    metrics (the other ranks' values are None).
+    ``train()`` joins the group the spawn's worker created and, not having created it,
+    leaves it for the next run (the worker destroys it at the end). Only rank 0 computes
+    the final metrics (the other ranks' values are None).
     """
-    import trainer.trainer as trainer_module
+    import torch.distributed as dist
+
     from trainer.config import load_config
+    from trainer.trainer import train
 
     os.chdir(repo_root)  # the configs' relative paths
-    trainer_module.destroy_distributed = lambda: None  # the spawn's worker tears it down
     finals = []
     for i, (config, data, extra) in enumerate(runs):
         cfg = load_config(f"launch/configs/{config}.toml",
                           [f"--data.path={data}", "--training.log_every=100",
                            f"--training.run_dir={run_root}/{i}",
                            "--checkpoint.save_at_end=false", *extra])
-        final = trainer_module.train(cfg)
+        final = train(cfg)
+        # The caller's group survives the run (train() destroys only a group it created).
+        assert dist.is_initialized(), f"train() destroyed the caller's process group ({config})"
         finals.append({k: float(v) for k, v in final.items() if v is not None})
     return finals
 
