@@ -88,10 +88,10 @@ def score(model: nn.Module, schema: Schema, data: str, split: str = "eval",
     ids, scores, labels = [], [], []
     for batch in reader:
         if multitask:
-            # The head alone: its loss wrapper needs labels, and a dataset to score may have
-            # none. logits [B, P] → per column sigmoid (binary) or the value (regression).
+            # The head alone (scoring needs no loss): logits [B, P] → per column sigmoid
+            # (binary) or the value (regression).
             logits = model.model(batch)
-            y = batch.labels.reshape(logits.shape[0], -1)
+            y = batch.labels.reshape(logits.shape[0], len(schema.labels))  # [B, T], T >= 0
             binary = torch.tensor([p.kind == "binary" for p in model.predictions])
             scores.append(torch.where(binary, torch.sigmoid(logits), logits).numpy())
         else:
