@@ -11,6 +11,8 @@ MMoE checkpoint through ``trainer.export`` and checks the predicted AUCs against
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import List
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,8 +51,8 @@ def _export(model_name: str, data: str, out: str) -> MultiTaskLoss:
 
 @pytest.mark.parametrize("model_name,names", [("mmoe", ["click", "conversion"]),
                                               ("esmm", ["click", "conversion", "cvr"])])
-def test_predict_writes_one_score_column_per_prediction(model_name: str, names: list,
-                                                        tiny_ctr2: str, tmp_path,  # type: ignore[no-untyped-def]
+def test_predict_writes_one_score_column_per_prediction(model_name: str, names: List[str],
+                                                        tiny_ctr2: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "export")
     model = _export(model_name, tiny_ctr2, out)
@@ -89,7 +91,7 @@ def test_predict_writes_one_score_column_per_prediction(model_name: str, names: 
         assert float(final[f"logloss_{n}"]) == pytest.approx(log_loss(s, t), abs=1e-5)
 
 
-def test_predict_names_the_task_kinds_it_scores(tmp_path, tiny_nextitem: str,  # type: ignore[no-untyped-def]
+def test_predict_names_the_task_kinds_it_scores(tmp_path: Path, tiny_nextitem: str,
                                                 capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "export")
     os.makedirs(out)
