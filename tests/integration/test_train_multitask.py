@@ -1,12 +1,13 @@
 """Learning runs of the shipped multi-task configs through the trainer's ``train()`` on 2
 gloo ranks: MMoE and PLE approach each task's oracle AUC on ``data.synth ctr2 --preset ci``;
 ESMM's CVR, evaluated over the whole impression space, against a CVR model trained on
-clicked rows only, on ESMM's data-sparsity setting (``--preset esmm_ci``).
+clicked rows only, on ESMM's data-sparsity setting (``--preset esmm_ci``); the sharded MMoE
+checkpoint exported and scored by ``trainer.predict`` in one process.
 
-The five runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group,
-so the suite pays for process start-up and the torchrec imports once, not once per
-``torchrun``; ``python -m trainer`` under ``torchrun`` is covered by the other
-integration tests, and ``train()`` is what it runs. (MMoE on converted MovieLens like/love
+The four runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group
+(``train()`` leaves a group it did not create), so the suite pays for process start-up and
+the torchrec imports once, not once per ``torchrun``; ``python -m trainer`` under
+``torchrun`` is covered by the other integration tests, and ``train()`` is what it runs. (MMoE on converted MovieLens like/love
 data is checked in-process by ``tests/unit/test_multitask_movielens.py``.)
 
 Measured numbers are in the README's "Multi-task heads" section.
