@@ -3,9 +3,16 @@
 ``python -m trainer.predict --model EXPORT_DIR --data DATASET_DIR [--split eval]
 [--out scores.parquet] [--batch-size 4096]``
 
-Every row of the split is scored exactly once (``sample_id``, ``score`` = sigmoid(logit),
-and the label when the dataset has one); with labels, the AUC and log-loss are printed as
-``final auc=... logloss=... rows=...``.
+Every row of the split is scored exactly once. CTR models (task kind ``ctr``): columns
+``sample_id``, ``score`` = sigmoid(logit) and ``label`` when the dataset has one; with labels
+the AUC and log-loss are printed as ``final auc=... logloss=... rows=...``.
+
+Multi-task heads (task kind ``multitask``): one column per prediction, ``score_<name>``
+(sigmoid(logit) for a binary prediction, the value for a regression one; names as in the
+training ``final`` line: ``click``, ``conversion``, ESMM's ``ctr`` / ``cvr`` ...), and
+``label_<label>`` per dataset label. With labels, each prediction is evaluated as the trainer
+evaluates it (against its evaluation label, over its evaluation rows) and printed as
+``final auc_<name>=... logloss_<name>=... [mse_<name>=...] rows=...``.
 """
 
 from __future__ import annotations
@@ -13,28 +20,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import nn
 
 from data.reader import ParquetReader
 from data.schema import Schema
 from data.synth import log_loss, roc_auc
 from models import get_model_spec
 from models.blocks import CTRTask
+from models.multitask.common import MultiTaskLoss, Prediction
 from trainer.config import load_config
 from trainer.export import MODEL_FILE
 
+#: Task kinds this module scores, and the wrapper whose state-dict keys the export holds
+#: (the trainer checkpoints the model inside its task wrapper: ``model.<param>``).
+WRAPPERS = {"ctr": CTRTask, "multitask": MultiTaskLoss}
 
-def load_exported(model_dir: str) -> tuple:
-    """(unsharded task model with the exported weights, schema) from an export directory."""
+
+def load_exported(model_dir: str) -> Tuple[nn.Module, Schema]:
+    """(unsharded task model with the exported weights, schema) from an export directory;
+    the task model is a :class:`CTRTask` or a :class:`MultiTaskLoss`."""
     cfg = load_config(os.path.join(model_dir, "config.toml"))
     schema = Schema.load(model_dir)
     spec = get_model_spec(cfg.model.name)
-    model = CTRTask(spec.build(schema, spec.make_args(cfg.model.flavour, cfg.model.args), "cpu"))
+    if spec.task not in WRAPPERS:
+        raise ValueError(f"model {cfg.model.name!r} is of task kind {spec.task!r}; "
+                         f"trainer.predict scores task kinds {sorted(WRAPPERS)}")
+    model = WRAPPERS[spec.task](spec.build(schema, spec.make_args(cfg.model.flavour,
+                                                                  cfg.model.args), "cpu"))
     weights = torch.load(os.path.join(model_dir, MODEL_FILE), weights_only=True)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -44,25 +62,84 @@ def load_exported(model_dir: str) -> tuple:
     return model.eval(), schema
 
 
-@torch.no_grad()
 def predict(model_dir: str, data: str, split: str = "eval",
             batch_size: int = 4096) -> Dict[str, np.ndarray]:
-    """Scores of every row of ``data/split``: ``sample_id``, ``score`` (and ``label``)."""
+    """Scores of every row of ``data/split`` by the exported model in ``model_dir`` (see
+    :func:`score`)."""
     model, schema = load_exported(model_dir)
+    return score(model, schema, data, split, batch_size)
+
+
+@torch.no_grad()
+def score(model: nn.Module, schema: Schema, data: str, split: str = "eval",
+          batch_size: int = 4096) -> Dict[str, np.ndarray]:
+    """Scores of every row of ``data/split``, one array per output column (see the module
+    docstring): ``sample_id`` ``[N]`` plus ``score`` / ``label`` ``[N]`` (CTR) or
+    ``score_<prediction>`` / ``label_<label>`` ``[N]`` each (multi-task).
+
+    Args:
+        model: a task model from :func:`load_exported`, in eval mode.
+        schema: the schema it was trained on.
+    """
+    multitask = isinstance(model, MultiTaskLoss)
     # remainder="pad" wraps the last batch around to the first rows; the duplicates are
     # dropped below so every row is scored exactly once.
     reader = ParquetReader(data, split, batch_size, prefetch=2, schema=schema, remainder="pad")
     ids, scores, labels = [], [], []
     for batch in reader:
-        _, (_, logits, y) = model(batch)
+        if multitask:
+            # The head alone (scoring needs no loss): logits [B, P] → per column sigmoid
+            # (binary) or the value (regression).
+            logits = model.model(batch)
+            y = batch.labels.reshape(logits.shape[0], len(schema.labels))  # [B, T], T >= 0
+            binary = torch.tensor([p.kind == "binary" for p in model.predictions])
+            scores.append(torch.where(binary, torch.sigmoid(logits), logits).numpy())
+        else:
+            _, (_, logits, y) = model(batch)
+            scores.append(torch.sigmoid(logits).numpy())
         ids.append(batch.sample_ids.numpy())
-        scores.append(torch.sigmoid(logits).numpy())
         labels.append(y.numpy())
     all_ids = np.concatenate(ids)
     _, first = np.unique(all_ids, return_index=True)
-    out = {"sample_id": all_ids[first], "score": np.concatenate(scores)[first]}
-    if schema.labels:
-        out["label"] = np.concatenate(labels)[first]
+    score_rows, label_rows = np.concatenate(scores)[first], np.concatenate(labels)[first]
+    out = {"sample_id": all_ids[first]}
+    if not multitask:
+        out["score"] = score_rows
+        if schema.labels:
+            out["label"] = label_rows
+        return out
+    for k, p in enumerate(model.predictions):
+        out[f"score_{p.name}"] = score_rows[:, k]
+    for j, lab in enumerate(schema.labels):
+        out[f"label_{lab.name}"] = label_rows[:, j]
+    return out
+
+
+def evaluate(scores: Dict[str, np.ndarray], predictions: Optional[List[Prediction]],
+             schema: Schema) -> Dict[str, float]:
+    """The metrics of :func:`predict`'s columns: ``auc`` and ``logloss`` (CTR,
+    ``predictions=None``), or per prediction ``auc_<name>`` and ``logloss_<name>`` (binary)
+    or ``mse_<name>`` (regression) against its evaluation label over its evaluation rows, as
+    the trainer's ``final`` line computes them. Empty without labels."""
+    if predictions is None:
+        if "label" not in scores:
+            return {}
+        return {"auc": roc_auc(scores["score"], scores["label"]),
+                "logloss": log_loss(scores["score"], scores["label"])}
+    out: Dict[str, float] = {}
+    if not schema.labels:
+        return out
+    names = [lab.name for lab in schema.labels]
+    for p in predictions:
+        s, y = scores[f"score_{p.name}"], scores[f"label_{names[p.eval_label]}"]
+        if p.eval_given >= 0:
+            keep = scores[f"label_{names[p.eval_given]}"] == 1
+            s, y = s[keep], y[keep]
+        if p.kind == "binary":
+            out[f"auc_{p.name}"] = roc_auc(s, y)
+            out[f"logloss_{p.name}"] = log_loss(s, y)
+        else:
+            out[f"mse_{p.name}"] = float(np.mean((s.astype(np.float64) - y) ** 2))
     return out
 
 
@@ -73,18 +150,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", required=True, help="dataset directory to score")
     p.add_argument("--split", default="eval", help="subdirectory of parquet files (default eval)")
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--out", default=None, help="write sample_id, score, label as parquet")
+    p.add_argument("--out", default=None,
+                   help="write the score and label columns (and sample_id) as parquet")
     ns = p.parse_args(argv)
-    res = predict(ns.model, ns.data, ns.split, ns.batch_size)
+    try:
+        model, schema = load_exported(ns.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = score(model, schema, ns.data, ns.split, ns.batch_size)
     if ns.out:
         tmp = f"{ns.out}.tmp-{os.getpid()}"
         pq.write_table(pa.table(res), tmp)
         os.replace(tmp, ns.out)
-    if "label" in res:
-        print(f"final auc={roc_auc(res['score'], res['label']):.6g} "
-              f"logloss={log_loss(res['score'], res['label']):.6g} rows={len(res['score'])}")
-    else:
-        print(f"final rows={len(res['score'])}")
+    predictions = model.predictions if isinstance(model, MultiTaskLoss) else None
+    metrics = evaluate(res, predictions, schema)
+    rows = len(res["sample_id"])
+    print("final " + " ".join([f"{k}={v:.6g}" for k, v in metrics.items()] + [f"rows={rows}"]))
     return 0
 
 

@@ -194,8 +194,17 @@ class TrainState:
 
 
 def train(cfg: Config) -> Dict[str, Any]:
-    """Run training per ``cfg``; returns the final metrics (printed as the ``final`` line)."""
+    """Run training per ``cfg``; returns the final metrics (printed as the ``final`` line).
+
+    Process group: ``train()`` joins the default group if the caller already initialised
+    one, and creates it from the launcher's environment otherwise. It destroys the group at
+    its end only if it created it: a process launched for one run (``python -m trainer``,
+    under ``torchrun`` or not) ends with no group left, while a caller that owns the group
+    (a test or a driver running several trainings on the same ranks, e.g.
+    ``sharding.spawn.run_ranks``) keeps it for its next ``train()`` and tears it down itself.
+    """
     t = cfg.training
+    owns_group = not dist.is_initialized()
     ctx = init_distributed(cfg.dist.backend, cfg.dist.device, cfg.dist.cpu_threads or None,
                            cfg.dist.timeout_s)
     try:
@@ -233,7 +242,8 @@ def train(cfg: Config) -> Dict[str, Any]:
             print(format_final(final), flush=True)
         return final
     finally:
-        destroy_distributed()
+        if owns_group:
+            destroy_distributed()
 
 
 def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,

@@ -1,12 +1,13 @@
 """Learning runs of the shipped multi-task configs through the trainer's ``train()`` on 2
 gloo ranks: MMoE and PLE approach each task's oracle AUC on ``data.synth ctr2 --preset ci``;
 ESMM's CVR, evaluated over the whole impression space, against a CVR model trained on
-clicked rows only, on ESMM's data-sparsity setting (``--preset esmm_ci``).
+clicked rows only, on ESMM's data-sparsity setting (``--preset esmm_ci``); the sharded MMoE
+checkpoint exported and scored by ``trainer.predict`` in one process.
 
-The five runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group,
-so the suite pays for process start-up and the torchrec imports once, not once per
-``torchrun``; ``python -m trainer`` under ``torchrun`` is covered by the other
-integration tests, and ``train()`` is what it runs. (MMoE on converted MovieLens like/love
+The four runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group
+(``train()`` leaves a group it did not create), so the suite pays for process start-up and
+the torchrec imports once, not once per ``torchrun``; ``python -m trainer`` under
+``torchrun`` is covered by the other integration tests, and ``train()`` is what it runs. (MMoE on converted MovieLens like/love
 data is checked in-process by ``tests/unit/test_multitask_movielens.py``.)
 
 Measured numbers are in the README's "Multi-task heads" section.
@@ -14,9 +15,11 @@ Measured numbers are in the README's "Multi-task heads" section.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Tuple
 
+import numpy as np
 import pytest
 
 from sharding.dist import DistContext
@@ -33,64 +36,99 @@ NAIVE_CVR = ['--model.args.tasks=["conversion"]', "--model.args.bottom_dims=[]",
              '--model.args.loss_given={conversion = "click"}',
              '--model.args.eval_labels={conversion = "would_convert"}']
 
+# Rows per rank per evaluation batch of the ``ci`` runs: fewer, larger steps than the
+# configs' 512 evaluate the same 49,152 of the 50,000 eval rows faster (both leave out only
+# the split's last, short row group). (On ``esmm_ci`` they would leave out more rows.)
+EVAL_BATCH = 4096
+CI_EVAL = [f"--data.eval_batch_size={EVAL_BATCH}"]
+
 # name → (config, dataset fixture, overrides). ESMM and the naive model: the same rows seen
-# (two epochs of the 100k-row set), the same optimizers and learning rates.
+# (two epochs of the 100k-row set), the same optimizers and learning rates. The naive
+# model overfits its clicked rows in the second epoch, so its best is after one epoch: its
+# run also evaluates there (``eval_every`` = one epoch's steps, set in :func:`finals`), which
+# costs one evaluation instead of a second, one-epoch run (the first epoch of a two-epoch run
+# is the one-epoch run: same seed, same batches).
 RUNS: Dict[str, Tuple[str, str, List[str]]] = {
-    "mmoe": ("mmoe_synthetic", "ci_ctr2", ["--training.epochs=1"]),
-    "ple": ("ple_synthetic", "ci_ctr2", ["--training.epochs=1"]),
+    # MMoE keeps its final checkpoint for the export test.
+    "mmoe": ("mmoe_synthetic", "ci_ctr2", ["--checkpoint.save_at_end=true", *CI_EVAL]),
+    # PLE one epoch (not the config's two): its two-epoch run would cost ~15 s more than the
+    # suite's budget allows (see below).
+    "ple": ("ple_synthetic", "ci_ctr2", ["--training.epochs=1", *CI_EVAL]),
     "esmm": ("esmm_synthetic", "esmm_ctr2", ["--training.epochs=2"]),
     "naive_cvr": ("shared_bottom_synthetic", "esmm_ctr2", ["--training.epochs=2", *NAIVE_CVR]),
-    # The naive model overfits its clicked rows in the second epoch: its best is one epoch.
-    "naive_cvr_1_epoch": ("shared_bottom_synthetic", "esmm_ctr2",
-                          ["--training.epochs=1", *NAIVE_CVR]),
 }
 
 
-def _train_all(ctx: DistContext, repo_root: str, runs: List[Tuple[str, str, List[str]]],
-               run_root: str) -> List[Dict[str, float]]:
+def _train_all(ctx: DistContext, repo_root: str,
+               runs: List[Tuple[str, str, str, List[str]]], run_root: str
+               ) -> List[Dict[str, float]]:
     """On each rank: ``train()`` every run in turn on the spawn's process group; returns their
     final metrics.
 
-    ``train()`` joins the default group if there is one (``init_distributed``) and destroys it
-    at its end, as a process launched for one run should; here the group outlives the runs,
-    so its teardown is skipped and every run reuses it. Only rank 0 computes the final
-    metrics (the other ranks' values are None).
+    ``train()`` joins the group the spawn's worker created and, not having created it,
+    leaves it for the next run (the worker destroys it at the end). Only rank 0 computes
+    the final metrics (the other ranks' values are None).
     """
-    import trainer.trainer as trainer_module
+    import torch.distributed as dist
+
     from trainer.config import load_config
+    from trainer.trainer import train
 
     os.chdir(repo_root)  # the configs' relative paths
-    trainer_module.destroy_distributed = lambda: None  # the spawn's worker tears it down
     finals = []
-    for i, (config, data, extra) in enumerate(runs):
+    for name, config, data, extra in runs:
         cfg = load_config(f"launch/configs/{config}.toml",
                           [f"--data.path={data}", "--training.log_every=100",
-                           f"--training.run_dir={run_root}/{i}",
+                           f"--training.run_dir={run_root}/{name}",
                            "--checkpoint.save_at_end=false", *extra])
-        final = trainer_module.train(cfg)
+        final = train(cfg)
+        # The caller's group survives the run (train() destroys only a group it created).
+        assert dist.is_initialized(), f"train() destroyed the caller's process group ({config})"
         finals.append({k: float(v) for k, v in final.items() if v is not None})
     return finals
 
 
 @pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Each run's directory is ``run_root/<name>``."""
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
 def finals(repo_root: str, ci_ctr2: str, esmm_ctr2: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, float]]:
+           run_root: str) -> Dict[str, Dict[str, float]]:
+    """Each run's final metrics by name, plus ``naive_cvr_1_epoch``: the naive model's
+    evaluation after its first epoch."""
+    from data.reader import ParquetReader
+    from trainer.config import load_config
+
     data = {"ci_ctr2": ci_ctr2, "esmm_ctr2": esmm_ctr2}
-    runs = [(config, data[d], extra) for config, d, extra in RUNS.values()]
-    run_root = str(tmp_path_factory.mktemp("runs"))
+    naive_batch = load_config(os.path.join(repo_root, "launch/configs",
+                                           f"{RUNS['naive_cvr'][0]}.toml")).data.batch_size
+    epoch_steps = len(ParquetReader(esmm_ctr2, "train", naive_batch, rank=0, world_size=2,
+                                    prefetch=0, validate=False))
+    extra = {"naive_cvr": [f"--training.eval_every={epoch_steps}"]}
+    runs = [(name, config, data[d], [*args, *extra.get(name, [])])
+            for name, (config, d, args) in RUNS.items()]
     ranks = run_ranks(_train_all, 2, repo_root, runs, run_root, timeout_s=900,
                       cpu_threads=None)
     by_name = dict(zip(RUNS, ranks[0]))
+    with open(os.path.join(run_root, "naive_cvr", "metrics.jsonl")) as fh:
+        evals = [r for r in map(json.loads, fh) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [epoch_steps], evals
+    by_name["naive_cvr_1_epoch"] = {k: float(v) for k, v in evals[0].items()
+                                    if isinstance(v, (int, float))}
     print(by_name)  # the measured numbers, visible with pytest -s
     return by_name
 
 
-# Allowed gap to each task's oracle AUC after ONE epoch. The 0.03 target is met after 2
-# epochs by MMoE (click 0.029, conversion 0.021) and nearly by PLE (click 0.032, conversion
-# 0.021) — single-task DCN-v2 sits at 0.028 there too — but two epochs of both cost more CI
-# time than the suite allows; after one epoch MMoE measured click 0.037, conversion 0.024,
-# and PLE 0.038 / 0.024, so the asserted bound is 0.045.
-@pytest.mark.parametrize("name,gap", [("mmoe", 0.045), ("ple", 0.045)])
+# Allowed gap to each task's oracle AUC. MMoE, its shipped two epochs (DeepFM backbone with
+# field_scale 4): measured click 0.022 / 0.023 / 0.023, conversion 0.015 / 0.015 / 0.016
+# (data seed 0 with training seeds 0 / 1, data seed 1), so the spec's 0.03 is asserted. PLE
+# (128-wide experts) reaches click 0.027 / 0.025 / 0.027, conversion 0.016-0.018 after its
+# shipped two epochs, but that run costs ~15 s more than the suite's budget allows: it runs
+# one epoch here, measured click 0.036, conversion 0.022 (data seed 0), bound 0.045.
+@pytest.mark.parametrize("name,gap", [("mmoe", 0.03), ("ple", 0.045)])
 def test_mmoe_and_ple_approach_every_oracle(finals: Dict[str, Dict[str, float]], name: str,
                                             gap: float) -> None:
     final = finals[name]
@@ -122,3 +160,34 @@ def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(
     assert esmm["auc_cvr"] - naive_1["auc_conversion"] >= 0.01, (esmm, naive_1)
     assert esmm["auc_cvr"] >= 0.75, esmm  # learnt through pCTCVR = pCTR x pCVR only
     assert esmm["auc_conversion"] >= 0.80, esmm  # pCTCVR against conversions
+
+
+def test_exported_mmoe_scores_what_the_sharded_run_evaluated(
+        finals: Dict[str, Dict[str, float]], run_root: str, ci_ctr2: str,
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``trainer.export`` of the MMoE run's final (2-rank, sharded) checkpoint, then
+    ``trainer.predict`` in this one process with no process group: each task's score
+    column gives, over the rows the run's final evaluation saw, the run's AUC and log-loss."""
+    from data.reader import ParquetReader
+    from data.synth import log_loss, roc_auc
+    from trainer.checkpoint import find_latest
+    from trainer.export import export_checkpoint
+    from trainer.predict import predict
+
+    ckpt = find_latest(os.path.join(run_root, "mmoe", "checkpoints"))
+    assert ckpt, "the MMoE run saved no checkpoint"
+    out = str(tmp_path / "export")
+    assert export_checkpoint(ckpt, out)["model"] == "mmoe"
+    scores = predict(out, ci_ctr2)
+    assert len(scores["sample_id"]) == 50_000  # every eval row, once
+    # The rows the final evaluation saw: each rank's eval batches (the tail that does not fill
+    # a batch on every rank dropped).
+    seen = np.concatenate([b.sample_ids.numpy() for r in range(2)
+                           for b in ParquetReader(ci_ctr2, "eval", EVAL_BATCH, rank=r,
+                                                  world_size=2, prefetch=0, validate=False)])
+    keep = np.isin(scores["sample_id"], seen)
+    final = finals["mmoe"]
+    for task in ("click", "conversion"):
+        s, y = scores[f"score_{task}"][keep], scores[f"label_{task}"][keep]
+        assert roc_auc(s, y) == pytest.approx(final[f"auc_{task}"], abs=1e-5), task
+        assert log_loss(s, y) == pytest.approx(final[f"logloss_{task}"], abs=1e-5), task

@@ -51,6 +51,21 @@ def test_first_order_is_the_last_table_column(tiny_ctr: str) -> None:
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_deepfm_field_scale_scales_the_sparse_fm_vectors_only(tiny_ctr: str) -> None:
+    """FM vectors of the sparse fields = stored columns x field_scale; the dense field and the
+    first-order term are not scaled."""
+    schema = Schema.load(tiny_ctr)
+    spec = get_model_spec("deepfm")
+    model = spec.build(schema, spec.make_args("small", {"field_scale": 4.0}), "cpu")
+    unscaled = spec.build(schema, spec.make_args("small"), "cpu")
+    unscaled.load_state_dict(model.state_dict())
+    batch = next(iter(ParquetReader(tiny_ctr, "train", 8, prefetch=0)))
+    (vectors, first), (plain, plain_first) = model.fields(batch), unscaled.fields(batch)
+    torch.testing.assert_close(vectors[:, 1:], 4.0 * plain[:, 1:])  # field 0: dense
+    torch.testing.assert_close(vectors[:, 0], plain[:, 0])
+    torch.testing.assert_close(first, plain_first)
+
+
 def test_output_shapes_and_loss(tiny_ctr: str) -> None:
     schema = Schema.load(tiny_ctr)
     spec = get_model_spec("deepfm")
