@@ -421,7 +421,8 @@ def render(res: Dict[str, Dict[str, Any]], pngs: Dict[str, str], quick: bool) ->
 
     if "throughput" in res:
         t = res["throughput"]
-        md += [f"## Throughput — `python -m bench.throughput` ({_when(t)})", "",
+        grid_run = {**t, "machine": t.get("grid_machine", t["machine"])}
+        md += [f"## Throughput — `python -m bench.throughput` ({_when(grid_run)})", "",
                f"Batch {t['batch_size']} per rank; examples/s of all ranks; ratio to plain "
                "torchrec's DLRM with the same tables, MLP sizes, sharding and optimizers.", "",
                md_table(t["results"], ["tables", "dim", "ranks", "contender", "examples_per_s",
@@ -460,7 +461,7 @@ def render(res: Dict[str, Dict[str, Any]], pngs: Dict[str, str], quick: bool) ->
         if t.get("precision"):
             md += ["fp32 vs bf16 dense compute: shardrec DeepFM trained by the trainer on the "
                    "synthetic CTR set, same data and seed (eval AUC, the data's oracle AUC, "
-                   "the trainer's examples/s):", "",
+                   f"the trainer's examples/s; run {_when(t)}):", "",
                    md_table(t["precision"], ["dense_dtype", "preset", "epochs", "ranks", "auc",
                                              "oracle_auc", "auc_minus_fp32", "examples_per_s",
                                              "vs_fp32_speed"]), ""]

@@ -343,8 +343,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = ns.out or os.path.join(RESULTS_DIR, f"{name}.json")
         try:
             with open(path) as fh:
-                result = {k: v for k, v in json.load(fh).items()
-                          if k not in ("benchmark", "machine")}
+                old = json.load(fh)
+            result = {k: v for k, v in old.items() if k not in ("benchmark", "machine")}
+            # The grid's own run record (date, load) stays with it; "machine" becomes the
+            # record of this AUC run.
+            result["grid_machine"] = old.get("grid_machine", old["machine"])
         except FileNotFoundError:
             p.error(f"--parts auc updates {path}, which does not exist: run the grid first "
                     "(or pass --out to the results file to update)")
