@@ -51,9 +51,8 @@ CI_EVAL = [f"--data.eval_batch_size={EVAL_BATCH}"]
 RUNS: Dict[str, Tuple[str, str, List[str]]] = {
     # MMoE keeps its final checkpoint for the export test.
     "mmoe": ("mmoe_synthetic", "ci_ctr2", ["--checkpoint.save_at_end=true", *CI_EVAL]),
-    # PLE one epoch (not the config's two): its two-epoch run would cost ~15 s more than the
-    # suite's budget allows (see below).
-    "ple": ("ple_synthetic", "ci_ctr2", ["--training.epochs=1", *CI_EVAL]),
+    # PLE its shipped two epochs too (see below).
+    "ple": ("ple_synthetic", "ci_ctr2", [*CI_EVAL]),
     "esmm": ("esmm_synthetic", "esmm_ctr2", ["--training.epochs=2"]),
     "naive_cvr": ("shared_bottom_synthetic", "esmm_ctr2", ["--training.epochs=2", *NAIVE_CVR]),
 }
@@ -126,9 +125,10 @@ def finals(repo_root: str, ci_ctr2: str, esmm_ctr2: str,
 # field_scale 4): measured click 0.022 / 0.023 / 0.023, conversion 0.015 / 0.015 / 0.016
 # (data seed 0 with training seeds 0 / 1, data seed 1), so the spec's 0.03 is asserted. PLE
 # (128-wide experts) reaches click 0.027 / 0.025 / 0.027, conversion 0.016-0.018 after its
-# shipped two epochs, but that run costs ~15 s more than the suite's budget allows: it runs
-# one epoch here, measured click 0.036, conversion 0.022 (data seed 0), bound 0.045.
-@pytest.mark.parametrize("name,gap", [("mmoe", 0.03), ("ple", 0.045)])
+# shipped two epochs (the runs are deterministic on this machine: the CI run is data seed 0,
+# training seed 0, click 0.027), so both assert the spec's 0.03. After one epoch PLE is at
+# click 0.036: two epochs are needed (the suite, ~10 min of its 15, affords the ~12 s).
+@pytest.mark.parametrize("name,gap", [("mmoe", 0.03), ("ple", 0.03)])
 def test_mmoe_and_ple_approach_every_oracle(finals: Dict[str, Dict[str, float]], name: str,
                                             gap: float) -> None:
     final = finals[name]
