@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,6 +49,7 @@ from torch import nn
 from bench.common import (RESULTS_DIR, criteo_like_schema, format_table, make_batches,
                           matmul_flops, run_trainer, time_pipeline, time_repeated, write_results)
 from data.batch import Batch
+from data.synth import PRESETS, CTRSynthArgs, generate_ctr
 from data.schema import Schema
 
 DEEP_DIMS = [512, 256]
@@ -248,13 +250,9 @@ def run(grid: Sequence[Tuple[int, int, Optional[int]]], ranks: Sequence[int], ba
 def precision_auc(preset: str, epochs: float, ranks: int) -> List[Dict[str, Any]]:
     """Eval AUC and examples/s of shardrec DeepFM with fp32 and with bf16 dense compute, the
     same data and seed (see the module docstring)."""
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="bench_precision_") as work:
         data = os.path.join(work, "data")
-        subprocess.run([sys.executable, "-m", "data.synth", "ctr", "--preset", preset,
-                        "--out", data], check=True, capture_output=True)
+        generate_ctr(data, CTRSynthArgs(**PRESETS[preset]), progress=False)  # type: ignore[arg-type]
         out = []
         for dtype in ("fp32", "bf16"):
             run = run_trainer("launch/configs/deepfm_synthetic.toml", ranks,

@@ -25,6 +25,7 @@ step lives in leaf modules (the encoder, the loss).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -133,7 +134,7 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int
     return out.view(b, max_len, values.shape[1]), flat
 
 
-class SequentialEncoder(nn.Module):
+class SequentialEncoder(nn.Module, abc.ABC):
     """Base of the per-model encoders: embeds the history (``item·√D + position (+ action)``,
     dropout), runs :meth:`encode` over the jagged tokens, and L2-normalises outputs and item
     embeddings. Subclasses implement ``encode(x [ΣLᵢ, D], offsets [B + 1], timestamps
@@ -158,13 +159,13 @@ class SequentialEncoder(nn.Module):
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)
 
+    @abc.abstractmethod
     def encode(self, x: torch.Tensor, offsets: torch.Tensor,
                timestamps: Optional[torch.Tensor],
                query_timestamps: Optional[torch.Tensor]) -> torch.Tensor:
         """``[ΣLᵢ, D]`` → ``[ΣLᵢ, D]``; ``query_timestamps [ΣLᵢ]``: the time each position
         predicts at (the next event's; the held-out one's for the last position on eval
         batches), or None."""
-        raise NotImplementedError
 
     def forward(self, embeddings: Dict[str, JaggedTensor], sequence: KeyedJaggedTensor,
                 timestamps: Optional[KeyedJaggedTensor]) -> SequenceEncoding:

@@ -53,7 +53,6 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         """The task wrapper (loss owner) around the unsharded over-arch ``model``."""
-        raise NotImplementedError
 
     def batch_transform(self, split: str) -> Optional[Callable[[Batch], Batch]]:
         """A data-path step the reader applies to every batch of ``split`` in its background
@@ -65,12 +64,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def examples(self, output: Tuple[Any, ...]) -> int:
         """Examples (rows) of this rank's batch behind ``output``."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
         """Running metrics over a window of ``window_examples`` (all ranks)."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
@@ -78,18 +75,15 @@ class Task(abc.ABC):
         """Metrics over the eval split (or its first ``max_batches`` batches), all ranks.
 
         Called with the pipeline drained; runs it in eval mode (no backward, no step)."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def summary(self, metrics: Mapping[str, float]) -> str:
         """A few metrics for a log line, e.g. ``auc 0.8012 logloss 0.4410``."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
               ) -> Dict[str, Optional[float]]:
         """The task's part of the ``final`` line (the loop adds throughput and steps)."""
-        raise NotImplementedError
 
 
 class LogitsLabelsMetrics:
@@ -114,7 +108,6 @@ class LogitsLabelsTask(Task):
     @abc.abstractmethod
     def metrics(self, ctx: DistContext, batch_size: int, window_examples: int) -> Any:
         """Metrics over ``window_examples`` (all ranks), fed ``batch_size`` rows per rank."""
-        raise NotImplementedError
 
     def examples(self, output: Tuple[Any, ...]) -> int:
         return int(output[1].shape[0])

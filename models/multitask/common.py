@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -278,7 +279,7 @@ class Tower(nn.Module):
         return self.out(self.body(x, pc))
 
 
-class MultiTaskModel(nn.Module):
+class MultiTaskModel(nn.Module, abc.ABC):
     """Backbone representation → :meth:`head` → logits ``[B, P]``; subclasses build the
     head's modules and implement :meth:`head`.
 
@@ -332,9 +333,9 @@ class MultiTaskModel(nn.Module):
             parts.extend(pooled[n] for n in self.poso_sparse)
         return torch.cat(parts, dim=1)
 
+    @abc.abstractmethod
     def head(self, rep: torch.Tensor, pc: Optional[torch.Tensor]) -> torch.Tensor:
         """``rep [B, H]``, ``pc [B, P] | None`` → logits ``[B, len(predictions)]``."""
-        raise NotImplementedError
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.backbone.representation(batch), self.personalisation(batch))
