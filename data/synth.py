@@ -344,10 +344,11 @@ def _generators() -> Dict[str, _Generator]:
         "ctr_seq": _Generator("CTR dataset whose main signal is in a behaviour sequence "
                               "(data.synth_seq)", SeqCTRSynthArgs, SEQ_PRESETS,
                               generate_ctr_seq, auc),
-        "seq": _Generator("next-item sequences from a planted cluster Markov chain with an "
+        "seq": _Generator("next-item sessions from a planted cluster Markov chain with an "
                           "oracle HR@10 (data.synth_nextitem)", NextItemSynthArgs,
                           NEXT_ITEM_PRESETS, generate_next_item,
-                          lambda o: {"oracle_hr@10": o["hr@10"]}),
+                          lambda o: {"oracle_hr@10": o["hr@10"],
+                                     "time_blind_oracle_hr@10": o["time_blind_hr@10"]}),
     }
 
 

@@ -15,11 +15,25 @@ the chain's weights, then by popularity inside it), else from the global popular
 never repeat an item: the distribution is renormalised over the items they have not seen
 (and falls back to the global popularity when the chain allows none of those).
 
+Time carries signal: histories are sessions. Each step after the first starts a new session
+with probability ``session_break`` (its gap to the previous event is log-uniform in
+[``break_gap_s``], hours to weeks) and otherwise continues the session (gap log-uniform in
+[``session_gap_s``], seconds to minutes). A step inside a session follows the chain; the
+first step of a new session returns to the previous item's own cluster instead (the user
+picks up what they were browsing rather than moving on), with the same ``noise``. A model
+that sees when the next event happens (HSTU's time-gap bias, with the query carrying the
+next event's time) can tell the two apart; a model that sees only the item order (SASRec)
+cannot and must hedge between them. ``session_break = 0`` gives the plain chain.
+
 Oracle: at a user's last step the true next-item distribution is known; its 10 most likely
 unseen items are the oracle's top-10. ``meta.json`` stores ``oracle.hr@10`` (the fraction of
 eval rows whose held-out item is in that top-10: the best HR@10 any model can expect under
-the leave-one-out, history-excluded protocol) and ``oracle.expected_hr@10`` (the mean
-probability mass of those top-10 lists, the same quantity without sampling noise).
+the leave-one-out, history-excluded protocol, given the held-out event's time) and
+``oracle.expected_hr@10`` (the mean probability mass of those top-10 lists, the same
+quantity without sampling noise). ``oracle.time_blind_hr@10`` / ``time_blind_expected_hr@10``
+are the same for the best model that does not know whether the held-out step starts a
+session (its top-10 of the mixture ``session_break`` x return + the rest x chain): the
+ceiling of a model without timestamps.
 """
 
 from __future__ import annotations
@@ -51,6 +65,12 @@ class NextItemSynthArgs:
     zipf: float = 1.0
     #: Dirichlet concentration of the successor weights (small: a dominant successor).
     concentration: float = 0.5
+    #: probability that a step starts a new session (and returns to the previous cluster).
+    session_break: float = 0.3
+    #: (low, high) of the log-uniform gap inside a session, in seconds.
+    session_gap_s: Tuple[int, int] = (30, 1800)
+    #: (low, high) of the log-uniform gap before a new session, in seconds.
+    break_gap_s: Tuple[int, int] = (4 * 3600, 14 * 86_400)
     min_len: int = 10
     #: longest generated history (interactions per user).
     max_seq: int = 50
@@ -78,6 +98,13 @@ def _check(args: NextItemSynthArgs) -> None:
         raise ValueError(f"--successors {args.successors} must lie in [1, num_clusters]")
     if not 0.0 <= args.noise <= 1.0:
         raise ValueError(f"--noise {args.noise} must lie in [0, 1]")
+    if not 0.0 <= args.session_break <= 1.0:
+        raise ValueError(f"--session-break {args.session_break} must lie in [0, 1]")
+    for key in ("session_gap_s", "break_gap_s"):
+        bounds = tuple(getattr(args, key))
+        if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+            raise ValueError(f"--{key.replace('_', '-')} {','.join(map(str, bounds))}: give "
+                             "LOW,HIGH seconds with 1 <= LOW <= HIGH")
     if not 2 <= args.min_len <= args.max_seq or args.max_seq >= args.num_items:
         raise ValueError(f"need 2 <= --min-len ({args.min_len}) <= --max-seq ({args.max_seq}) "
                          f"< num_items ({args.num_items})")
@@ -104,8 +131,11 @@ class PlantedChain:
             succ = rng.choice(c, size=args.successors, replace=False)
             self.transition[k, succ] = rng.dirichlet(np.full(args.successors,
                                                              args.concentration))
-        # [C, N + 1]: next-item distribution given the previous item's cluster.
+        # [C, N + 1]: next-item distribution given the previous item's cluster, inside a
+        # session (the chain) and at the first step of a new one (the same cluster).
         self.next_given = (1.0 - args.noise) * (self.transition @ self.in_cluster) \
+            + args.noise * self.global_pop[None, :]
+        self.return_given = (1.0 - args.noise) * self.in_cluster \
             + args.noise * self.global_pop[None, :]
 
 
@@ -114,6 +144,29 @@ def _draw(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cdf = np.cumsum(p, axis=1)
     u = rng.random(p.shape[0]) * cdf[:, -1]
     return np.minimum((cdf < u[:, None]).sum(1), p.shape[1] - 1)
+
+
+def _unseen(p: np.ndarray, seen: np.ndarray, global_pop: np.ndarray) -> np.ndarray:
+    """Rows of ``p`` restricted to unseen items and renormalised; a row the chain leaves
+    empty falls back to the global popularity of the unseen items."""
+    p = np.where(seen, 0.0, p)
+    stuck = p.sum(1) <= 0
+    if stuck.any():
+        p[stuck] = np.where(seen[stuck], 0.0, global_pop[None, :])
+    return p / p.sum(1, keepdims=True)
+
+
+def _top10(p: np.ndarray, drawn: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(whether ``drawn`` is in each row's top-10 of ``p``, that top-10's probability mass)."""
+    top = np.argpartition(-p, 10, axis=1)[:, :10]
+    return (top == drawn[:, None]).any(1), np.take_along_axis(p, top, 1).sum(1)
+
+
+def _log_uniform(rng: np.random.Generator, bounds: Tuple[int, int],
+                 shape: Tuple[int, ...]) -> np.ndarray:
+    """Integer seconds, log-uniform in ``[low, high]``."""
+    low, high = np.log(bounds[0]), np.log(bounds[1])
+    return np.rint(np.exp(rng.uniform(low, high, size=shape))).astype(np.int64)
 
 
 def generate_histories(args: NextItemSynthArgs
@@ -128,37 +181,50 @@ def generate_histories(args: NextItemSynthArgs
     seen = np.zeros((u_n, n + 1), dtype=bool)
     seen[:, 0] = True
     start = rng.integers(0, args.num_clusters, size=u_n)
-    hit = np.zeros(u_n)
-    mass = np.zeros(u_n)
+    # breaks[u, t]: step t starts a new session (never the first step).
+    breaks = rng.random((u_n, args.max_seq)) < args.session_break
+    breaks[:, 0] = False
+    hit, mass = np.zeros(u_n), np.zeros(u_n)
+    blind_hit, blind_mass = np.zeros(u_n), np.zeros(u_n)
     for t in range(args.max_seq):
         active = np.flatnonzero(lengths > t)
         if t == 0:
             p = chain.in_cluster[start[active]].copy()
         else:
-            p = chain.next_given[chain.cluster[items[active, t - 1]]].copy()
-        p[seen[active]] = 0.0
-        # A user who has seen every item the chain allows falls back to global popularity.
-        stuck = p.sum(1) <= 0
-        if stuck.any():
-            p[stuck] = np.where(seen[active[stuck]], 0.0, chain.global_pop[None, :])
-        p /= p.sum(1, keepdims=True)
+            prev = chain.cluster[items[active, t - 1]]
+            p = np.where(breaks[active, t, None], chain.return_given[prev],
+                         chain.next_given[prev])
+        p = _unseen(p, seen[active], chain.global_pop)
         nxt = _draw(p, rng)
-        items[active, t] = nxt
-        seen[active, nxt] = True
         last = lengths[active] == t + 1
         if last.any():
-            # The oracle's top-10 at each user's final (held-out) step.
+            # The oracle's top-10 at each user's final (held-out) step, knowing whether it
+            # starts a session and, time-blind, not knowing it.
             pl = p[last]
-            top = np.argpartition(-pl, 10, axis=1)[:, :10]
-            hit[active[last]] = (top == nxt[last, None]).any(1)
-            mass[active[last]] = np.take_along_axis(pl, top, 1).sum(1)
+            hit[active[last]], mass[active[last]] = _top10(pl, nxt[last])
+            if t > 0:
+                b = args.session_break
+                blind = _unseen(b * chain.return_given[prev[last]]
+                                + (1.0 - b) * chain.next_given[prev[last]],
+                                seen[active[last]], chain.global_pop)
+                top = np.argpartition(-blind, 10, axis=1)[:, :10]
+                blind_hit[active[last]] = (top == nxt[last, None]).any(1)
+                blind_mass[active[last]] = np.take_along_axis(pl, top, 1).sum(1)
+            else:
+                blind_hit[active[last]], blind_mass[active[last]] = _top10(pl, nxt[last])
+        items[active, t] = nxt
+        seen[active, nxt] = True
     user = np.repeat(np.arange(u_n, dtype=np.int64), lengths)
-    item = items[np.arange(args.max_seq)[None, :] < lengths[:, None]]
-    gaps = rng.integers(60, 86_400, size=item.size)
+    keep = np.arange(args.max_seq)[None, :] < lengths[:, None]
+    item = items[keep]
+    gaps = np.where(breaks, _log_uniform(rng, args.break_gap_s, breaks.shape),
+                    _log_uniform(rng, args.session_gap_s, breaks.shape))[keep]
     offsets = np.concatenate(([0], np.cumsum(lengths)))
     csum = np.cumsum(gaps)
     ts = 1_600_000_000 + csum - np.repeat(csum[offsets[:-1]] - gaps[offsets[:-1]], lengths)
-    oracle = {"hr@10": float(hit.mean()), "expected_hr@10": float(mass.mean())}
+    oracle = {"hr@10": float(hit.mean()), "expected_hr@10": float(mass.mean()),
+              "time_blind_hr@10": float(blind_hit.mean()),
+              "time_blind_expected_hr@10": float(blind_mass.mean())}
     return user, item, ts.astype(np.int64), oracle
 
 

@@ -83,6 +83,11 @@ class TrainingConfig:
                               choices=("adam", "adamw", "adagrad", "sgd"))
     dense_lr: float = _f(1e-3, "dense learning rate")
     dense_weight_decay: float = _f(0.0, "dense weight decay")
+    dense_lr_scale: Dict[str, float] = _f({}, "per-parameter multipliers of dense_lr: "
+                                          "[training.dense_lr_scale] maps a pattern of a "
+                                          "parameter's own name (the last part of its dotted "
+                                          "name, shell wildcards, e.g. 'rab_*' = 30) to a "
+                                          "multiplier")
     sparse_optimizer: str = _f("rowwise_adagrad",
                                "fused optimizer of the embedding tables (runs in backward)",
                                choices=("rowwise_adagrad", "adagrad", "adam", "sgd"))
@@ -406,6 +411,11 @@ def validate(cfg: Config) -> List[str]:
         errors.append("checkpoint.keep_last must be >= 1")
     if cfg.training.log_every <= 0:
         errors.append("training.log_every must be > 0")
+    for pattern, scale in cfg.training.dense_lr_scale.items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale) or scale <= 0:
+            errors.append(f"training.dense_lr_scale.{pattern}: expected a positive number, "
+                          f"got {scale!r}")
     errors += _validate_sharding(cfg.sharding)
     errors += _validate_tables(cfg)
     from models import get_model_spec

@@ -429,11 +429,13 @@ class SequentialTaskKind(Task):
     def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
               ) -> Dict[str, Optional[float]]:
         oracle = meta.get("oracle", {}).get("hr@10")
+        blind = meta.get("oracle", {}).get("time_blind_hr@10")
         return {
             "hr@10": metrics.get("hr@10"),
             "ndcg@10": metrics.get("ndcg@10"),
             "mrr": metrics.get("mrr"),
             "oracle_hr@10": float(oracle) if oracle is not None else None,
+            "time_blind_oracle_hr@10": float(blind) if blind is not None else None,
             "hr@50": metrics.get("hr@50"),
             "hr@200": metrics.get("hr@200"),
             "sampled_hr@10": metrics.get("sampled_hr@10"),

@@ -9,6 +9,7 @@ once the training batches in flight have drained.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from sharding.constraints import (
 )
 from sharding.parallel import shard_model_from_config
 from trainer.checkpoint import Checkpointer, find_latest, set_rng_state
-from trainer.config import Config, save_config
+from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsFile, format_final
 from trainer.tasks import Task, get_task
 
@@ -95,9 +96,44 @@ def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
                     if k not in dp_params}
     dense = KeyedOptimizerWrapper(
         dense_params,
-        lambda params: opt_cls(params, lr=t.dense_lr, weight_decay=t.dense_weight_decay),
+        lambda params: opt_cls(dense_param_groups(params, t.dense_lr, t.dense_lr_scale),
+                               lr=t.dense_lr, weight_decay=t.dense_weight_decay),
+        pass_params_dict=True,
     )
     return CombinedOptimizer([dmp.fused_optimizer, dense, *dp_tables])
+
+
+def dense_param_groups(params: Mapping[str, torch.Tensor], lr: float,
+                       scales: Mapping[str, float]) -> List[Dict[str, Any]]:
+    """The dense optimizer's parameter groups: one at ``lr`` for every parameter no pattern
+    of ``[training.dense_lr_scale]`` matches, and one per pattern at ``lr × multiplier``.
+
+    A pattern matches a parameter's own name (the last part of its dotted name, shell
+    wildcards). Why: a few parameters can need a larger step than the rest — e.g. HSTU's
+    relative attention bias, scalars that Adam moves by about ``lr`` per step while they
+    must travel O(1) before the time-gap signal switches attention on and off.
+    Raises ``ConfigError`` for a pattern that matches nothing (naming the parameter names
+    there are) and for a parameter two patterns match."""
+    owner: Dict[str, str] = {}
+    for name in params:
+        leaf = name.rsplit(".", 1)[-1]
+        hits = [p for p in scales if fnmatch.fnmatchcase(leaf, p)]
+        if len(hits) > 1:
+            raise ConfigError(f"training.dense_lr_scale: parameter {name} matches several "
+                              f"patterns ({', '.join(hits)}); make them disjoint")
+        if hits:
+            owner[name] = hits[0]
+    unused = [p for p in scales if p not in owner.values()]
+    if unused:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in params})
+        raise ConfigError(f"training.dense_lr_scale.{unused[0]}: matches no dense parameter "
+                          f"of this model; their names are {', '.join(leaves)} (embedding "
+                          "tables set their lr in [sharding.tables.NAME])")
+    groups: List[Dict[str, Any]] = [
+        {"params": [v for k, v in params.items() if k not in owner]}]
+    groups += [{"params": [v for k, v in params.items() if owner.get(k) == p],
+                "lr": lr * scales[p]} for p in scales]
+    return [g for g in groups if g["params"]]
 
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task

@@ -5,6 +5,7 @@ consistency with training, bad model args, and the synthetic oracle."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Dict, List, Tuple
 
@@ -17,7 +18,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_histories
+from data.synth_nextitem import (
+    NEXT_ITEM_PRESETS,
+    NextItemSynthArgs,
+    PlantedChain,
+    generate_histories,
+)
 from models import get_model_spec
 from models.sequential import SampledSoftmaxLoss, SequenceEncoding
 from trainer.sequential import (
@@ -200,15 +206,46 @@ def test_synthetic_oracle_matches_planted_distribution() -> None:
     user, item, ts, oracle = generate_histories(args)
     assert 0.3 < oracle["hr@10"] <= 1.0 and 0.3 < oracle["expected_hr@10"] <= 1.0
     off = np.concatenate(([0], np.cumsum(np.bincount(user))))
+    gaps = []
     for u in range(args.num_users):  # no user repeats an item; times increase
         seq = item[off[u]:off[u + 1]]
         assert len(set(seq.tolist())) == seq.size
-        assert np.all(np.diff(ts[off[u]:off[u + 1]]) > 0)
+        gaps.append(np.diff(ts[off[u]:off[u + 1]]))
+    gap = np.concatenate(gaps)
+    # Gaps are either inside a session or session breaks, at the configured rate.
+    inside = (gap >= args.session_gap_s[0]) & (gap <= args.session_gap_s[1])
+    breaks = (gap >= args.break_gap_s[0]) & (gap <= args.break_gap_s[1])
+    assert np.all(inside | breaks)
+    assert abs(breaks.mean() - args.session_break) < 4 * math.sqrt(0.21 / gap.size)
+    # Not knowing which steps start a session costs the best model: its expected HR@10 is
+    # below the time-aware oracle's (and never above it, being a top-10 of the same draw).
+    assert oracle["time_blind_expected_hr@10"] < oracle["expected_hr@10"] - 0.02
     # A noiseless chain over 2 clusters of 10 items: every next item is one of the <= 10
     # unseen items of the successor cluster, so the oracle's top-10 always holds it.
     det = NextItemSynthArgs(num_users=50, num_items=20, num_clusters=2, successors=1,
-                            noise=0.0, min_len=2, max_seq=4, max_len=4)
+                            noise=0.0, min_len=2, max_seq=4, max_len=4, session_break=0.0)
     assert generate_histories(det)[3]["hr@10"] == 1.0
+    # Every step a session break: every next item comes from the previous item's own
+    # cluster, again <= 10 unseen items; time-blind and time-aware oracles coincide.
+    back = generate_histories(dataclasses.replace(det, session_break=1.0))[3]
+    assert back["hr@10"] == back["time_blind_hr@10"] == 1.0
+    # Closed form of the time-blind oracle: two clusters of 10 equally popular items that
+    # lead to each other, histories of 2 items, 60% session breaks. At the held-out step the
+    # return cluster has 9 unseen items (each 0.6 / 10 before renormalising, for a model
+    # blind to the break) and the other cluster 10 (each 0.4 / 10), so the blind top-10 is
+    # those 9 plus one: true mass 1 on a return step, 0.1 on a chain step. The time-aware
+    # top-10 is always the right cluster (mass 1).
+    two = dataclasses.replace(det, num_users=400, min_len=2, max_seq=2, max_len=2, zipf=0.0,
+                              session_break=0.6)
+    two = next(dataclasses.replace(two, seed=s) for s in range(100)
+               if not np.diag(PlantedChain(two, np.random.default_rng(s)).transition).any())
+    user, _, ts, half = generate_histories(two)
+    returned = float((np.diff(ts)[np.diff(user) == 0] >= two.break_gap_s[0]).mean())
+    assert 0.5 < returned < 0.7
+    assert half["hr@10"] == half["expected_hr@10"] == 1.0
+    assert half["time_blind_expected_hr@10"] == pytest.approx(0.1 + 0.9 * returned, abs=1e-9)
+    with pytest.raises(ValueError, match="--break-gap-s 10,5: give LOW,HIGH seconds"):
+        generate_histories(dataclasses.replace(det, break_gap_s=(10, 5)))
 
 
 @pytest.mark.parametrize("model,override,key", [
