@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import time
+import tomllib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -277,3 +278,27 @@ class Checkpointer:
                 return json.load(fh)
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{os.path.join(path, 'trainer.json')}: unreadable ({e})") from None
+
+
+def model_changes(path: str, cfg: Config) -> List[str]:
+    """The ``[model]`` settings (name, flavour, ``model.args.*``) in which ``cfg`` differs from
+    the config saved with checkpoint ``path``, as ``key: saved -> now`` (``unset`` for a key
+    one side leaves at its default); empty when they agree or no config was saved.
+
+    Why: a run dir resumes on its own, and a model change that keeps every parameter's
+    shape (``num_heads``, ``dropout``, a loss setting) loads without an error, so the run
+    would silently continue another model's training."""
+    try:
+        with open(os.path.join(path, "config.toml"), "rb") as fh:
+            saved = tomllib.load(fh).get("model", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+
+    def flat(model: Dict[str, Any]) -> Dict[str, Any]:
+        out = {f"model.{k}": v for k, v in model.items() if k != "args"}
+        out.update({f"model.args.{k}": v for k, v in model.get("args", {}).items()})
+        return out
+
+    before, now = flat(saved), flat(cfg.to_dict()["model"])
+    return [f"{k}: {before.get(k, 'unset')!r} -> {now.get(k, 'unset')!r}"
+            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]

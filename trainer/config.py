@@ -513,16 +513,22 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+def _toml_key(k: str) -> str:
+    """A bare TOML key when ``k`` is one, else a quoted one (e.g. the pattern ``"rab_*"``)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
 def _toml_table(name: str, values: Dict[str, Any], lines: List[str]) -> None:
-    """``[name]`` with its plain keys, then its nested tables as ``[name.key]``."""
+    """``[name]`` with its plain keys, then its nested tables as ``[name.key]`` (``name`` is
+    already a TOML key path)."""
     lines.append(f"[{name}]")
     for k, v in values.items():
         if v is not None and not isinstance(v, dict):
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
     for k, v in values.items():
         if isinstance(v, dict):
             lines.append("")
-            _toml_table(f"{name}.{k}", v, lines)
+            _toml_table(f"{name}.{_toml_key(k)}", v, lines)
 
 
 def to_toml(cfg: Config) -> str:

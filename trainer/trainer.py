@@ -40,7 +40,7 @@ from sharding.constraints import (
     resolve_table_settings,
 )
 from sharding.parallel import shard_model_from_config
-from trainer.checkpoint import Checkpointer, find_latest, set_rng_state
+from trainer.checkpoint import Checkpointer, find_latest, model_changes, set_rng_state
 from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsFile, format_final
 from trainer.tasks import Task, get_task
@@ -291,6 +291,11 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     path = c.resume_from or (find_latest(checkpointer.root) if c.resume else None)
     if not path:
         return 0
+    changed = model_changes(path, cfg)
+    if changed and ctx.is_main:
+        logger.warning("resuming from %s, which was trained with other [model] settings (%s); "
+                       "to train this model from scratch use a new --training.run_dir or "
+                       "--checkpoint.resume=false", path, "; ".join(changed))
     extra = checkpointer.load(path, dmp, optimizer, dmp.plan, c.reset_optimizer)
     step = int(extra["step"])
     if extra.get("resharded"):

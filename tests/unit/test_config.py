@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 
+from trainer.checkpoint import model_changes
 from trainer.config import Config, ConfigError, help_text, load_config, parse_value, to_toml
 
 
@@ -68,8 +69,11 @@ def test_bad_override_syntax() -> None:
 
 
 def test_resolved_config_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cfg = load_config(None, ["--training.steps=5", "--model.args.deep_dims=[8]"])
+    cfg = load_config(None, ["--training.steps=5", "--model.args.deep_dims=[8]",
+                             "--training.dense_lr_scale.rab_*=30"])
+    cfg.sharding.tables = {"user.id": {"sharding_types": ["row_wise"]}}
     text = to_toml(cfg)
+    assert '"rab_*" = 30' in text and '[sharding.tables."user.id"]' in text
     tomllib.loads(text)
     again = load_config(_write(tmp_path, text))
     assert again == cfg
@@ -83,3 +87,18 @@ def test_parse_value_and_help() -> None:
     for key in ("--data.batch_size", "--training.sparse_optimizer", "--dist.backend",
                 "--model.name", "--sharding.storage_reservation"):
         assert key in text
+
+
+def test_model_changes_against_a_checkpoint_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    saved = load_config(None, ["--model.name=hstu", "--model.args.num_heads=1",
+                               "--model.args.dropout=0.1"])
+    (tmp_path / "config.toml").write_text(to_toml(saved))
+    assert model_changes(str(tmp_path), saved) == []
+    now = load_config(None, ["--model.name=hstu", "--model.args.num_heads=2",
+                             "--model.args.temperature=0.1"])
+    assert model_changes(str(tmp_path), now) == [
+        "model.args.dropout: 0.1 -> 'unset'",
+        "model.args.num_heads: 1 -> 2",
+        "model.args.temperature: 'unset' -> 0.1",
+    ]
+    assert model_changes(str(tmp_path / "missing"), now) == []  # older checkpoints: no config
