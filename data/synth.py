@@ -348,6 +348,7 @@ def _generators() -> Dict[str, _Generator]:
                           "oracle HR@10 (data.synth_nextitem)", NextItemSynthArgs,
                           NEXT_ITEM_PRESETS, generate_next_item,
                           lambda o: {"oracle_hr@10": o["hr@10"],
+                                     "oracle_ndcg@10": o["ndcg@10"],
                                      "time_blind_oracle_hr@10": o["time_blind_hr@10"]}),
     }
 

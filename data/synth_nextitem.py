@@ -30,10 +30,11 @@ unseen items are the oracle's top-10. ``meta.json`` stores ``oracle.hr@10`` (the
 eval rows whose held-out item is in that top-10: the best HR@10 any model can expect under
 the leave-one-out, history-excluded protocol, given the held-out event's time) and
 ``oracle.expected_hr@10`` (the mean probability mass of those top-10 lists, the same
-quantity without sampling noise). ``oracle.time_blind_hr@10`` / ``time_blind_expected_hr@10``
-are the same for the best model that does not know whether the held-out step starts a
-session (its top-10 of the mixture ``session_break`` x return + the rest x chain): the
-ceiling of a model without timestamps.
+quantity without sampling noise); ``oracle.ndcg@10`` / ``expected_ndcg@10`` are the NDCG@10
+of that ranking (sorted by probability). ``oracle.time_blind_*`` are the same for the best
+model that does not know whether the held-out step starts a session (its top-10 of the
+mixture ``session_break`` x return + the rest x chain): the ceiling of a model without
+timestamps.
 """
 
 from __future__ import annotations
@@ -156,10 +157,22 @@ def _unseen(p: np.ndarray, seen: np.ndarray, global_pop: np.ndarray) -> np.ndarr
     return p / p.sum(1, keepdims=True)
 
 
-def _top10(p: np.ndarray, drawn: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(whether ``drawn`` is in each row's top-10 of ``p``, that top-10's probability mass)."""
-    top = np.argpartition(-p, 10, axis=1)[:, :10]
-    return (top == drawn[:, None]).any(1), np.take_along_axis(p, top, 1).sum(1)
+#: NDCG discount of ranks 1..10.
+_DISCOUNT = 1.0 / np.log2(np.arange(2, 12))
+
+#: the oracle metrics, each for the time-aware and (``time_blind_`` prefix) the blind oracle.
+_ORACLE_KEYS = ("hr@10", "expected_hr@10", "ndcg@10", "expected_ndcg@10")
+
+
+def _top10(score: np.ndarray, p: np.ndarray, drawn: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """The metrics of ranking by ``score`` (top-10 per row) when the truth is ``p`` and the
+    held-out items are ``drawn``, per row, in :data:`_ORACLE_KEYS` order: hit, the top-10's
+    true probability mass, NDCG@10 of ``drawn``, and its expectation under ``p``."""
+    top = np.argpartition(-score, 10, axis=1)[:, :10]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(score, top, 1), axis=1), 1)
+    at = top == drawn[:, None]
+    truth = np.take_along_axis(p, top, 1)
+    return at.any(1), truth.sum(1), (at * _DISCOUNT).sum(1), (truth * _DISCOUNT).sum(1)
 
 
 def _log_uniform(rng: np.random.Generator, bounds: Tuple[int, int],
@@ -184,8 +197,8 @@ def generate_histories(args: NextItemSynthArgs
     # breaks[u, t]: step t starts a new session (never the first step).
     breaks = rng.random((u_n, args.max_seq)) < args.session_break
     breaks[:, 0] = False
-    hit, mass = np.zeros(u_n), np.zeros(u_n)
-    blind_hit, blind_mass = np.zeros(u_n), np.zeros(u_n)
+    aware = np.zeros((len(_ORACLE_KEYS), u_n))
+    blind = np.zeros((len(_ORACLE_KEYS), u_n))
     for t in range(args.max_seq):
         active = np.flatnonzero(lengths > t)
         if t == 0:
@@ -200,18 +213,15 @@ def generate_histories(args: NextItemSynthArgs
         if last.any():
             # The oracle's top-10 at each user's final (held-out) step, knowing whether it
             # starts a session and, time-blind, not knowing it.
-            pl = p[last]
-            hit[active[last]], mass[active[last]] = _top10(pl, nxt[last])
+            pl, ended = p[last], active[last]
+            aware[:, ended] = _top10(pl, pl, nxt[last])
+            guess = pl
             if t > 0:
                 b = args.session_break
-                blind = _unseen(b * chain.return_given[prev[last]]
+                guess = _unseen(b * chain.return_given[prev[last]]
                                 + (1.0 - b) * chain.next_given[prev[last]],
-                                seen[active[last]], chain.global_pop)
-                top = np.argpartition(-blind, 10, axis=1)[:, :10]
-                blind_hit[active[last]] = (top == nxt[last, None]).any(1)
-                blind_mass[active[last]] = np.take_along_axis(pl, top, 1).sum(1)
-            else:
-                blind_hit[active[last]], blind_mass[active[last]] = _top10(pl, nxt[last])
+                                seen[ended], chain.global_pop)
+            blind[:, ended] = _top10(guess, pl, nxt[last])
         items[active, t] = nxt
         seen[active, nxt] = True
     user = np.repeat(np.arange(u_n, dtype=np.int64), lengths)
@@ -222,9 +232,8 @@ def generate_histories(args: NextItemSynthArgs
     offsets = np.concatenate(([0], np.cumsum(lengths)))
     csum = np.cumsum(gaps)
     ts = 1_600_000_000 + csum - np.repeat(csum[offsets[:-1]] - gaps[offsets[:-1]], lengths)
-    oracle = {"hr@10": float(hit.mean()), "expected_hr@10": float(mass.mean()),
-              "time_blind_hr@10": float(blind_hit.mean()),
-              "time_blind_expected_hr@10": float(blind_mass.mean())}
+    oracle = {**{k: float(v) for k, v in zip(_ORACLE_KEYS, aware.mean(1))},
+              **{f"time_blind_{k}": float(v) for k, v in zip(_ORACLE_KEYS, blind.mean(1))}}
     return user, item, ts.astype(np.int64), oracle
 
 

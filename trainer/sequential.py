@@ -428,14 +428,18 @@ class SequentialTaskKind(Task):
 
     def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
               ) -> Dict[str, Optional[float]]:
-        oracle = meta.get("oracle", {}).get("hr@10")
-        blind = meta.get("oracle", {}).get("time_blind_hr@10")
+        oracle: Mapping[str, Any] = meta.get("oracle", {})
+
+        def known(key: str) -> Optional[float]:
+            return float(oracle[key]) if key in oracle else None
+
         return {
             "hr@10": metrics.get("hr@10"),
             "ndcg@10": metrics.get("ndcg@10"),
             "mrr": metrics.get("mrr"),
-            "oracle_hr@10": float(oracle) if oracle is not None else None,
-            "time_blind_oracle_hr@10": float(blind) if blind is not None else None,
+            "oracle_hr@10": known("hr@10"),
+            "oracle_ndcg@10": known("ndcg@10"),
+            "time_blind_oracle_hr@10": known("time_blind_hr@10"),
             "hr@50": metrics.get("hr@50"),
             "hr@200": metrics.get("hr@200"),
             "sampled_hr@10": metrics.get("sampled_hr@10"),

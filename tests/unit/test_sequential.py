@@ -244,6 +244,11 @@ def test_synthetic_oracle_matches_planted_distribution() -> None:
     assert 0.5 < returned < 0.7
     assert half["hr@10"] == half["expected_hr@10"] == 1.0
     assert half["time_blind_expected_hr@10"] == pytest.approx(0.1 + 0.9 * returned, abs=1e-9)
+    # NDCG@10 of the aware oracle: equally likely items in any order, 9 (return) or 10.
+    disc = 1.0 / np.log2(np.arange(2, 12))
+    assert half["expected_ndcg@10"] == pytest.approx(
+        returned * disc[:9].sum() / 9 + (1 - returned) * disc.sum() / 10, abs=1e-9)
+    assert 0 < half["time_blind_ndcg@10"] < half["ndcg@10"] < half["hr@10"]
     with pytest.raises(ValueError, match="--break-gap-s 10,5: give LOW,HIGH seconds"):
         generate_histories(dataclasses.replace(det, break_gap_s=(10, 5)))
 
