@@ -7,7 +7,7 @@ by the models; only what torchrec lacks lives here.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -81,10 +81,18 @@ class FactorizationMachine(nn.Module):
 DENSE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast_dtype(dense_dtype: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a ``dense_dtype`` setting (``None`` for fp32: no autocast)."""
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense_dtype {dense_dtype!r} is not one of {list(DENSE_DTYPES)}")
+    return DENSE_DTYPES[dense_dtype]
+
+
 def autocast_forward(model: nn.Module, batch: Batch, dtype: Optional[torch.dtype],
-                     device_type: str) -> torch.Tensor:
+                     device_type: str) -> Any:
     """``model(batch)`` with its dense compute autocast to ``dtype`` (``None``: fp32), the
-    result back in fp32 so losses and metrics stay full precision."""
+    result back in fp32 (its ``float()``: a tensor, or an output type that defines one) so
+    losses and metrics stay full precision."""
     if dtype is None:
         return model(batch)
     with torch.autocast(device_type, dtype=dtype):
@@ -110,11 +118,9 @@ class CTRTask(nn.Module):
     def __init__(self, model: nn.Module, dense_dtype: str = "fp32",
                  device_type: str = "cpu") -> None:
         super().__init__()
-        if dense_dtype not in DENSE_DTYPES:
-            raise ValueError(f"dense_dtype {dense_dtype!r} is not one of {list(DENSE_DTYPES)}")
         self.model = model
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.autocast_dtype = DENSE_DTYPES[dense_dtype]
+        self.autocast_dtype = autocast_dtype(dense_dtype)
         self.device_type = device_type
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,

@@ -39,7 +39,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
-from models.blocks import DENSE_DTYPES
+from models.blocks import autocast_dtype, autocast_forward
 from models.hstu.attention import jagged_positions, next_timestamps
 
 NEGATIVES_SUFFIX = "_neg"
@@ -117,6 +117,11 @@ class SequenceEncoding(NamedTuple):
     offsets: torch.Tensor
     neg: torch.Tensor
     neg_ids: torch.Tensor
+
+    def float(self) -> "SequenceEncoding":
+        """The embeddings in fp32 (ids and offsets unchanged), after an autocast forward."""
+        return self._replace(user=self.user.float(), items=self.items.float(),
+                             neg=self.neg.float())
 
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int
@@ -355,18 +360,11 @@ class SequentialTask(nn.Module):
                  in_batch_negatives: bool, dense_dtype: str = "fp32",
                  device_type: str = "cpu") -> None:
         super().__init__()
-        if dense_dtype not in DENSE_DTYPES:
-            raise ValueError(f"dense_dtype {dense_dtype!r} is not one of {list(DENSE_DTYPES)}")
         self.model = model
         self.loss = SampledSoftmaxLoss(temperature, in_batch_negatives)
-        self.autocast_dtype = DENSE_DTYPES[dense_dtype]
+        self.autocast_dtype = autocast_dtype(dense_dtype)
         self.device_type = device_type
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        if self.autocast_dtype is None:
-            return self.loss(self.model(batch), batch.labels)
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-            enc = self.model(batch)
-        enc = SequenceEncoding(enc.user.float(), enc.items.float(), enc.ids, enc.offsets,
-                               enc.neg.float(), enc.neg_ids)
-        return self.loss(enc, batch.labels)
+        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
+                                          self.device_type), batch.labels)

@@ -40,7 +40,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import DENSE_DTYPES, autocast_forward, pooled_table_configs
+from models.blocks import autocast_dtype, autocast_forward, pooled_table_configs
 
 #: Backbones with ``representation(batch) -> [B, H]`` and ``representation_dim``, and the
 #: submodules / parameters of their final logit layer (dropped: a head replaces them).
@@ -361,11 +361,9 @@ class MultiTaskLoss(nn.Module):
     def __init__(self, model: MultiTaskModel, dense_dtype: str = "fp32",
                  device_type: str = "cpu") -> None:
         super().__init__()
-        if dense_dtype not in DENSE_DTYPES:
-            raise ValueError(f"dense_dtype {dense_dtype!r} is not one of {list(DENSE_DTYPES)}")
         self.model = model
         self.predictions = list(model.predictions)
-        self.autocast_dtype = DENSE_DTYPES[dense_dtype]
+        self.autocast_dtype = autocast_dtype(dense_dtype)
         self.device_type = device_type
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
