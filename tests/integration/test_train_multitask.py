@@ -7,8 +7,9 @@ checkpoint exported and scored by ``trainer.predict`` in one process.
 The four runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group
 (``train()`` leaves a group it did not create), so the suite pays for process start-up and
 the torchrec imports once, not once per ``torchrun``; ``python -m trainer`` under
-``torchrun`` is covered by the other integration tests, and ``train()`` is what it runs. (MMoE on converted MovieLens like/love
-data is checked in-process by ``tests/unit/test_multitask_movielens.py``.)
+``torchrun`` is covered by the other integration tests, and ``train()`` is what it runs.
+(MMoE on converted MovieLens like/love data is checked in-process by
+``tests/unit/test_multitask_movielens.py``.)
 
 Measured numbers are in the README's "Multi-task heads" section.
 """
