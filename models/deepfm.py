@@ -18,7 +18,7 @@ row-wise Adagrad a larger step only adds noise, while a scale s with the step di
 starts the vectors s times larger for the same output step. Measured as the backbone of MMoE
 on the two-task synthetic set (``data.synth ctr2 --preset ci``, 2 ranks): click AUC gap to
 the oracle after one epoch 0.034 unscaled (embedding lr 0.2; 0.053 at lr 0.05) vs 0.028 with
-scale 4 and lr 0.1, after two epochs 0.025 vs 0.022 (README, "Multi-task heads").
+scale 4 and lr 0.1, after two epochs 0.025 vs 0.022 (docs/multitask.md).
 
 Shapes: ``Batch.dense [B, Dd]``, ``Batch.sparse`` KJT with F keys → logits ``[B]``.
 

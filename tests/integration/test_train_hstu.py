@@ -12,7 +12,7 @@ end with the sequential ``final`` line, and:
 
 Measured on a quiet 2-core CPU (2026-11-22): HSTU 0.644 HR@10 (0.96 of the oracle; 0.632-
 0.638 on training seeds 1-2), NDCG@10 0.395 (0.92 of the oracle's 0.427; 0.91-0.93), SASRec 0.506-0.509, HSTU without its time bias 0.507; ~55 s
-and ~40 s wall time. The README's HSTU section has the table.
+and ~40 s wall time. docs/hstu.md has the table.
 """
 
 from __future__ import annotations

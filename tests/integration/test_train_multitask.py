@@ -11,7 +11,7 @@ the torchrec imports once, not once per ``torchrun``; ``python -m trainer`` unde
 (MMoE on converted MovieLens like/love data is checked in-process by
 ``tests/unit/test_multitask_movielens.py``.)
 
-Measured numbers are in the README's "Multi-task heads" section.
+Measured numbers are in docs/results/multitask.md.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def test_esmm_cvr_against_a_cvr_model_trained_on_clicked_rows(
     structure from every impression through pCTR. After one epoch ESMM's pCVR is not there
     yet (0.748): it is pinned down only through pCTCVR once pCTR is. The margins asserted
     are about half the measured ones. (On the default ``ci`` data, where conversion has
-    much signal of its own, the naive model wins: README, "Multi-task heads".)
+    much signal of its own, the naive model wins: docs/multitask.md.)
     """
     esmm, naive, naive_1 = finals["esmm"], finals["naive_cvr"], finals["naive_cvr_1_epoch"]
     assert esmm["oracle_auc_cvr"] == naive["oracle_auc_conversion"]  # the same target

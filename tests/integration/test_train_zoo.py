@@ -2,7 +2,7 @@
 reach the CI-sized synthetic set's oracle within 0.03, and on the sequence-signal set
 InterFormer does too and beats the pooled-only DeepFM and DCN-v2 by a clear margin.
 
-Measured on a shared 2-core CPU (see the README's Models section): on ``ctr --preset ci``
+Measured on a shared 2-core CPU (see docs/results/models.md): on ``ctr --preset ci``
 (oracle 0.869) DCN-v2 (full, 2 epochs) 0.841; AutoInt+ (2 epochs) 0.843-0.844. On
 ``ctr_seq --preset ci`` (oracle 0.770) after one epoch InterFormer 0.743-0.744 vs DeepFM 0.657
 and DCN-v2 0.658.
