@@ -1,8 +1,9 @@
 """Per-table sharding settings from config → planner constraints and fused optimizers.
 
-Each embedding table gets a :class:`TableSettings`: the ``[sharding]`` defaults, overridden by
-``[sharding.tables.NAME]``, with the fused optimizer of ``[training]`` (``sparse_*``) unless
-the table names its own. From those settings:
+Each embedding table gets a :class:`TableSettings`: the ``[sharding]`` defaults
+(:class:`ShardingSettings`), overridden by ``[sharding.tables.NAME]``, with the default fused
+optimizer (:class:`SparseOptimizerDefaults`, which the trainer fills from ``[training]
+sparse_*``) unless the table names its own. From those settings:
 
 * :func:`build_constraints` makes torchrec ``ParameterConstraints`` keyed by table name
   (allowed sharding types, compute kernel, pooling-factor hint per feature, cache load
@@ -16,7 +17,8 @@ the table names its own. From those settings:
 
 Example::
 
-    settings = resolve_table_settings(schema, cfg.sharding, cfg.training)
+    sparse = SparseOptimizerDefaults("rowwise_adagrad", lr=0.05)
+    settings = resolve_table_settings(schema, cfg.sharding, sparse)
     apply_table_optimizers(model, settings)               # unsharded model, before DMP
     constraints = build_constraints(settings, "cuda")     # {"t_cat_2": ParameterConstraints}
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import re
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -43,13 +45,37 @@ from sharding.sharders import (
     fused_optimizer_kwargs,
 )
 
-if TYPE_CHECKING:
-    from trainer.config import ShardingConfig, TrainingConfig
-
 # Kernels that need a GPU (UVM = host memory mapped into the GPU's address space).
 GPU_ONLY_KERNELS = ("fused_uvm", "fused_uvm_caching")
 # fbgemm's CPU fused kernels implement only the exact SGD / Adagrad family (Adam asserts).
 CPU_FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+class ShardingSettings(Protocol):
+    """What table resolution reads of the ``[sharding]`` section (the trainer's
+    ``ShardingConfig`` has these fields; tests may pass any object that has them)."""
+
+    tables: Mapping[str, Mapping[str, Any]]
+    sharding_types: Sequence[str]
+    compute_kernel: Optional[str]
+    cache_load_factor: Optional[float]
+    pooling_factor: Optional[float]
+    min_partition: Optional[int]
+
+
+@dataclass(frozen=True)
+class SparseOptimizerDefaults:
+    """The fused optimizer of every table that does not name its own.
+
+    Args:
+        optimizer: one of :data:`sharding.sharders.FUSED_OPTIMIZERS`.
+        lr / weight_decay / eps: its hyper-parameters.
+    """
+
+    optimizer: str = "rowwise_adagrad"
+    lr: float = 0.05
+    weight_decay: float = 0.0
+    eps: float = 1e-8
 
 
 class ShardingConfigError(ValueError):
@@ -87,28 +113,28 @@ class TableSettings:
         return self.table.name
 
 
-def resolve_table_settings(schema: Schema, sharding: "ShardingConfig",
-                           training: "TrainingConfig") -> Dict[str, TableSettings]:
+def resolve_table_settings(schema: Schema, sharding: ShardingSettings,
+                           sparse: SparseOptimizerDefaults) -> Dict[str, TableSettings]:
     """Settings of every table of ``schema`` (pooled and sequence), in schema order.
 
     Raises:
         ShardingConfigError: listing every ``[sharding.tables.NAME]`` that names no table
             (with the valid names) and every sharding type / kernel a table cannot use.
     """
-    settings, errors = _resolve(schema, sharding, training)
+    settings, errors = _resolve(schema, sharding, sparse)
     if errors:
         raise ShardingConfigError("invalid sharding settings:\n  - " + "\n  - ".join(errors))
     return settings
 
 
-def table_settings_errors(schema: Schema, sharding: "ShardingConfig",
-                          training: "TrainingConfig") -> List[str]:
+def table_settings_errors(schema: Schema, sharding: ShardingSettings,
+                          sparse: SparseOptimizerDefaults) -> List[str]:
     """The problems :func:`resolve_table_settings` would raise, as a list (for the config
     validator, which reports every problem at once)."""
-    return _resolve(schema, sharding, training)[1]
+    return _resolve(schema, sharding, sparse)[1]
 
 
-def _resolve(schema: Schema, sharding: "ShardingConfig", training: "TrainingConfig"
+def _resolve(schema: Schema, sharding: ShardingSettings, sparse: SparseOptimizerDefaults
              ) -> Tuple[Dict[str, TableSettings], List[str]]:
     tables = schema.tables()
     errors: List[str] = []
@@ -137,10 +163,10 @@ def _resolve(schema: Schema, sharding: "ShardingConfig", training: "TrainingConf
                                       if table.kind == "sparse" and sharding.pooling_factor
                                       else default_pf)),
             min_partition=pick("min_partition", sharding.min_partition),
-            optimizer=pick("optimizer", training.sparse_optimizer),
-            lr=float(pick("lr", training.sparse_lr)),
-            weight_decay=float(pick("weight_decay", training.sparse_weight_decay)),
-            eps=float(training.sparse_eps),
+            optimizer=pick("optimizer", sparse.optimizer),
+            lr=float(pick("lr", sparse.lr)),
+            weight_decay=float(pick("weight_decay", sparse.weight_decay)),
+            eps=float(sparse.eps),
         )
         errors += _check_table(settings, where=_where(name, override))
         out[name] = settings

@@ -108,7 +108,7 @@ def format_report(report: Dict[str, Any], table_shapes: Dict[str, Tuple[int, int
 
 def run(argv: Sequence[str]) -> int:
     args, overrides = parse_args(argv)
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, load_config, sparse_optimizer_defaults
 
     try:
         cfg = load_config(args.config, overrides)
@@ -152,7 +152,7 @@ def run(argv: Sequence[str]) -> int:
     schema_src = cfg.data.schema or cfg.data.path
     try:
         schema = load_schema(schema_src)
-        settings = resolve_table_settings(schema, cfg.sharding, cfg.training)
+        settings = resolve_table_settings(schema, cfg.sharding, sparse_optimizer_defaults(cfg.training))
         constraints = build_constraints(settings, args.compute_device)
     except (SchemaError, ShardingConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

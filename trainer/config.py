@@ -22,7 +22,10 @@ import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # the sharding layer pulls torchrec in; config parsing stays light
+    from sharding.constraints import SparseOptimizerDefaults
 
 
 class ConfigError(ValueError):
@@ -115,6 +118,15 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
 COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm", "dense")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 
+
+
+def sparse_optimizer_defaults(training: TrainingConfig) -> SparseOptimizerDefaults:
+    """``[training] sparse_*`` as the sharding layer's default fused optimizer."""
+    from sharding.constraints import SparseOptimizerDefaults
+
+    return SparseOptimizerDefaults(training.sparse_optimizer, lr=float(training.sparse_lr),
+                                   weight_decay=float(training.sparse_weight_decay),
+                                   eps=float(training.sparse_eps))
 
 @dataclass
 class TableShardingConfig:
@@ -496,7 +508,7 @@ def _validate_tables(cfg: Config) -> List[str]:
         schema = load_schema(path)
     except SchemaError as e:
         return [f"data: {e}"]
-    return table_settings_errors(schema, cfg.sharding, cfg.training)
+    return table_settings_errors(schema, cfg.sharding, sparse_optimizer_defaults(cfg.training))
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from sharding.constraints import (
 )
 from sharding.parallel import shard_model_from_config
 from trainer.checkpoint import Checkpointer, find_latest, model_changes, set_rng_state
-from trainer.config import Config, ConfigError, save_config
+from trainer.config import Config, ConfigError, save_config, sparse_optimizer_defaults
 from trainer.metrics import MetricsFile, format_final
 from trainer.tasks import Task, get_task
 
@@ -79,7 +79,7 @@ def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.
     ``[sharding.tables.NAME]`` where a table sets its own), plan and wrap ``model`` in DMP,
     and build the combined sparse + dense optimizer. Benchmarks use this too, so every
     contender is sharded and optimised exactly as the trainer does it."""
-    tables = resolve_table_settings(schema, cfg.sharding, cfg.training)
+    tables = resolve_table_settings(schema, cfg.sharding, sparse_optimizer_defaults(cfg.training))
     apply_table_optimizers(model, tables)
     dmp, _ = shard_model_from_config(model, ctx, cfg.sharding, tables, cfg.data.batch_size)
     return dmp, build_optimizer(cfg, dmp, tables)

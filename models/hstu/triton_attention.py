@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from models.hstu.attention import next_timestamps
+from models.hstu.jagged import next_timestamps
 
 BLOCK_M = 16
 BLOCK_N = 16

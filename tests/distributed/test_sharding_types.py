@@ -49,11 +49,12 @@ def _schema(kind: str) -> Any:
 
 
 def _configs(sharding_type: str) -> Tuple[Any, Any]:
-    from trainer.config import ShardingConfig, TrainingConfig
+    from sharding.constraints import SparseOptimizerDefaults
+    from trainer.config import ShardingConfig
 
     sharding = ShardingConfig(sharding_types=[sharding_type], min_partition=8,
                               tables={"a": {"optimizer": "sgd", "lr": 0.5}})
-    training = TrainingConfig(sparse_optimizer="adagrad", sparse_lr=0.1)
+    training = SparseOptimizerDefaults("adagrad", lr=0.1)
     return sharding, training
 
 

@@ -138,19 +138,20 @@ def tiny_model(rows: List[int], dim: int = 16) -> Tuple[torch.nn.Module, Schema]
 def plan_tiny(model: torch.nn.Module, schema: Schema, world: int, device: str,
               types: Dict[str, str], **sharding_kw: Any) -> Any:
     from sharding.constraints import (
+        SparseOptimizerDefaults,
         apply_table_optimizers,
         build_constraints,
         resolve_table_settings,
     )
     from sharding.planner import build_planner, plan_model, topology_from_config
     from sharding.sharders import build_sharders
-    from trainer.config import ShardingConfig, TrainingConfig
+    from trainer.config import ShardingConfig
 
     tables: Dict[str, Dict[str, Any]] = {t: {"sharding_types": [st]} for t, st in types.items()}
     for t, extra in sharding_kw.pop("tables", {}).items():
         tables.setdefault(t, {}).update(extra)
     sharding = ShardingConfig(tables=tables, min_partition=8, **sharding_kw)
-    training = TrainingConfig(sparse_optimizer="rowwise_adagrad")
+    training = SparseOptimizerDefaults("rowwise_adagrad")
     settings = resolve_table_settings(schema, sharding, training)
     apply_table_optimizers(model, settings)
     topology = topology_from_config(sharding, world, min(world, 2), device, dry_run=True)
@@ -258,10 +259,11 @@ def test_plan_command_rejects_bad_table_settings() -> None:
 
 def test_trainer_path_uses_plan_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """``sharding.plan_file`` replaces planning: the DMP gets the file's placement."""
-    from sharding.constraints import apply_table_optimizers, resolve_table_settings
+    from sharding.constraints import (SparseOptimizerDefaults, apply_table_optimizers,
+                                      resolve_table_settings)
     from sharding.dist import destroy_distributed, free_port, init_distributed
     from sharding.parallel import shard_model_from_config
-    from trainer.config import ShardingConfig, TrainingConfig
+    from trainer.config import ShardingConfig
 
     model, schema = tiny_model([64, 48])
     plan = plan_tiny(model, schema, 1, "cpu", {"t0": "column_wise"})
@@ -274,7 +276,7 @@ def test_trainer_path_uses_plan_file(tmp_path: Any, monkeypatch: pytest.MonkeyPa
         fresh, _ = tiny_model([64, 48])
         assert model_tables(fresh)["model.ebc"] == {"t0": (64, 16), "t1": (48, 16)}
         sharding = ShardingConfig(plan_file=path)
-        settings = resolve_table_settings(schema, sharding, TrainingConfig())
+        settings = resolve_table_settings(schema, sharding, SparseOptimizerDefaults())
         apply_table_optimizers(fresh, settings)
         dmp, used = shard_model_from_config(fresh, ctx, sharding, settings, 32)
         assert used.plan["model.ebc"]["t0"].sharding_type == "column_wise"  # type: ignore

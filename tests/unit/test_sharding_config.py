@@ -11,6 +11,7 @@ import torch
 from data.schema import FeatureSpec, Schema
 from sharding.constraints import (
     ShardingConfigError,
+    SparseOptimizerDefaults,
     apply_table_optimizers,
     build_constraints,
     resolve_table_settings,
@@ -21,7 +22,6 @@ from trainer.config import (
     SHARDING_TYPES,
     ConfigError,
     ShardingConfig,
-    TrainingConfig,
     help_text,
     load_config,
     to_toml,
@@ -102,7 +102,7 @@ def test_help_lists_per_table_keys() -> None:
 def test_unknown_table_names_the_table_and_the_valid_ones() -> None:
     sharding = ShardingConfig(tables={"usr": {"lr": 0.1}, "ad": {"lr": 0.2}})
     with pytest.raises(ShardingConfigError) as e:
-        resolve_table_settings(schema(), sharding, TrainingConfig())
+        resolve_table_settings(schema(), sharding, SparseOptimizerDefaults())
     msg = str(e.value)
     assert "sharding.tables.usr: the model has no table 'usr'" in msg
     assert "its tables are: user, ad, item" in msg
@@ -112,7 +112,7 @@ def test_sequence_tables_refuse_data_parallel_and_dense_with_the_reason() -> Non
     sharding = ShardingConfig(tables={
         "item": {"sharding_types": ["data_parallel", "row_wise"], "compute_kernel": "dense"}})
     with pytest.raises(ShardingConfigError) as e:
-        resolve_table_settings(schema(), sharding, TrainingConfig())
+        resolve_table_settings(schema(), sharding, SparseOptimizerDefaults())
     msg = str(e.value)
     assert "sequence table 'item' cannot use data_parallel" in msg
     assert "PoolingMode.NONE" in msg
@@ -120,7 +120,7 @@ def test_sequence_tables_refuse_data_parallel_and_dense_with_the_reason() -> Non
     # the same default applied to every table names the sequence table too
     with pytest.raises(ShardingConfigError, match="defaults for table 'item'.*data_parallel"):
         resolve_table_settings(schema(), ShardingConfig(sharding_types=["data_parallel"]),
-                               TrainingConfig())
+                               SparseOptimizerDefaults())
 
 
 def test_settings_inherit_defaults_and_make_constraints() -> None:
@@ -129,7 +129,7 @@ def test_settings_inherit_defaults_and_make_constraints() -> None:
         tables={"ad": {"sharding_types": ["column_wise"], "compute_kernel": "fused_uvm_caching",
                        "cache_load_factor": 0.3, "pooling_factor": 2.0, "min_partition": 4,
                        "optimizer": "sgd", "lr": 0.5}})
-    training = TrainingConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05)
+    training = SparseOptimizerDefaults("rowwise_adagrad", lr=0.05)
     settings = resolve_table_settings(schema(), sharding, training)
     assert list(settings) == ["user", "ad", "item"]
     user, ad, item = settings["user"], settings["ad"], settings["item"]
@@ -152,7 +152,7 @@ def test_settings_inherit_defaults_and_make_constraints() -> None:
 def test_gpu_only_kernels_and_optimizers_fail_for_cpu_plans() -> None:
     sharding = ShardingConfig(tables={"ad": {"compute_kernel": "fused_uvm_caching"},
                                       "user": {"optimizer": "adam"}})
-    settings = resolve_table_settings(schema(), sharding, TrainingConfig())
+    settings = resolve_table_settings(schema(), sharding, SparseOptimizerDefaults())
     build_constraints(settings, "cuda")  # fine on GPU
     with pytest.raises(ShardingConfigError) as e:
         build_constraints(settings, "cpu")
@@ -162,7 +162,7 @@ def test_gpu_only_kernels_and_optimizers_fail_for_cpu_plans() -> None:
     # a data-parallel table is updated by a plain torch optimizer, so adam is fine there
     dp = ShardingConfig(tables={"user": {"optimizer": "adam",
                                          "sharding_types": ["data_parallel"]}})
-    build_constraints(resolve_table_settings(schema(), dp, TrainingConfig()), "cpu")
+    build_constraints(resolve_table_settings(schema(), dp, SparseOptimizerDefaults()), "cpu")
 
 
 def test_kernel_and_type_combinations_that_cannot_work() -> None:
@@ -170,7 +170,7 @@ def test_kernel_and_type_combinations_that_cannot_work() -> None:
         "user": {"sharding_types": ["row_wise"], "compute_kernel": "dense"},
         "ad": {"sharding_types": ["data_parallel"], "compute_kernel": "fused"}})
     with pytest.raises(ShardingConfigError) as e:
-        resolve_table_settings(schema(), bad, TrainingConfig())
+        resolve_table_settings(schema(), bad, SparseOptimizerDefaults())
     assert "the dense kernel is only used by data_parallel" in str(e.value)
     assert "data_parallel tables use the dense kernel, not 'fused'" in str(e.value)
 
@@ -179,8 +179,7 @@ def test_each_table_gets_its_own_fused_optimizer() -> None:
     from models.blocks import build_ebc
 
     sharding = ShardingConfig(tables={"ad": {"optimizer": "sgd", "lr": 0.5}})
-    training = TrainingConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05,
-                              sparse_weight_decay=0.001)
+    training = SparseOptimizerDefaults("rowwise_adagrad", lr=0.05, weight_decay=0.001)
     settings = resolve_table_settings(schema(), sharding, training)
     module = torch.nn.Module()
     module.ebc = build_ebc(schema(), "meta")
