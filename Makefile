@@ -35,7 +35,7 @@ $(STAMP): setup.cfg Makefile
 	fi
 	@# triton: the HSTU attention kernels (compiled on CUDA, interpreted on CPU in the tests).
 	@# matplotlib: the plots of `python -m bench.report` (the [bench] extra; pulls no torch).
-	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest \
+	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest tomli-w==1.2.0 \
 		triton==3.9.0 matplotlib==3.11.2
 	@# The [torchx] extra of setup.cfg, named here because the project itself is installed with
 	@# --no-deps below; neither package touches the torch/torchrec/fbgemm pins above.

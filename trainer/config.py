@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
+import tomli_w
+
 if TYPE_CHECKING:  # the sharding layer pulls torchrec in; config parsing stays light
     from sharding.constraints import SparseOptimizerDefaults
 
@@ -513,43 +515,16 @@ def _validate_tables(cfg: Config) -> List[str]:
 
 # -- output ----------------------------------------------------------------------------------
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _toml_key(k: str) -> str:
-    """A bare TOML key when ``k`` is one, else a quoted one (e.g. the pattern ``"rab_*"``)."""
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
-
-
-def _toml_table(name: str, values: Dict[str, Any], lines: List[str]) -> None:
-    """``[name]`` with its plain keys, then its nested tables as ``[name.key]`` (``name`` is
-    already a TOML key path)."""
-    lines.append(f"[{name}]")
-    for k, v in values.items():
-        if v is not None and not isinstance(v, dict):
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    for k, v in values.items():
-        if isinstance(v, dict):
-            lines.append("")
-            _toml_table(f"{name}.{_toml_key(k)}", v, lines)
+def _drop_none(values: Dict[str, Any]) -> Dict[str, Any]:
+    """TOML has no null: ``None`` (= "use the default") is left out, at any depth."""
+    return {k: _drop_none(v) if isinstance(v, dict) else v
+            for k, v in values.items() if v is not None}
 
 
 def to_toml(cfg: Config) -> str:
-    """The resolved config as TOML (``None`` values are omitted: they mean "default")."""
-    lines: List[str] = []
-    for section, values in cfg.to_dict().items():
-        _toml_table(section, values, lines)
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML (``None`` values are omitted: they mean "default").
+    Written by ``tomli_w``, which quotes keys that are not bare (e.g. the pattern ``"rab_*"``)."""
+    return tomli_w.dumps(_drop_none(cfg.to_dict()))
 
 
 def save_config(cfg: Config, run_dir: str) -> str:
