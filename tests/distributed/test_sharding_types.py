@@ -20,13 +20,9 @@ column-wise sharding by design, so element-wise Adagrad is the shard-invariant c
 
 from __future__ import annotations
 
-import os
-import traceback
 from typing import Any, Dict, List, Tuple
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 WORLD = 2
@@ -208,46 +204,14 @@ def _run_case(ctx: Any, kind: str, sharding_type: str, seed: int) -> str:
     return case
 
 
-def _worker(rank: int, port: int, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from sharding.dist import destroy_distributed, init_distributed
-
-    try:
-        ctx = init_distributed("gloo", "cpu", cpu_threads=1, timeout_s=120)
-        done = []
-        cases = [("sparse", t) for t in EBC_CASES] + [("sequence", t) for t in EC_CASES]
-        for i, (kind, sharding_type) in enumerate(cases):
-            done.append(_run_case(ctx, kind, sharding_type, seed=i))
-        queue.put((rank, "ok", done))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        destroy_distributed()
+def _all_cases(ctx: Any) -> List[str]:
+    cases = [("sparse", t) for t in EBC_CASES] + [("sequence", t) for t in EC_CASES]
+    return [_run_case(ctx, kind, sharding_type, seed=i)
+            for i, (kind, sharding_type) in enumerate(cases)]
 
 
 def test_every_sharding_type_matches_unsharded_reference() -> None:
-    from sharding.dist import free_port
+    from sharding.spawn import run_ranks
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results: Dict[int, Any] = {}
-    errors = []
-    for _ in range(WORLD):
-        rank, status, value = queue.get()
-        if status == "ok":
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank}:\n{value}")
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    if errors:
-        pytest.fail("\n".join(errors))
+    results = run_ranks(_all_cases, WORLD)
     assert len(results[0]) == len(EBC_CASES) + len(EC_CASES)
