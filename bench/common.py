@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.schema import FeatureSpec, LabelSpec, Schema
 from data.synth import ZipfSampler
+from trainer.metrics import parse_final
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -318,11 +319,11 @@ def run_trainer(config: str, ranks: int, overrides: Sequence[str], what: str,
     if proc.returncode != 0:
         raise RuntimeError(f"{what} on {ranks} rank(s) failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
-    final = [line for line in proc.stdout.splitlines() if line.startswith("final ")]
-    if not final:
+    final = parse_final(proc.stdout)
+    if final is None:
         raise RuntimeError(f"{what} on {ranks} rank(s): no final line in\n{proc.stdout[-2000:]}")
     rss = re.findall(r"peak_rss_kb=(\d+)", proc.stderr)
-    return TrainerRun(dict(re.findall(r"(\S+)=(\S+)", final[-1])),
+    return TrainerRun(final,
                       [float(x) for x in re.findall(r"ex/s (\d+)", proc.stdout + proc.stderr)],
                       int(rss[-1]) if rss else 0)
 

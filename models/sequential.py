@@ -40,7 +40,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
 from models.blocks import autocast_dtype, autocast_forward
-from models.hstu.attention import jagged_positions, next_timestamps
+from models.hstu.jagged import jagged_positions, next_timestamps
 
 NEGATIVES_SUFFIX = "_neg"
 QUERY_TIME_SUFFIX = "_query_ts"

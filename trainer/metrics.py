@@ -5,6 +5,8 @@ Every ``compute()`` is a collective: all ranks must call it at the same step.
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 import time
@@ -99,3 +101,12 @@ def format_final(values: Dict[str, Optional[float]]) -> str:
             continue
         parts.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}")
     return "final " + " ".join(parts)
+
+
+def parse_final(output: str) -> Optional[Dict[str, str]]:
+    """The last ``final k=v ...`` line of a run's output as ``{k: v}`` (values as printed),
+    or ``None`` when the output has no final line."""
+    lines = [line for line in output.splitlines() if line.startswith("final ")]
+    if not lines:
+        return None
+    return dict(re.findall(r"(\S+)=(\S+)", lines[-1]))

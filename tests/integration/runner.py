@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from typing import Optional
+
+from trainer.metrics import parse_final as final_values
 
 
 def run_trainer(repo_root: str, nproc: int, args: list, timeout: int = 600,
@@ -22,6 +23,6 @@ def run_trainer(repo_root: str, nproc: int, args: list, timeout: int = 600,
 
 def parse_final(stdout: str) -> dict:
     """The ``final k=v ...`` line as a dict of floats."""
-    lines = [l for l in stdout.splitlines() if l.startswith("final ")]
-    assert lines, f"no final line in output:\n{stdout[-3000:]}"
-    return {k: float(v) for k, v in re.findall(r"(\S+)=(\S+)", lines[-1])}
+    final = final_values(stdout)
+    assert final is not None, f"no final line in output:\n{stdout[-3000:]}"
+    return {k: float(v) for k, v in final.items()}

@@ -5,7 +5,6 @@ signal, so the eval AUC must clear chance by a margin."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from typing import Dict, List
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from data.convert.__main__ import main as convert_main
+from tests.integration.runner import parse_final
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,7 @@ def train(data: str, run_dir: str, extra: List[str]) -> Dict[str, float]:
         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("final ")]
-    assert lines, proc.stdout[-3000:]
-    return {k: float(v) for k, v in re.findall(r"(\S+)=(\S+)", lines[-1])}
+    return parse_final(proc.stdout)
 
 
 def write_criteo(path: str, rows: int, seed: int = 0) -> None:
