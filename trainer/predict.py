@@ -30,7 +30,7 @@ from torch import nn
 
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth import log_loss, roc_auc
+from data.metrics import log_loss, roc_auc
 from models import get_model_spec
 from models.blocks import CTRTask
 from models.multitask.common import MultiTaskLoss, Prediction

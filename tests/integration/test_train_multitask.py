@@ -170,7 +170,7 @@ def test_exported_mmoe_scores_what_the_sharded_run_evaluated(
     ``trainer.predict`` in this one process with no process group: each task's score
     column gives, over the rows the run's final evaluation saw, the run's AUC and log-loss."""
     from data.reader import ParquetReader
-    from data.synth import log_loss, roc_auc
+    from data.metrics import log_loss, roc_auc
     from trainer.checkpoint import find_latest
     from trainer.export import export_checkpoint
     from trainer.predict import predict

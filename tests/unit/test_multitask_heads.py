@@ -226,7 +226,7 @@ def test_heads_over_interformer_on_sequence_data(tiny_seq: str) -> None:
 def test_metrics_per_prediction_with_masks_equal_exact_auc() -> None:
     """torchrec's AUC / NE per prediction, with rows outside an evaluation mask weighted 0,
     equal the exact AUC over the kept rows; MSE for a regression output."""
-    from data.synth import roc_auc
+    from data.metrics import roc_auc
     from models.multitask.common import Prediction
     from trainer.multitask import MultiTaskMetrics
 

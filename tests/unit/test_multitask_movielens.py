@@ -11,7 +11,7 @@ import torch
 from data.convert.__main__ import main as convert_main
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth import roc_auc
+from data.metrics import roc_auc
 from models import get_model_spec
 from models.multitask.common import MultiTaskLoss
 from tests.integration.test_train_converted import write_movielens_1m

@@ -21,7 +21,7 @@ import torch
 
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth import log_loss, roc_auc
+from data.metrics import log_loss, roc_auc
 from models import get_model_spec
 from models.multitask.common import MultiTaskLoss
 from trainer.config import load_config, save_config

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data.synth import PRESETS, CTRSynthArgs, generate_ctr, log_loss, roc_auc
+from data.metrics import log_loss, roc_auc
+from data.synth import PRESETS, CTRSynthArgs, generate_ctr
 
 
 def test_roc_auc_matches_bruteforce() -> None:
