@@ -8,7 +8,6 @@ written as JSON under ``bench/results/`` so later runs can be compared.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import re
@@ -24,6 +23,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
+from data.io import write_json_atomic
 from data.schema import FeatureSpec, LabelSpec, Schema
 from data.synth import ZipfSampler
 from trainer.metrics import parse_final
@@ -272,10 +272,7 @@ def write_results(name: str, payload: Dict[str, Any], out: Optional[str] = None)
     """``bench/results/<name>.json`` (or ``out``), written atomically."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump({"benchmark": name, "machine": machine_info(), **payload}, fh, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"benchmark": name, "machine": machine_info(), **payload})
     return path
 
 

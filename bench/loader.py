@@ -36,7 +36,8 @@ import torch
 
 from data.reader import ParquetReader
 from bench.common import write_results
-from data.schema import FeatureSpec, LabelSpec, Schema, write_json_atomic
+from data.io import write_json_atomic
+from data.schema import FeatureSpec, LabelSpec, Schema
 
 
 def _single_ids(rng: np.random.Generator, rows: int, n: int) -> pa.Array:

@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from bench.common import RESULTS_DIR, machine_info
+from data.io import write_text_atomic
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
@@ -625,10 +626,7 @@ def write_report(results: str, out: str, quick: bool) -> List[str]:
     pngs = {name: fn(res[name], os.path.join(out, f"{name}.png"))
             for name, fn in PLOTS.items() if name in res}
     path = os.path.join(out, "RESULTS.md")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(render(res, pngs, quick))
-    os.replace(tmp, path)
+    write_text_atomic(path, render(res, pngs, quick))
     return [path] + [os.path.join(out, p) for p in pngs.values()]
 
 

@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from data.io import write_json_atomic
+
 FEATURE_KINDS = ("dense", "sparse", "sequence")
 POOLINGS = ("sum", "mean")
 # What the reader does with an id >= num_embeddings: fail (the default: such ids usually mean
@@ -310,18 +312,6 @@ class Schema:
             except json.JSONDecodeError as e:
                 raise SchemaError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see
-    a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_meta(directory: str) -> Dict[str, Any]:

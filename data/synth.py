@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.metrics import log_loss, roc_auc
-from data.schema import FeatureSpec, LabelSpec, Schema, write_json_atomic
+from data.io import write_json_atomic
+from data.schema import FeatureSpec, LabelSpec, Schema
 
 logger = logging.getLogger(__name__)
 

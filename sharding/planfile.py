@@ -37,7 +37,7 @@ from torchrec.distributed.types import (
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from data.schema import write_json_atomic
+from data.io import write_json_atomic
 
 PLAN_VERSION = 1
 

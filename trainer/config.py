@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import tomli_w
 
+from data.io import write_text_atomic
+
 if TYPE_CHECKING:  # the sharding layer pulls torchrec in; config parsing stays light
     from sharding.constraints import SparseOptimizerDefaults
 
@@ -530,10 +532,7 @@ def to_toml(cfg: Config) -> str:
 def save_config(cfg: Config, run_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.toml")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(to_toml(cfg))
-    os.replace(tmp, path)
+    write_text_atomic(path, to_toml(cfg))
     return path
 
 

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from data.schema import SCHEMA_FILE, load_schema
+from data.io import AtomicDirectory, write_json_atomic
 from trainer.config import ConfigError, load_config
 
 MODEL_FILE = "model.pt"
@@ -51,17 +52,12 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
     info = {"model": cfg.model.name, "flavour": cfg.model.flavour, "args": cfg.model.args,
             "step": step, "checkpoint": os.path.abspath(checkpoint),
             "tensors": len(weights)}
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(weights, os.path.join(tmp, MODEL_FILE))
-    shutil.copy(os.path.join(checkpoint, "config.toml"), os.path.join(tmp, "config.toml"))
-    schema.save(tmp)
-    with open(os.path.join(tmp, EXPORT_FILE), "w") as fh:
-        json.dump(info, fh, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with AtomicDirectory(out, overwrite=True) as d:
+        torch.save(weights, os.path.join(d.path, MODEL_FILE))
+        shutil.copy(os.path.join(checkpoint, "config.toml"), os.path.join(d.path, "config.toml"))
+        schema.save(d.path)
+        write_json_atomic(os.path.join(d.path, EXPORT_FILE), info)
+        d.commit()
     return info
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from data.reader import ParquetReader
 from data.schema import Schema
+from data.io import atomic_path
 from data.metrics import log_loss, roc_auc
 from models import get_model_spec
 from models.blocks import CTRTask
@@ -160,9 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     res = score(model, schema, ns.data, ns.split, ns.batch_size)
     if ns.out:
-        tmp = f"{ns.out}.tmp-{os.getpid()}"
-        pq.write_table(pa.table(res), tmp)
-        os.replace(tmp, ns.out)
+        with atomic_path(ns.out) as tmp:
+            pq.write_table(pa.table(res), tmp)
     predictions = model.predictions if isinstance(model, MultiTaskLoss) else None
     metrics = evaluate(res, predictions, schema)
     rows = len(res["sample_id"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -23,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.schema import META_FILE, Schema, write_json_atomic
+from data.io import AtomicDirectory, write_json_atomic
+from data.schema import META_FILE, Schema
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +191,14 @@ class DatasetWriter:
 
     def __init__(self, out: str, overwrite: bool = False, rows_per_file: int = 1_000_000,
                  row_group_rows: int = 65_536, compression: str = "lz4") -> None:
-        self.out = os.path.abspath(out)
-        if os.path.exists(self.out) and not overwrite:
-            raise ConvertError(f"{self.out} already exists; pass --overwrite to replace it")
         if row_group_rows <= 0 or rows_per_file <= 0:
             raise ConvertError("--row-group-rows and --rows-per-file must be > 0")
-        self.tmp = f"{self.out}.tmp-{os.getpid()}"
+        try:
+            self._dir = AtomicDirectory(out, overwrite)
+        except FileExistsError as e:
+            raise ConvertError(str(e)) from None
+        self.out = self._dir.out
+        self.tmp = self._dir.path
         self.rows_per_file = rows_per_file
         self.row_group_rows = row_group_rows
         # lz4 decodes about twice as fast as snappy at the same size (measured with
@@ -204,19 +206,16 @@ class DatasetWriter:
         self.compression = compression
         self.splits: Dict[str, ShardWriter] = {}
         self.t0 = time.time()
-        self._done = False
 
     def __enter__(self) -> "DatasetWriter":
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
+        self._dir.__enter__()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         for w in self.splits.values():
             if w._writer is not None:
                 w._writer.close()
-        if not self._done:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._dir.__exit__(exc_type, exc, tb)
 
     def split(self, name: str) -> ShardWriter:
         if name not in self.splits:
@@ -246,10 +245,7 @@ class DatasetWriter:
         meta["seconds"] = round(time.time() - self.t0, 3)
         schema.save(self.tmp)
         write_json_atomic(os.path.join(self.tmp, META_FILE), meta)
-        if os.path.exists(self.out):
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
-        self._done = True
+        self._dir.commit()
         logger.info("wrote %s: %s", self.out,
                     ", ".join(f"{k} {v} rows" for k, v in meta["rows"].items()))
         return meta
