@@ -51,7 +51,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, stack_fields
+from models.blocks import build_ebc, place, stack_fields
 from models.deepfm import table_width
 from models.spec import ModelSpec
 
@@ -187,9 +187,7 @@ def build_autoint(schema: Schema, args: AutoIntArgs, device: str = "meta") -> Au
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args, "AutoInt"))  # type: ignore[arg-type]
     model = AutoInt(ebc, names, schema.dense_dim, args)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

@@ -7,7 +7,7 @@ by the models; only what torchrec lacks lives here.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -47,6 +47,18 @@ def build_ebc(schema: Schema, device: str = "meta",
         tables=pooled_table_configs(schema, embedding_dim),
         device=torch.device(device),
     )
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def place(model: ModuleT, device: str) -> ModuleT:
+    """A freshly built model on ``device``. On ``"meta"`` (the sharded path) nothing moves:
+    the embedding collections were built on meta for the planner, and the dense part stays
+    on the CPU until ``DistributedModelParallel`` moves it to the rank's device."""
+    if device != "meta":
+        model.to(device)
+    return model
 
 
 def stack_fields(pooled: KeyedTensor, feature_names: List[str], dim: int) -> torch.Tensor:

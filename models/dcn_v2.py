@@ -37,7 +37,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc
+from models.blocks import build_ebc, place
 from models.spec import ModelSpec
 
 CROSS_TYPES = ("full", "low_rank", "mixture")
@@ -148,9 +148,7 @@ def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta") -> DCNv2
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=args.embedding_dim)
     model = DCNv2(ebc, names, schema.dense_dim, args)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

@@ -42,7 +42,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import FactorizationMachine, build_ebc, stack_fields
+from models.blocks import FactorizationMachine, build_ebc, place, stack_fields
 from models.spec import ModelSpec
 
 
@@ -150,9 +150,7 @@ def build_deepfm(schema: Schema, args: DeepFMArgs, device: str = "meta") -> Deep
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args))
     model = DeepFM(ebc, names, schema.dense_dim, args)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

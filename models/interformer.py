@@ -62,7 +62,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, stack_fields
+from models.blocks import build_ebc, place, stack_fields
 from models.spec import ModelSpec
 
 
@@ -422,9 +422,7 @@ def build_interformer(schema: Schema, args: InterFormerArgs, device: str = "meta
     max_len = max(f.max_len for f in schema.sequence_features)
     model = InterFormer(build_ebc(schema, device, embedding_dim=width), ec, names, seq_names,
                         max_len, schema.dense_dim, args)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

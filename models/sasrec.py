@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from data.schema import Schema
+from models.blocks import place
 from models.sequential import (
     SequentialArgs,
     SequentialEncoder,
@@ -96,9 +97,7 @@ def build_sasrec(schema: Schema, args: SASRecArgs, device: str = "meta") -> Sequ
     encoder = SASRecEncoder(item.name, args.action_feature, dim, args.max_len or item.max_len,
                             args)
     model = SequentialModel(ec, encoder, item.table or item.name, item.num_embeddings)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from data.schema import Schema
+from models.blocks import place
 from models.hstu.attention import IMPLS
 from models.hstu.layer import HSTULayer
 from models.sequential import (
@@ -99,9 +100,7 @@ def build_hstu(schema: Schema, args: HSTUArgs, device: str = "meta") -> Sequenti
     encoder = HSTUEncoder(item.name, args.action_feature, dim, args.max_len or item.max_len,
                           args, use_time)
     model = SequentialModel(ec, encoder, item.table or item.name, item.num_embeddings)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

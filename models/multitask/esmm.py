@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from data.schema import Schema
+from models.blocks import place
 from models.multitask.common import MultiTaskArgs, MultiTaskModel, Tower, resolve_tasks
 from models.spec import ModelSpec
 
@@ -75,9 +76,7 @@ def _with_cvr_given(args: MultiTaskArgs, click: str) -> MultiTaskArgs:
 
 def build_esmm(schema: Schema, args: MultiTaskArgs, device: str = "meta") -> ESMM:
     model = ESMM(schema, args, device)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from data.schema import Schema
+from models.blocks import place
 from models.multitask.common import GatedMLP, MultiTaskArgs, MultiTaskModel, Tower, \
     task_outputs
 from models.spec import ModelSpec
@@ -56,9 +57,7 @@ class MMoE(MultiTaskModel):
 
 def build_mmoe(schema: Schema, args: MultiTaskArgs, device: str = "meta") -> MMoE:
     model = MMoE(schema, args, device)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

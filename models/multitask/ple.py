@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from data.schema import Schema
+from models.blocks import place
 from models.multitask.common import GatedMLP, MultiTaskArgs, MultiTaskModel, Tower, \
     task_outputs
 from models.spec import ModelSpec
@@ -109,9 +110,7 @@ class PLE(MultiTaskModel):
 
 def build_ple(schema: Schema, args: MultiTaskArgs, device: str = "meta") -> PLE:
     model = PLE(schema, args, device)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

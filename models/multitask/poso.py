@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 from data.schema import Schema
+from models.blocks import place
 from models.multitask.common import MultiTaskArgs
 from models.multitask.mmoe import MMoE
 from models.spec import ModelSpec
@@ -41,9 +42,7 @@ class POSO(MMoE):
 
 def build_poso(schema: Schema, args: MultiTaskArgs, device: str = "meta") -> POSO:
     model = POSO(schema, args, device)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from data.schema import Schema
+from models.blocks import place
 from models.multitask.common import GatedMLP, MultiTaskArgs, MultiTaskModel, Tower, \
     task_outputs
 from models.spec import ModelSpec
@@ -45,9 +46,7 @@ class SharedBottom(MultiTaskModel):
 def build_shared_bottom(schema: Schema, args: MultiTaskArgs, device: str = "meta"
                         ) -> SharedBottom:
     model = SharedBottom(schema, args, device)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(
