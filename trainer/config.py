@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from trainer.config_ranges import range_errors
+
 
 class ConfigError(ValueError):
     """One or more invalid config entries; the message lists each with the fix."""
@@ -416,6 +418,7 @@ def validate(cfg: Config) -> List[str]:
                 or not math.isfinite(scale) or scale <= 0:
             errors.append(f"training.dense_lr_scale.{pattern}: expected a positive number, "
                           f"got {scale!r}")
+    errors += range_errors(cfg)  # every numeric key's range, naming the key
     errors += _validate_sharding(cfg.sharding)
     errors += _validate_tables(cfg)
     from models import get_model_spec
