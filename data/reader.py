@@ -53,7 +53,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
-from data.schema import FeatureSpec, Schema, SchemaError, load_meta
+from data.schema import FeatureSpec, LabelSpec, Schema, SchemaError, load_meta
 
 REMAINDERS = ("drop", "pad")
 STATE_VERSION = 1
@@ -388,6 +388,17 @@ def _check_sorted(name: str, ts: Jagged, where: Where) -> None:
                         f"{int(ts.values[k])}); sequences must be oldest → newest")
 
 
+def check_label_values(y: np.ndarray, lab: LabelSpec, where: Where) -> None:
+    """Raise :class:`DataError` at the first row of ``y`` [N] outside the label's kind:
+    ``{0, 1}`` for ``binary`` (a BCE target), finite for ``regression`` (nulls read as NaN)."""
+    bad = ((y != 0) & (y != 1)) if lab.kind == "binary" else ~np.isfinite(y)
+    if bad.any():
+        r = int(np.argmax(bad))
+        allowed = "{0, 1}" if lab.kind == "binary" else "finite values"
+        raise DataError(f"{where.at(r)}: label {lab.name!r} is {y[r]}; a {lab.kind} "
+                        f"label must be in {allowed}")
+
+
 def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where = Where(),
                  validate: bool = True) -> Chunk:
     """Arrow rows → ``Chunk`` (validated, sequences truncated to their ``max_len``)."""
@@ -412,13 +423,7 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
             col = col.cast(pa.float32())
         labels[:, j] = col.to_numpy()
         if validate:
-            y = labels[:, j]
-            bad = ((y != 0) & (y != 1)) if lab.kind == "binary" else ~np.isfinite(y)
-            if bad.any():
-                r = int(np.argmax(bad))
-                allowed = "{0, 1}" if lab.kind == "binary" else "finite values"
-                raise DataError(f"{where.at(r)}: label {lab.name!r} is {y[r]}; a {lab.kind} "
-                                f"label must be in {allowed}")
+            check_label_values(labels[:, j], lab, where)
     for f in schema.sparse_features + schema.sequence_features:
         col = table.column(f.name)
         if validate and pc.list_flatten(col).null_count:
@@ -636,6 +641,29 @@ class ParquetReader:
             self._start_batch = 0
             self._next_batch = 0
         self.epoch = epoch
+
+    def validate_labels(self) -> None:
+        """Check every label of the whole split (all ranks' rows, so every rank fails alike)
+        up front, reading only the label columns: a bad label in the eval split then fails
+        before training instead of at the first evaluation."""
+        if not self.schema.labels:
+            return
+        names = [lab.name for lab in self.schema.labels]
+        files: Dict[str, pq.ParquetFile] = {}
+        for g in self.row_groups:
+            try:
+                pf = files.get(g.path) or files.setdefault(g.path, pq.ParquetFile(g.path))
+                t = pf.read_row_group(g.index, columns=names)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{g.path}: row group {g.index} unreadable — corrupt file? "
+                                f"({e})") from None
+            where = Where(g.path, g.index, g.row_in_file)
+            for lab in self.schema.labels:
+                col = t.column(lab.name)
+                if pa.types.is_boolean(col.type):
+                    col = col.cast(pa.float32())
+                y = col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                check_label_values(y, lab, where)
 
     # -- planning -------------------------------------------------------------------------------
     def _assignment(self) -> List[List[RowGroup]]:
