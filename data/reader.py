@@ -19,8 +19,10 @@ interrupted one would have seen next.
 Validation (vectorised per row group: min/max and ``isfinite`` over flat numpy arrays): file
 readable and non-empty, every schema column present with the right type, ids in
 ``[0, num_embeddings)`` (or hashed/clamped per ``FeatureSpec.out_of_range``), dense values
-finite, binary labels in {0, 1}, timestamps non-decreasing within a sequence, and the split's
-row count equal to ``meta.json``'s. Errors name the file, row group, row, column and value.
+finite, binary labels in {0, 1} and regression labels finite, timestamps non-decreasing
+within a sequence, no null list (a whole-list null is an error, never read as ``[]``; this
+check runs even with ``validate=False``), and the split's row count equal to ``meta.json``'s.
+``ParquetReader.validate_labels`` checks the labels of a whole split up front. Errors name the file, row group, row, column and value.
 
 Batches are built from Arrow list offsets without per-row Python: a KJT's ``lengths`` are
 offset differences and its ``values`` one slice of the flat child array per feature. A
@@ -426,6 +428,14 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
             check_label_values(labels[:, j], lab, where)
     for f in schema.sparse_features + schema.sequence_features:
         col = table.column(f.name)
+        for name in [f.name] + ([f.timestamps] if f.timestamps else []):
+            # A null list is not an empty one: an empty list says "no ids", a null says the
+            # writer lost the value. Refuse it (always: it would otherwise read as []).
+            lists = table.column(name)
+            if lists.null_count:
+                r = int(np.argmax(np.asarray(pc.is_null(lists), dtype=bool)))
+                raise DataError(f"{where.at(r)}: column {name!r} is null for this row (a whole-"
+                                f"list null); write [] for a row with no ids, or drop the row")
         if validate and pc.list_flatten(col).null_count:
             flat_nulls = np.asarray(pc.is_null(pc.list_flatten(col)), dtype=bool)
             k = int(np.argmax(flat_nulls))

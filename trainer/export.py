@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from data.marker import EXPORT_MARKER, replace_refusal, write_marker
 from data.schema import SCHEMA_FILE, load_schema
 from trainer.config import ConfigError, load_config
 
@@ -37,8 +38,9 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
     if not os.path.exists(os.path.join(checkpoint, MARKER)):
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MARKER} "
                               f"marker); pass a step_* directory that training finished")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    refusal = replace_refusal(out, overwrite, EXPORT_MARKER, "export")
+    if refusal:
+        raise FileExistsError(refusal)
     cfg = load_config(os.path.join(checkpoint, "config.toml"))
     schema = load_schema(cfg.data.schema or cfg.data.path)
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -59,6 +61,7 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
     schema.save(tmp)
     with open(os.path.join(tmp, EXPORT_FILE), "w") as fh:
         json.dump(info, fh, indent=2)
+    write_marker(tmp, EXPORT_MARKER, "trainer.export")
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.marker import DATASET_MARKER, replace_refusal, write_marker
 from data.schema import META_FILE, Schema, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -192,8 +193,9 @@ class DatasetWriter:
     def __init__(self, out: str, overwrite: bool = False, rows_per_file: int = 1_000_000,
                  row_group_rows: int = 65_536, compression: str = "lz4") -> None:
         self.out = os.path.abspath(out)
-        if os.path.exists(self.out) and not overwrite:
-            raise ConvertError(f"{self.out} already exists; pass --overwrite to replace it")
+        refusal = replace_refusal(self.out, overwrite, DATASET_MARKER, "dataset")
+        if refusal:
+            raise ConvertError(refusal)
         if row_group_rows <= 0 or rows_per_file <= 0:
             raise ConvertError("--row-group-rows and --rows-per-file must be > 0")
         self.tmp = f"{self.out}.tmp-{os.getpid()}"
@@ -246,6 +248,8 @@ class DatasetWriter:
         meta["seconds"] = round(time.time() - self.t0, 3)
         schema.save(self.tmp)
         write_json_atomic(os.path.join(self.tmp, META_FILE), meta)
+        write_marker(self.tmp, DATASET_MARKER, str(meta.get("converter")
+                                                   or meta.get("generator") or "shardrec"))
         if os.path.exists(self.out):
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
