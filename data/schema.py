@@ -359,12 +359,14 @@ def check_schema_types(d: Any, source: str) -> None:
     if not isinstance(d.get("labels", []), list):
         raise SchemaError(f"{source}: key 'labels' must be a list of label objects, got "
                           f"{_json_type(d.get('labels'))}")
+    def named(entry: Any, what: str) -> str:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return f"{source}: {what}" + (f" {name!r}" if isinstance(name, str) and name else "")
+
     for i, f in enumerate(d["features"]):
-        name = f.get("name") if isinstance(f, dict) else None
-        _check_entry(f, _FEATURE_TYPES, f"{source}: feature #{i}" + (f" {name!r}" if name else ""))
+        _check_entry(f, _FEATURE_TYPES, named(f, f"feature #{i}"))
     for j, label in enumerate(d.get("labels", [])):
-        name = label.get("name") if isinstance(label, dict) else None
-        _check_entry(label, _LABEL_TYPES, f"{source}: label #{j}" + (f" {name!r}" if name else ""))
+        _check_entry(label, _LABEL_TYPES, named(label, f"label #{j}"))
 
 
 def _count(v: Any) -> bool:
