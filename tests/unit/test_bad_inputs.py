@@ -580,3 +580,15 @@ def test_export_of_an_incomplete_checkpoint_exits_2(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"{path} is not a complete checkpoint (no COMPLETE marker)" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_trainer_reports_bad_input_without_a_traceback(caplog: pytest.LogCaptureFixture,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.__main__ import report_failure
+
+    report_failure(0, DataError("x/eval/part-00000.parquet, row 3: label 'click' is 5.0"))
+    assert [r.exc_info for r in caplog.records if r.name == "trainer"] == [None]
+    assert capsys.readouterr().err.strip().endswith(
+        "rank 0 failed: DataError: x/eval/part-00000.parquet, row 3: label 'click' is 5.0")
+    report_failure(0, RuntimeError("a bug"))  # not bad input: the traceback stays
+    assert caplog.records[-1].exc_info is not None
