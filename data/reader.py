@@ -22,7 +22,8 @@ readable and non-empty, every schema column present with the right type, ids in
 finite, binary labels in {0, 1} and regression labels finite, timestamps non-decreasing
 within a sequence, no null list (a whole-list null is an error, never read as ``[]``; this
 check runs even with ``validate=False``), and the split's row count equal to ``meta.json``'s.
-``ParquetReader.validate_labels`` checks the labels of a whole split up front. Errors name the file, row group, row, column and value.
+``ParquetReader.validate_labels`` checks the labels of a whole split up front. Errors name
+the file, row group, row, column and value.
 
 Batches are built from Arrow list offsets without per-row Python: a KJT's ``lengths`` are
 offset differences and its ``values`` one slice of the flat child array per feature. A
