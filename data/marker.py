@@ -47,6 +47,6 @@ def replace_refusal(out: str, overwrite: bool, marker: str, what: str) -> Option
         article = "an" if what[:1] in "aeiou" else "a"
         return (f"{out} exists and is not {article} {what} written by this tool (no {marker} "
                 f"marker file inside), so --overwrite refuses to delete it; choose another "
-                f"--out, or remove it yourself if you are sure (a {what} written before "
+                f"--out, or remove it yourself if you are sure ({article} {what} written before "
                 f"markers existed has none either)")
     return None
