@@ -10,7 +10,9 @@ a full disk or a kill mid-write never leaves a half-written file that looks comp
 * :func:`atomic_file` — the same with an open file handle, flushed and fsynced before the rename.
 * :func:`write_text_atomic` / :func:`write_json_atomic` — one-call forms.
 * :class:`AtomicDirectory` — a directory built in ``OUT.tmp-<pid>`` and renamed onto ``OUT``
-  by :meth:`AtomicDirectory.commit`; an existing ``OUT`` is replaced only with ``overwrite``.
+  by :meth:`AtomicDirectory.commit`; an existing ``OUT`` is replaced only with ``overwrite``
+  and, when a ``marker`` is given, only if it holds that marker (:mod:`data.marker`: a
+  directory this tool wrote), which the commit writes into the new one.
 
 Example::
 
@@ -31,6 +33,8 @@ import os
 import shutil
 from contextlib import contextmanager
 from typing import IO, Any, Iterator, Optional
+
+from data.marker import replace_refusal, write_marker
 
 
 def _tmp_name(path: str) -> str:
@@ -81,15 +85,27 @@ class AtomicDirectory:
         out: the final directory.
         overwrite: replace an existing ``out``; without it an existing ``out`` raises
             ``FileExistsError`` naming it and the flag.
+        marker: the marker file (``data.marker.DATASET_MARKER`` / ``EXPORT_MARKER``) that
+            makes an existing ``out`` replaceable and that :meth:`commit` writes; ``None``
+            replaces any existing ``out`` when ``overwrite`` is set.
+        what: what the directory is, for the refusal message ("dataset", "export").
+        tool: the writer named inside the marker (may be set until :meth:`commit`).
 
     Use as a context manager: leaving the block without :meth:`commit` (an exception, or a
     deliberate abort) removes the temporary directory and leaves ``out`` as it was.
     """
 
-    def __init__(self, out: str, overwrite: bool = False) -> None:
+    def __init__(self, out: str, overwrite: bool = False, marker: Optional[str] = None,
+                 what: str = "directory", tool: str = "shardrec") -> None:
         self.out = os.path.abspath(out)
-        if os.path.exists(self.out) and not overwrite:
+        if marker is not None:
+            refusal = replace_refusal(self.out, overwrite, marker, what)
+            if refusal:
+                raise FileExistsError(refusal)
+        elif os.path.exists(self.out) and not overwrite:
             raise FileExistsError(f"{self.out} already exists; pass --overwrite to replace it")
+        self.marker = marker
+        self.tool = tool
         self.path = _tmp_name(self.out)
         self.committed = False
 
@@ -101,6 +117,8 @@ class AtomicDirectory:
     def commit(self) -> None:
         """Rename the finished directory onto ``out`` (replacing what was there). The old
         directory is moved aside first, so ``out`` is missing only between two renames."""
+        if self.marker is not None:
+            write_marker(self.path, self.marker, self.tool)
         old: Optional[str] = None
         if os.path.exists(self.out):
             old = f"{self.out}.old-{os.getpid()}"

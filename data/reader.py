@@ -19,8 +19,11 @@ interrupted one would have seen next.
 Validation (vectorised per row group: min/max and ``isfinite`` over flat numpy arrays): file
 readable and non-empty, every schema column present with the right type, ids in
 ``[0, num_embeddings)`` (or hashed/clamped per ``FeatureSpec.out_of_range``), dense values
-finite, binary labels in {0, 1}, timestamps non-decreasing within a sequence, and the split's
-row count equal to ``meta.json``'s. Errors name the file, row group, row, column and value.
+finite, binary labels in {0, 1} and regression labels finite, timestamps non-decreasing
+within a sequence, no null list (a whole-list null is an error, never read as ``[]``; this
+check runs even with ``validate=False``), and the split's row count equal to ``meta.json``'s.
+``ParquetReader.validate_labels`` checks the labels of a whole split up front. Errors name
+the file, row group, row, column and value.
 
 Batches are built from Arrow list offsets without per-row Python: a KJT's ``lengths`` are
 offset differences and its ``values`` one slice of the flat child array per feature. A
@@ -53,7 +56,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
-from data.schema import FeatureSpec, Schema, SchemaError, load_meta
+from data.schema import FeatureSpec, LabelSpec, Schema, SchemaError, load_meta
 
 REMAINDERS = ("drop", "pad")
 STATE_VERSION = 1
@@ -388,6 +391,17 @@ def _check_sorted(name: str, ts: Jagged, where: Where) -> None:
                         f"{int(ts.values[k])}); sequences must be oldest → newest")
 
 
+def check_label_values(y: np.ndarray, lab: LabelSpec, where: Where) -> None:
+    """Raise :class:`DataError` at the first row of ``y`` [N] outside the label's kind:
+    ``{0, 1}`` for ``binary`` (a BCE target), finite for ``regression`` (nulls read as NaN)."""
+    bad = ((y != 0) & (y != 1)) if lab.kind == "binary" else ~np.isfinite(y)
+    if bad.any():
+        r = int(np.argmax(bad))
+        allowed = "{0, 1}" if lab.kind == "binary" else "finite values"
+        raise DataError(f"{where.at(r)}: label {lab.name!r} is {y[r]}; a {lab.kind} "
+                        f"label must be in {allowed}")
+
+
 def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where = Where(),
                  validate: bool = True) -> Chunk:
     """Arrow rows → ``Chunk`` (validated, sequences truncated to their ``max_len``)."""
@@ -412,15 +426,17 @@ def decode_table(table: pa.Table, schema: Schema, ids: np.ndarray, where: Where 
             col = col.cast(pa.float32())
         labels[:, j] = col.to_numpy()
         if validate:
-            y = labels[:, j]
-            bad = ((y != 0) & (y != 1)) if lab.kind == "binary" else ~np.isfinite(y)
-            if bad.any():
-                r = int(np.argmax(bad))
-                allowed = "{0, 1}" if lab.kind == "binary" else "finite values"
-                raise DataError(f"{where.at(r)}: label {lab.name!r} is {y[r]}; a {lab.kind} "
-                                f"label must be in {allowed}")
+            check_label_values(labels[:, j], lab, where)
     for f in schema.sparse_features + schema.sequence_features:
         col = table.column(f.name)
+        for name in [f.name] + ([f.timestamps] if f.timestamps else []):
+            # A null list is not an empty one: an empty list says "no ids", a null says the
+            # writer lost the value. Refuse it (always: it would otherwise read as []).
+            lists = table.column(name)
+            if lists.null_count:
+                r = int(np.argmax(np.asarray(pc.is_null(lists), dtype=bool)))
+                raise DataError(f"{where.at(r)}: column {name!r} is null for this row (a whole-"
+                                f"list null); write [] for a row with no ids, or drop the row")
         if validate and pc.list_flatten(col).null_count:
             flat_nulls = np.asarray(pc.is_null(pc.list_flatten(col)), dtype=bool)
             k = int(np.argmax(flat_nulls))
@@ -636,6 +652,29 @@ class ParquetReader:
             self._start_batch = 0
             self._next_batch = 0
         self.epoch = epoch
+
+    def validate_labels(self) -> None:
+        """Check every label of the whole split (all ranks' rows, so every rank fails alike)
+        up front, reading only the label columns: a bad label in the eval split then fails
+        before training instead of at the first evaluation."""
+        if not self.schema.labels:
+            return
+        names = [lab.name for lab in self.schema.labels]
+        files: Dict[str, pq.ParquetFile] = {}
+        for g in self.row_groups:
+            try:
+                pf = files.get(g.path) or files.setdefault(g.path, pq.ParquetFile(g.path))
+                t = pf.read_row_group(g.index, columns=names)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{g.path}: row group {g.index} unreadable — corrupt file? "
+                                f"({e})") from None
+            where = Where(g.path, g.index, g.row_in_file)
+            for lab in self.schema.labels:
+                col = t.column(lab.name)
+                if pa.types.is_boolean(col.type):
+                    col = col.cast(pa.float32())
+                y = col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                check_label_values(y, lab, where)
 
     # -- planning -------------------------------------------------------------------------------
     def _assignment(self) -> List[List[RowGroup]]:

@@ -33,7 +33,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from data.io import write_json_atomic
 
@@ -277,6 +277,7 @@ class Schema:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], source: str = "schema") -> "Schema":
+        check_schema_types(d, source)
         try:
             feats = [FeatureSpec(**f) for f in d["features"]]
             labels = [LabelSpec(**label) for label in d.get("labels", [])]
@@ -314,13 +315,111 @@ class Schema:
         return cls.from_dict(d, source=path)
 
 
+# JSON type of every schema entry key: a wrong type fails naming the file, entry and key
+# instead of surfacing later as a bare TypeError in torchrec (e.g. num_embeddings "50").
+_FEATURE_TYPES: Dict[str, Tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "table": (str, type(None)), "num_embeddings": (int,),
+    "embedding_dim": (int,), "pooling": (str,), "max_len": (int,),
+    "timestamps": (str, type(None)), "out_of_range": (str,),
+}
+_LABEL_TYPES: Dict[str, Tuple[type, ...]] = {"name": (str,), "kind": (str,),
+                                              "eval_only": (bool,)}
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", type(None): "null",
+               float: "a number", dict: "an object", list: "a list"}
+
+
+def _json_type(v: Any) -> str:
+    for t in (bool, int, float, str, dict, list):
+        if isinstance(v, t):
+            return f"{_TYPE_WORDS[t]} ({json.dumps(v)[:40]})"
+    return "null" if v is None else type(v).__name__
+
+
+def _check_entry(entry: Any, types: Dict[str, Tuple[type, ...]], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise SchemaError(f"{where}: expected an object {{\"name\": ..., \"kind\": ...}}, got "
+                          f"{_json_type(entry)}")
+    for key, value in entry.items():
+        if key not in types:
+            raise SchemaError(f"{where}: unknown key {key!r}; valid keys: {', '.join(types)}")
+        allowed = types[key]
+        # bool is an int in Python; JSON true is never a count.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            words = " or ".join(_TYPE_WORDS[t] for t in allowed)
+            raise SchemaError(f"{where}: key {key!r} must be {words}, got {_json_type(value)}")
+
+
+def check_schema_types(d: Any, source: str) -> None:
+    """Raise :class:`SchemaError` naming ``source``, the entry and the key of the first value
+    of the wrong JSON type in a schema dict."""
+    if not isinstance(d, dict):
+        raise SchemaError(f"{source}: expected a JSON object with 'features' and 'labels', got "
+                          f"{_json_type(d)}")
+    if not isinstance(d.get("features"), list):
+        raise SchemaError(f"{source}: key 'features' must be a list of feature objects, got "
+                          f"{_json_type(d.get('features'))}")
+    if not isinstance(d.get("labels", []), list):
+        raise SchemaError(f"{source}: key 'labels' must be a list of label objects, got "
+                          f"{_json_type(d.get('labels'))}")
+    def named(entry: Any, what: str) -> str:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return f"{source}: {what}" + (f" {name!r}" if isinstance(name, str) and name else "")
+
+    for i, f in enumerate(d["features"]):
+        _check_entry(f, _FEATURE_TYPES, named(f, f"feature #{i}"))
+    for j, label in enumerate(d.get("labels", [])):
+        _check_entry(label, _LABEL_TYPES, named(label, f"label #{j}"))
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_meta_types(meta: Any, path: str) -> None:
+    """Type-check the ``meta.json`` keys the trainer reads (``rows``, ``oracle``, ``files``,
+    ``preprocess``); other keys are free-form provenance."""
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{path}: expected a JSON object, got {_json_type(meta)}")
+    rows = meta.get("rows", {})
+    if not isinstance(rows, dict):
+        raise SchemaError(f"{path}: key 'rows' must be an object {{split: row count}}, got "
+                          f"{_json_type(rows)}")
+    for split, n in rows.items():
+        if not _count(n):
+            raise SchemaError(f"{path}: key 'rows.{split}' must be a non-negative integer, got "
+                              f"{_json_type(n)}")
+    oracle = meta.get("oracle", {})
+    if not isinstance(oracle, dict):
+        raise SchemaError(f"{path}: key 'oracle' must be an object {{metric: value}}, got "
+                          f"{_json_type(oracle)}")
+    for k, v in oracle.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, dict, type(None))):
+            raise SchemaError(f"{path}: key 'oracle.{k}' must be a number, got {_json_type(v)}")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in files.values()):
+        raise SchemaError(f"{path}: key 'files' must be an object {{split: [file, ...]}}, got "
+                          f"{_json_type(files)}")
+    if not isinstance(meta.get("preprocess", {}), dict):
+        raise SchemaError(f"{path}: key 'preprocess' must be an object, got "
+                          f"{_json_type(meta.get('preprocess'))}")
+
+
 def load_meta(directory: str) -> Dict[str, Any]:
-    """``meta.json`` of a dataset directory ({} when absent)."""
+    """``meta.json`` of a dataset directory ({} when absent); malformed JSON or a key of the
+    wrong type raises :class:`SchemaError` naming the file and the key."""
     path = os.path.join(directory, META_FILE)
     if not os.path.exists(path):
         return {}
-    with open(path) as fh:
-        return json.load(fh)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{path}: not valid JSON ({e}); re-create the dataset or restore "
+                          f"meta.json") from None
+    check_meta_types(meta, path)
+    return meta
 
 
 def load_schema(path: str) -> Schema:

@@ -37,8 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.metrics import log_loss, roc_auc
 from data.io import write_json_atomic
+from data.marker import DATASET_MARKER, replace_refusal, write_marker
+from data.metrics import log_loss, roc_auc
 from data.schema import FeatureSpec, LabelSpec, Schema
 
 logger = logging.getLogger(__name__)
@@ -211,8 +212,9 @@ def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
     ``[rows, T]`` and the oracle holds ``auc_<task>`` / ``logloss_<task>`` / ``rate_<task>``
     per task (eval split) besides ``auc`` / ``logloss`` of the first task."""
     out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    refusal = replace_refusal(out, overwrite, DATASET_MARKER, "dataset")
+    if refusal:
+        raise FileExistsError(refusal)
     t0 = time.time()
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -257,6 +259,7 @@ def write_planted_dataset(out: str, generator: str, args: Any, schema: Schema,
     }
     schema.save(tmp)
     write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+    write_marker(tmp, DATASET_MARKER, generator)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)

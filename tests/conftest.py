@@ -89,3 +89,23 @@ def esmm_ctr2(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Checkout entries a test must never see through the working directory: what `make demo`
+# and training runs leave behind (a fresh CI clone has neither).
+CHECKOUT_STATE = frozenset({"datasets", "runs", ".git"})
+
+
+@pytest.fixture(autouse=True)
+def isolated_cwd(tmp_path_factory: pytest.TempPathFactory, repo_root: str,
+                 monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test in a fresh directory that mirrors the checkout through symlinks minus
+    ``datasets/`` and ``runs/``: relative paths such as ``launch/configs/x.toml`` and
+    ``python -m trainer`` still resolve, while the default ``data.path`` and ``run_dir`` point
+    at nothing (as in a fresh clone) and anything a test writes there stays out of the checkout."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    for name in os.listdir(repo_root):
+        if name not in CHECKOUT_STATE and not name.startswith(".pytest_cache"):
+            os.symlink(os.path.join(repo_root, name), cwd / name)
+    monkeypatch.chdir(cwd)
+    return str(cwd)

@@ -68,7 +68,14 @@ def report_failure(rank: int, error: BaseException) -> None:
     stderr is ``rank R failed: <ExcType>: <message>`` on one line, for scripts and scheduler UIs
     that show only a job's tail.
     """
-    logging.getLogger("trainer").error("training failed", exc_info=error)
+    from data.reader import DataError
+    from data.schema import SchemaError
+
+    # Bad input (a dataset or schema problem) is the user's to fix: its message names the
+    # file/row/column, and a traceback would only bury it. Anything else keeps its traceback.
+    user_error = isinstance(error, (DataError, SchemaError, ConfigError))
+    logging.getLogger("trainer").error("training failed%s", ": bad input" if user_error else "",
+                                       exc_info=None if user_error else error)
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     # Writes only when torchrun/torchelastic set TORCHELASTIC_ERROR_FILE for this worker.

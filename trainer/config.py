@@ -31,6 +31,8 @@ from data.io import write_text_atomic
 if TYPE_CHECKING:  # the sharding layer pulls torchrec in; config parsing stays light
     from sharding.constraints import SparseOptimizerDefaults
 
+from trainer.config_ranges import range_errors
+
 
 class ConfigError(ValueError):
     """One or more invalid config entries; the message lists each with the fix."""
@@ -432,6 +434,7 @@ def validate(cfg: Config) -> List[str]:
                 or not math.isfinite(scale) or scale <= 0:
             errors.append(f"training.dense_lr_scale.{pattern}: expected a positive number, "
                           f"got {scale!r}")
+    errors += range_errors(cfg)  # every numeric key's range, naming the key
     errors += _validate_sharding(cfg.sharding)
     errors += _validate_tables(cfg)
     from models import get_model_spec

@@ -21,8 +21,9 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from data.schema import SCHEMA_FILE, load_schema
 from data.io import AtomicDirectory, write_json_atomic
+from data.marker import EXPORT_MARKER, replace_refusal
+from data.schema import SCHEMA_FILE, load_schema
 from trainer.config import ConfigError, load_config
 
 MODEL_FILE = "model.pt"
@@ -38,8 +39,9 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
     if not os.path.exists(os.path.join(checkpoint, MARKER)):
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MARKER} "
                               f"marker); pass a step_* directory that training finished")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    refusal = replace_refusal(out, overwrite, EXPORT_MARKER, "export")
+    if refusal:
+        raise FileExistsError(refusal)
     cfg = load_config(os.path.join(checkpoint, "config.toml"))
     schema = load_schema(cfg.data.schema or cfg.data.path)
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -52,7 +54,8 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
     info = {"model": cfg.model.name, "flavour": cfg.model.flavour, "args": cfg.model.args,
             "step": step, "checkpoint": os.path.abspath(checkpoint),
             "tensors": len(weights)}
-    with AtomicDirectory(out, overwrite=True) as d:
+    with AtomicDirectory(out, overwrite=True, marker=EXPORT_MARKER, what="export",
+                         tool="trainer.export") as d:
         torch.save(weights, os.path.join(d.path, MODEL_FILE))
         shutil.copy(os.path.join(checkpoint, "config.toml"), os.path.join(d.path, "config.toml"))
         schema.save(d.path)

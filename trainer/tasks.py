@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import importlib
 import itertools
+import os
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
 
 import torch
@@ -26,7 +27,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from data.batch import Batch
 from data.reader import ParquetReader
-from data.schema import Schema
+from data.schema import Schema, SchemaError
 from models.blocks import CTRTask
 from sharding.dist import DistContext
 from trainer.config import Config
@@ -129,6 +130,19 @@ class CTRTaskKind(LogitsLabelsTask):
     """Binary click prediction: BCE loss, AUC / NE / log-loss metrics, ``oracle_auc``."""
 
     name = "ctr"
+
+    def __init__(self, cfg: Config, schema: Schema) -> None:
+        super().__init__(cfg, schema)
+        # A BCE head needs exactly one binary label; regression labels {0, 5} would train
+        # to a meaningless AUC with exit code 0.
+        labels = [(lab.name, lab.kind) for lab in schema.labels]
+        if len(labels) != 1 or labels[0][1] != "binary":
+            source = cfg.data.schema or os.path.join(cfg.data.path, "schema.json")
+            raise SchemaError(
+                f"{source}: model {cfg.model.name!r} is a CTR model (BCE loss) and needs exactly "
+                f"one label of kind 'binary' (values 0/1), but the schema's labels are "
+                f"{labels or 'none ([])'}; use a dataset with one binary label, or a "
+                f"multi-task model for several labels or regression targets")
 
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         return CTRTask(model, self.cfg.training.dense_dtype, device_type)

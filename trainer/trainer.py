@@ -152,6 +152,9 @@ def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
     evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
                                shuffle=False, transform=task.batch_transform("eval"),
                                **common)  # type: ignore[arg-type]
+    if d.validate:  # labels of both splits before any training (an eval label fails now)
+        train.validate_labels()
+        evaluation.validate_labels()
     return train, evaluation
 
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.io import AtomicDirectory, write_json_atomic
+from data.marker import DATASET_MARKER
 from data.schema import META_FILE, Schema
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class DatasetWriter:
         if row_group_rows <= 0 or rows_per_file <= 0:
             raise ConvertError("--row-group-rows and --rows-per-file must be > 0")
         try:
-            self._dir = AtomicDirectory(out, overwrite)
+            self._dir = AtomicDirectory(out, overwrite, marker=DATASET_MARKER, what="dataset")
         except FileExistsError as e:
             raise ConvertError(str(e)) from None
         self.out = self._dir.out
@@ -245,6 +246,7 @@ class DatasetWriter:
         meta["seconds"] = round(time.time() - self.t0, 3)
         schema.save(self.tmp)
         write_json_atomic(os.path.join(self.tmp, META_FILE), meta)
+        self._dir.tool = str(meta.get("converter") or meta.get("generator") or "shardrec")
         self._dir.commit()
         logger.info("wrote %s: %s", self.out,
                     ", ".join(f"{k} {v} rows" for k, v in meta["rows"].items()))

@@ -104,7 +104,7 @@ def _parse(path: str, batch: pa.RecordBatch, first_row: int, line_map: Any,
         if bad_label[i]:
             return f"column 1 (label): expected 0 or 1, got {batch.column(0)[i].as_py()!r}"
         j = int(bad_dense[i])
-        return (f"column {j + 2} ({DENSE[j]}): expected an integer or empty, "
+        return (f"column {j + 2} ({DENSE[j]}): expected an integer (at most 18 digits) or empty, "
                 f"got {batch.column(1 + j)[i].as_py()!r}")
 
     keep = report_bad_rows(path, bad, first_row, line_map, batch, problem, bad_lines)
@@ -157,6 +157,14 @@ class Vocabulary:
 
 def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[str, Any]:
     inputs = check_inputs(inputs)
+    if args.eval_files == 0 and args.test_files == 0:
+        # A ratio split must leave rows in every split it makes.
+        if not 0.0 < args.eval_ratio < 1.0:
+            raise ConvertError(f"--eval-ratio must lie in (0, 1), got {args.eval_ratio}: 0 "
+                               f"leaves no eval split and 1 no train split")
+        if not 0.0 <= args.test_ratio < 1.0 or args.eval_ratio + args.test_ratio >= 1.0:
+            raise ConvertError(f"--test-ratio {args.test_ratio} must lie in [0, 1) and leave "
+                               f"training rows (--eval-ratio + --test-ratio < 1)")
     file_splits = _file_splits(list(inputs), args)
     buckets = parse_int_list(args.num_embeddings, NUM_CAT, "--num-embeddings")
     bad_lines = BadLines(args.skip_bad_lines)

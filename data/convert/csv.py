@@ -20,12 +20,18 @@ Dense: float32, ``fill`` for empty cells, ``transform`` ``none`` or ``log``
 column's position) into ``[1, num_embeddings)``; id 0 is "missing" for single-valued columns;
 multi-valued columns (``separator``) drop empty tokens, so a row may have no ids. Labels:
 ``binary`` must be 0/1, ``regression`` any finite number. Rows go to ``eval`` with
-probability ``eval_ratio`` by a seeded hash of their position.
+probability ``eval_ratio`` (in (0, 1)) by a seeded hash of their position.
+
+Text follows RFC-4180 quoting: ``"a,b"`` is the one value ``a,b`` (hashed without its
+quotes), ``""`` inside quotes is one ``"``, and a quoted value may span lines. Null cells
+of parquet inputs are missing values: 0 for dense (``fill``), id 0 for categoricals, no ids
+for multi-valued ones. Spec keys of the wrong JSON type fail naming the spec file and key.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv as pycsv
 import json
 import os
 from dataclasses import dataclass, field
@@ -90,6 +96,7 @@ class Spec:
                                f"embedding_dim, separator, pooling, table, name)") from None
         if "column" not in spec.label:
             raise ConvertError(f"--spec {path}: label needs a 'column'")
+        _check_spec_types(spec, path)
         for dcol in spec.dense:
             if dcol.transform not in ("none", "log"):
                 raise ConvertError(f"--spec {path}: dense column {dcol.column!r}: transform "
@@ -109,6 +116,56 @@ class Spec:
             [c.column for c in self.categorical]
 
 
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_OPT_STR = (str, type(None))
+# JSON types of the spec's keys: a wrong type fails naming the spec file, the entry and the
+# key (a num_embeddings of "1000" used to crash inside the hashing with a bare TypeError).
+_SPEC_TYPES = {"delimiter": _STR, "header": (bool,), "columns": (list, type(None)),
+               "eval_ratio": _NUM, "seed": _INT, "label": (dict,)}
+_DENSE_TYPES = {"column": _STR, "transform": _STR, "fill": _NUM, "name": _OPT_STR}
+_CAT_TYPES = {"column": _STR, "num_embeddings": _INT, "embedding_dim": _INT,
+              "separator": _OPT_STR, "pooling": _STR, "table": _OPT_STR, "name": _OPT_STR}
+_LABEL_TYPES = {"column": _STR, "kind": _STR, "name": _STR}
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          list: "a list", dict: "an object", type(None): "null"}
+
+
+def _check_types(obj: Any, types: Dict[str, Tuple[type, ...]], where: str) -> None:
+    for key, allowed in types.items():
+        v = getattr(obj, key) if not isinstance(obj, dict) else obj.get(key, None)
+        if isinstance(obj, dict) and key not in obj:
+            continue
+        if isinstance(v, bool) and bool not in allowed:  # JSON true is not a count
+            ok = False
+        else:
+            ok = isinstance(v, allowed)
+        if not ok:
+            words = " or ".join(dict.fromkeys(_WORDS[t] for t in allowed))
+            raise ConvertError(f"{where}: key {key!r} must be {words}, got {json.dumps(v)}")
+
+
+def _check_spec_types(spec: Spec, path: str) -> None:
+    """Type and range checks of a loaded spec; errors name ``path``, the entry and the key."""
+    _check_types(spec, _SPEC_TYPES, f"--spec {path}")
+    _check_types(spec.label, _LABEL_TYPES, f"--spec {path}: label")
+    for i, d in enumerate(spec.dense):
+        _check_types(d, _DENSE_TYPES, f"--spec {path}: dense #{i} {d.column!r}")
+    for i, c in enumerate(spec.categorical):
+        where = f"--spec {path}: categorical #{i} {c.column!r}"
+        _check_types(c, _CAT_TYPES, where)
+        if c.num_embeddings < 2:
+            raise ConvertError(f"{where}: key 'num_embeddings' must be >= 2 (id 0 is "
+                               f"'missing'), got {c.num_embeddings}")
+    if not 0.0 < spec.eval_ratio < 1.0:
+        raise ConvertError(f"--spec {path}: key 'eval_ratio' must lie in (0, 1), got "
+                           f"{spec.eval_ratio}: 0 leaves no eval split and 1 no train split")
+    if len(spec.delimiter) != 1:
+        raise ConvertError(f"--spec {path}: key 'delimiter' must be one character, got "
+                           f"{spec.delimiter!r}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", required=True, help="JSON spec of the columns (see module doc)")
 
@@ -125,7 +182,15 @@ def _batches(path: str, spec: Spec, bad_lines: BadLines, progress: Progress
             raise ConvertError(f"{path}: column(s) {missing} named in the spec are missing "
                                f"(file has {pf.schema_arrow.names})")
         row = 0
-        for batch in pf.iter_batches(batch_size=65_536, columns=spec.used_columns()):
+        batches = pf.iter_batches(batch_size=65_536, columns=spec.used_columns())
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ConvertError(f"{path}: row {row}: cannot read on ({e}); a truncated or "
+                                   f"corrupt parquet file?") from None
             yield row, batch, None
             row += batch.num_rows
         progress.update(os.path.getsize(path))
@@ -134,7 +199,9 @@ def _batches(path: str, spec: Spec, bad_lines: BadLines, progress: Progress
     if spec.header:
         with open(path, "rb") as fh:
             first = fh.readline().decode("utf-8", "replace").rstrip("\r\n")
-        names = first.split(spec.delimiter)
+        # RFC-4180: a quoted header name may hold the delimiter or doubled quotes.
+        names = next(pycsv.reader([first], delimiter=spec.delimiter, quotechar='"',
+                                  doublequote=True), [])
     if not names:
         raise ConvertError(f"{path}: no column names; set \"header\": true or \"columns\"")
     missing = [c for c in spec.used_columns() if c not in names]
@@ -142,7 +209,7 @@ def _batches(path: str, spec: Spec, bad_lines: BadLines, progress: Progress
         raise ConvertError(f"{path}: column(s) {missing} named in the spec are missing "
                            f"(columns: {names})")
     yield from read_delimited(path, names, spec.delimiter, bad_lines, header=spec.header,
-                              progress=progress)
+                              progress=progress, quoted=True)
 
 
 def _as_float(col: pa.Array, fill: float) -> Tuple[np.ndarray, np.ndarray]:

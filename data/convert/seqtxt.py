@@ -70,7 +70,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
 
             def problem(i: int) -> str:
                 if bad_ts[i]:
-                    return f"field 3 (timestamp): expected a non-negative integer, got " \
+                    return f"field 3 (timestamp): expected a non-negative integer (at most " \
+                           f"18 digits), got " \
                            f"{batch.column(2)[i].as_py()!r}"
                 return "expected non-empty user and item fields"
 

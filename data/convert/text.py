@@ -52,11 +52,16 @@ class LineMap:
 def read_delimited(path: str, column_names: Sequence[str], delimiter: str,
                    bad_lines: BadLines, header: bool = False,
                    block_size: int = 4 << 20, progress: Optional[Progress] = None,
-                   ) -> Iterator[Tuple[int, pa.RecordBatch, LineMap]]:
+                   quoted: bool = False) -> Iterator[Tuple[int, pa.RecordBatch, LineMap]]:
     """Yields ``(first kept row index, batch of string columns, line map)`` for ``path``.
 
     Every column is read as a non-null string (empty fields are ``""``) so converters decide
     what "missing" means and can report unparsable values with their line number.
+    ``quoted`` parses RFC-4180 quoting (``"a,b"`` is one field ``a,b``, ``""`` inside quotes
+    is one ``"``, quoted fields may span lines — line numbers then count records); without
+    it quotes are ordinary characters (Criteo and ``user item ts`` files have none). Read and
+    decompression errors (a truncated ``.gz``) raise :class:`ConvertError` naming
+    ``path:line``.
     """
     if os.path.getsize(path) == 0:
         raise ConvertError(f"{path}: empty file (0 bytes); remove it from the inputs")
@@ -89,18 +94,20 @@ def read_delimited(path: str, column_names: Sequence[str], delimiter: str,
             read_options=pacsv.ReadOptions(column_names=list(column_names),
                                            skip_rows=1 if header else 0,
                                            block_size=block_size, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter,
+                                             quote_char='"' if quoted else False,
+                                             double_quote=quoted, newlines_in_values=quoted,
                                              invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in column_names},
                 strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, OSError) as e:
         raw.close()
         if failure:
             raise failure[0] from None
-        raise ConvertError(f"{path}: cannot parse as {ncols} fields separated by "
-                           f"{delimiter!r} ({e})") from None
+        raise ConvertError(f"{path}:{line_map.first_line}: cannot read as {ncols} fields "
+                           f"separated by {delimiter!r} ({e}){_hint(ext)}") from None
     row = 0
     last_pos = 0
     try:
@@ -109,10 +116,12 @@ def read_delimited(path: str, column_names: Sequence[str], delimiter: str,
                 batch = reader.read_next_batch()
             except StopIteration:
                 break
-            except pa.ArrowInvalid as e:
+            except (pa.ArrowInvalid, OSError) as e:
                 if failure:
                     raise failure[0] from None
-                raise ConvertError(f"{path}: {e}") from None
+                line = int(line_map.lines(np.array([row]))[0])
+                raise ConvertError(f"{path}:{line}: cannot read on from this line ({row} rows "
+                                   f"read; {e}){_hint(ext)}") from None
             if progress is not None:
                 pos = raw.tell()
                 progress.update(pos - last_pos)
@@ -125,10 +134,16 @@ def read_delimited(path: str, column_names: Sequence[str], delimiter: str,
         raw.close()
 
 
+def _hint(ext: str) -> str:
+    return f" — a truncated or corrupt {ext} file?" if ext in _COMPRESSION else ""
+
+
 def integer_column(col: pa.Array, empty: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """(int64 values [N], bad mask [N]) of a string column; empty strings become ``empty``."""
+    """(int64 values [N], bad mask [N]) of a string column; empty strings become ``empty``.
+    At most 18 significant digits, so every accepted value fits int64 (a 20-digit value is a
+    bad row naming its line, not an overflow inside the cast)."""
     is_empty = pc.equal(col, "")
-    ok = pc.or_(is_empty, pc.match_substring_regex(col, r"^\s*[-+]?[0-9]+\s*$"))
+    ok = pc.or_(is_empty, pc.match_substring_regex(col, r"^\s*[-+]?0*[0-9]{1,18}\s*$"))
     bad = ~np.asarray(ok, dtype=bool)
     cleaned = pc.if_else(pc.or_(is_empty, pa.array(bad)), str(empty), pc.utf8_trim_whitespace(col))
     return np.asarray(pc.cast(cleaned, pa.int64()), dtype=np.int64), bad
