@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.cli import ArgumentParser
 from data.schema import FeatureSpec, LabelSpec, Schema, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -354,8 +355,8 @@ def _generators() -> Dict[str, _Generator]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.synth",
-                                     description="Generate synthetic datasets with an oracle.")
+    parser = ArgumentParser(prog="python -m data.synth",
+                            description="Generate synthetic datasets with an oracle.")
     sub = parser.add_subparsers(dest="kind", required=True)
     generators = _generators()
     for kind, gen in generators.items():

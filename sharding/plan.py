@@ -21,13 +21,14 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from data.cli import ArgumentParser
 from sharding.planner import GB
 
 logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m sharding.plan",
         description="Plan embedding sharding for a hypothetical cluster (no GPUs or process "
                     "group needed). Extra --section.key=value arguments override the config.")

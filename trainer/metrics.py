@@ -1,4 +1,5 @@
-"""Metrics: torchrec's AUC and NE aggregated across ranks, log-loss, and the metrics file.
+"""Metrics: torchrec's AUC and NE aggregated across ranks, log-loss, calibration, and the
+metrics file.
 
 Every ``compute()`` is a collective: all ranks must call it at the same step.
 """
@@ -37,7 +38,9 @@ class CTRMetrics:
         self.auc = AUCMetric(**kwargs).to(device)  # type: ignore[arg-type]
         self.ne = NEMetric(**kwargs).to(device)  # type: ignore[arg-type]
         self.device = device
-        self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # logloss sum, count
+        # logloss sum, count, prediction sum, label sum (calibration = predictions / labels,
+        # torchrec's CalibrationMetric with unit weights, over the same window as logloss)
+        self._sums = torch.zeros(4, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.detach().float()
@@ -52,10 +55,12 @@ class CTRMetrics:
                                                                    reduction="sum")
         self._sums += torch.stack([bce.double(), torch.tensor(float(labels.numel()),
                                                               dtype=torch.float64,
-                                                              device=self.device)])
+                                                              device=self.device),
+                                   preds.sum().double(), labels.sum().double()])
 
     def compute(self) -> Dict[str, float]:
-        """``auc``, ``ne``, ``logloss`` and ``examples`` over the window, all ranks."""
+        """``auc``, ``ne``, ``logloss``, ``calibration`` and ``examples`` over the window,
+        all ranks."""
         out: Dict[str, float] = {}
         for key, value in self.auc.compute().items():
             if key.endswith("window_auc"):
@@ -68,6 +73,8 @@ class CTRMetrics:
             dist.all_reduce(sums)
         out["logloss"] = float(sums[0] / sums[1].clamp(min=1))
         out["examples"] = float(sums[1])
+        # No positives: calibration is undefined (torchrec would divide by zero).
+        out["calibration"] = float(sums[2] / sums[3]) if sums[3] > 0 else float("nan")
         return out
 
     def reset(self) -> None:
