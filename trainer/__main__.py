@@ -124,5 +124,10 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``shardrec-train`` console script: :func:`main`, then :func:`exit_now`."""
     exit_now(main())
+
+
+if __name__ == "__main__":
+    run()
