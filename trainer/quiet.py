@@ -80,12 +80,13 @@ _installed: List[Tuple[logging.Logger, logging.Filter]] = []
 
 
 def install_quiet_filters() -> None:
-    """Install every filter above (idempotent). Logger filters apply where a record is made,
-    so they hold whatever handlers (console, ``train.log``) are attached later."""
-    if _installed:
-        return
+    """Install every filter above (idempotent: ``warnings`` replaces an identical filter).
+    Logger filters apply where a record is made, so they hold whatever handlers (console,
+    ``train.log``) are attached later."""
     for category, message, module in WARNING_FILTERS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    if _installed:
+        return
     for name, message, path_suffix in LOG_FILTERS:
         log = logging.getLogger() if name == "root" else logging.getLogger(name)
         f = _MessageFilter(re.compile(message), path_suffix)
