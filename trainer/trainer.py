@@ -245,6 +245,7 @@ def train(cfg: Config) -> Dict[str, Any]:
     owns_group = not dist.is_initialized()
     ctx = init_distributed(cfg.dist.backend, cfg.dist.device, cfg.dist.cpu_threads or None,
                            cfg.dist.timeout_s)
+    metrics_file: Optional[RunRecords] = None
     try:
         if ctx.is_main:
             save_config(cfg, t.run_dir)
@@ -286,6 +287,8 @@ def train(cfg: Config) -> Dict[str, Any]:
             print(format_final(final), flush=True)
         return final
     finally:
+        if metrics_file is not None:
+            metrics_file.close()  # flushes TensorBoard's queue, also when training failed
         if owns_group:
             destroy_distributed()
 
