@@ -102,6 +102,12 @@ def test_config_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert load_config(str(own)).training.steps == 3
     with pytest.raises(ConfigError, match="nope not found.*built-in config: .*deepfm_synthetic"):
         find_config("nope")
+    from launch.components import plan, train
+
+    app = train("deepfm_synthetic")  # the torchx components accept a built-in name too
+    assert app.roles[0].args[-1].endswith("-m trainer --config deepfm_synthetic")
+    assert plan("deepfm_synthetic", world_size=4, local_world_size=2).roles[0].args[2:4] == [
+        "--config", "deepfm_synthetic"]
 
 
 def test_console_scripts_name_real_entry_points() -> None:
