@@ -12,12 +12,16 @@ config overrides) and everything after ``--`` are left alone.
 It lives in ``data`` because that is the lowest layer: the converters and generators, the
 planner, the trainer's export/predict and the benchmarks all import it.
 
-Example::
+Example:
 
-    p = ArgumentParser(prog="tool")
-    p.add_argument("--world-size", type=int)
-    p.parse_args(["--world_size", "4"]).world_size     # 4
-    p.parse_args(["--world-size=4"]).world_size        # 4
+>>> p = ArgumentParser(prog="tool")
+>>> _ = p.add_argument("--world-size", type=int)
+>>> p.parse_args(["--world_size", "4"]).world_size
+4
+>>> p.parse_args(["--world-size=4"]).world_size
+4
+>>> p.parse_known_args(["--world_size=2", "--data.batch_size=8"])
+(Namespace(world_size=2), ['--data.batch_size=8'])
 """
 
 from __future__ import annotations

@@ -40,6 +40,15 @@ def test_both_spellings_of_every_option() -> None:
         q.parse_args(["--nope_x", "1"])
 
 
+def test_module_example() -> None:
+    import doctest
+
+    import data.cli
+
+    result = doctest.testmod(data.cli)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_subcommands_take_both_spellings() -> None:
     from data.convert.__main__ import build_parser
 
