@@ -61,8 +61,10 @@ class MultiTaskMetrics:
         self.auc = AUCMetric(tasks=binary, **kwargs).to(device) if binary else None
         self.ne = NEMetric(tasks=binary, **kwargs).to(device) if binary else None
         self.mse = MSEMetric(tasks=regression, **kwargs).to(device) if regression else None
-        # Per prediction: weighted log-loss sum and weight sum (binary predictions only).
-        self._sums = torch.zeros(len(predictions), 2, dtype=torch.float64, device=device)
+        # Per prediction (binary ones only): weighted log-loss sum, weight sum, weighted
+        # prediction sum and weighted label sum (calibration = predictions / labels, torchrec's
+        # CalibrationMetric); the extra last row counts the rows seen.
+        self._sums = torch.zeros(len(predictions) + 1, 4, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.detach().float()
@@ -79,7 +81,10 @@ class MultiTaskMetrics:
             weights[p.kind][p.name] = w
             if p.kind == "binary":
                 bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
-                self._sums[k] += torch.stack([(bce * w).sum().double(), w.sum().double()])
+                self._sums[k] += torch.stack([(bce * w).sum().double(), w.sum().double(),
+                                              (preds["binary"][p.name] * w).sum().double(),
+                                              (y * w).sum().double()])
+        self._sums[-1, 0] += logits.shape[0]
         for kind, modules in (("binary", (self.auc, self.ne)), ("regression", (self.mse,))):
             for m in modules:
                 if m is not None:
@@ -87,8 +92,8 @@ class MultiTaskMetrics:
                              weights=weights[kind])
 
     def compute(self) -> Dict[str, float]:
-        """``auc_<p>``, ``ne_<p>``, ``logloss_<p>``, ``mse_<p>`` and ``examples``; a
-        collective."""
+        """``auc_<p>``, ``ne_<p>``, ``logloss_<p>``, ``calibration_<p>``, ``mse_<p>`` and
+        ``examples``; a collective."""
         out: Dict[str, float] = {}
         for prefix, module in (("auc", self.auc), ("ne", self.ne), ("mse", self.mse)):
             if module is None:
@@ -104,6 +109,9 @@ class MultiTaskMetrics:
         for k, p in enumerate(self.predictions):
             if p.kind == "binary":
                 out[f"logloss_{p.name}"] = float(sums[k, 0] / sums[k, 1].clamp(min=1))
+                out[f"calibration_{p.name}"] = (float(sums[k, 2] / sums[k, 3]) if sums[k, 3] > 0
+                                                else float("nan"))
+        out["examples"] = float(sums[-1, 0])
         return out
 
 
@@ -157,5 +165,6 @@ class MultiTaskKind(LogitsLabelsTask):
             if p.kind == "binary":
                 out[f"logloss_{p.name}"] = metrics.get(f"logloss_{p.name}")
                 out[f"ne_{p.name}"] = metrics.get(f"ne_{p.name}")
+                out[f"calibration_{p.name}"] = metrics.get(f"calibration_{p.name}")
         return out
 

@@ -201,3 +201,29 @@ def test_quiet_filters_are_precise() -> None:
             assert handler.messages == ([message] if shown else []), (name, message)
     finally:
         remove_quiet_filters()
+
+
+def test_multitask_calibration_respects_the_evaluation_mask() -> None:
+    """Per prediction: sum of probabilities / sum of labels over the rows its mask keeps;
+    ``examples`` counts every row (the final line's ``eval_rows``)."""
+    from models.multitask.common import Prediction
+    from trainer.multitask import MultiTaskMetrics
+
+    g = torch.Generator().manual_seed(1)
+    n = 256
+    labels = torch.stack([(torch.rand(n, generator=g) < 0.4).float(),
+                          (torch.rand(n, generator=g) < 0.5).float()], dim=1)
+    logits = torch.randn(n, 2, generator=g) + labels
+    preds = [Prediction("a", "binary", 0, 1.0),
+             Prediction("b", "binary", 1, 1.0, given=0, eval_label=1, eval_given=0)]
+    m = MultiTaskMetrics(preds, 1, 0, 64, n, torch.device("cpu"))
+    for k in range(0, n, 64):
+        m.update(logits[k:k + 64], labels[k:k + 64])
+    out = m.compute()
+    keep = labels[:, 0] == 1
+    p = torch.sigmoid(logits).double()
+    assert out["calibration_a"] == pytest.approx(float(p[:, 0].sum() / labels[:, 0].sum()),
+                                                 rel=1e-6)
+    assert out["calibration_b"] == pytest.approx(
+        float(p[keep, 1].sum() / labels[keep, 1].sum()), rel=1e-6)
+    assert out["examples"] == n
