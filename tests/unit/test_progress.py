@@ -227,3 +227,15 @@ def test_multitask_calibration_respects_the_evaluation_mask() -> None:
     assert out["calibration_b"] == pytest.approx(
         float(p[keep, 1].sum() / labels[keep, 1].sum()), rel=1e-6)
     assert out["examples"] == n
+
+
+def test_training_logloss_and_calibration_follow_the_window() -> None:
+    """Log-loss and calibration cover the same recent rows as torchrec's windowed AUC (here
+    2 batches), not every row since the start."""
+    m = CTRMetrics(1, 0, 4, 8, torch.device("cpu"))
+    m.update(torch.full((4,), 3.0), torch.zeros(4))  # confidently wrong: left the window
+    m.update(torch.zeros(4), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    m.update(torch.zeros(4), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    out = m.compute()
+    assert out["logloss"] == pytest.approx(float(np.log(2.0)), rel=1e-6)  # float32 BCE
+    assert out["calibration"] == pytest.approx(1.0) and out["examples"] == 8
