@@ -13,12 +13,12 @@ DEMO_DATA := datasets/synthetic_ctr_demo
 
 .PHONY: setup demo test test-fast clean-data help
 
-help:
-	@echo "make setup  - create .venv with the pinned stack (idempotent)"
-	@echo "make demo   - generate the demo dataset and train DeepFM on 2 CPU ranks"
-	@echo "make test   - run the test suite"
+# `make help` prints every target that has a `## ` comment on its rule line (a test checks
+# that every target in .PHONY has one).
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## /make \1\t- /' | expand -t 20
 
-setup: $(STAMP)
+setup: $(STAMP) ## create .venv with the pinned stack (idempotent)
 
 $(STAMP): setup.cfg Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ $(STAMP): setup.cfg Makefile
 	@# triton: the HSTU attention kernels (compiled on CUDA, interpreted on CPU in the tests).
 	@# matplotlib: the plots of `python -m bench.report` (the [bench] extra; pulls no torch).
 	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest tomli-w==1.2.0 \
-		triton==3.9.0 matplotlib==3.11.2
+		triton==3.9.0 matplotlib==3.11.2 tensorboard==2.21.0
 	@# The [torchx] extra of setup.cfg, named here because the project itself is installed with
 	@# --no-deps below; neither package touches the torch/torchrec/fbgemm pins above.
 	$(PIP) install -q "torchx==0.7.0" "kubernetes==36.0.3"
@@ -49,14 +49,14 @@ $(STAMP): setup.cfg Makefile
 $(DEMO_DATA)/meta.json: | $(STAMP)
 	$(PY) -m data.synth ctr --out $(DEMO_DATA) --preset demo
 
-demo: $(STAMP) $(DEMO_DATA)/meta.json
+demo: $(STAMP) $(DEMO_DATA)/meta.json ## generate the demo dataset and train DeepFM on 2 CPU ranks
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m trainer --config $(DEMO_CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -q --durations=25 tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -q tests -m "not slow"
 
-clean-data:
+clean-data: ## delete datasets/ and runs/
 	rm -rf datasets runs

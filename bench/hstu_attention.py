@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from data.cli import ArgumentParser
 from bench.common import format_table, matmul_flops, write_results
 
 DIM, HEADS, MAX_LEN = 256, 4, 4096
@@ -159,8 +160,8 @@ def run_contender(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.hstu_attention",
-                                description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m bench.hstu_attention",
+                       description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CI smoke test")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)

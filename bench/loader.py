@@ -21,7 +21,6 @@ with a training process on the same number of cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from data.cli import ArgumentParser
 from data.reader import ParquetReader
 from bench.common import write_results
 from data.io import write_json_atomic
@@ -150,7 +150,7 @@ def time_deepfm(path: str, schema: Schema, batch_size: int, steps: int) -> Dict[
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CI smoke test")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--rows", type=int, default=0, help="criteo-like rows (default 1M, quick 16k)")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.cli import ArgumentParser
 from bench.common import (criteo_like_schema, format_table, pipeline_step, profile_ops,
                           time_repeated, write_results)
 from data.batch import Batch
@@ -105,8 +106,8 @@ def run(rows: int, dim: int, ranks: Sequence[int], batch_size: int, steps: int, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.lookups", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m bench.lookups", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny CI smoke run")
     p.add_argument("--rows", type=lambda s: int(float(s)), default=None,
                    help="rows per table (default 1e6)")

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
+from data.cli import ArgumentParser
 from bench.common import format_table, run_trainer, trainer_command, write_results
 from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
@@ -70,8 +71,8 @@ def run(models: Sequence[str], ranks: Sequence[int], steps: int, batch_size: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.models", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny data, few steps (smoke run)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {', '.join(MODELS)}")

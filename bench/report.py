@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from data.cli import ArgumentParser
 from bench.common import RESULTS_DIR, machine_info
 from data.io import write_text_atomic
 
@@ -631,8 +632,8 @@ def write_report(results: str, out: str, quick: bool) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m bench.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="store_true", help="run the benchmark suite first")
     p.add_argument("--quick", action="store_true",
                    help="the --quick smoke variants (results *_quick.json)")

@@ -45,6 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from data.cli import ArgumentParser
 from bench.common import (RESULTS_DIR, available_memory_bytes, criteo_like_schema,
                           format_table, profile_ops, table_bytes, time_pipeline, write_results)
 
@@ -269,8 +270,8 @@ def finite(result: Dict[str, Any]) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m bench.scaling", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a CI smoke run")
     p.add_argument("--only", default=",".join(SWEEPS),
                    help=f"comma-separated subset of {', '.join(SWEEPS)}")

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from data.cli import ArgumentParser
 from bench.common import (RESULTS_DIR, criteo_like_schema, format_table, make_batches,
                           matmul_flops, run_trainer, time_pipeline, time_repeated, write_results)
 from data.batch import Batch
@@ -291,8 +292,8 @@ def _grid(text: str) -> List[Tuple[int, int, Optional[int]]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny CI smoke run (< 1 minute)")
     p.add_argument("--grid", type=_grid, default=None,
                    help="ROWSxDIM[:BIG] list; BIG = how many of the 26 tables have ROWS rows, "

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.cli import ArgumentParser
 from data.io import write_json_atomic
 from data.marker import DATASET_MARKER, replace_refusal, write_marker
 from data.metrics import log_loss, roc_auc
@@ -333,8 +334,8 @@ def _generators() -> Dict[str, _Generator]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.synth",
-                                     description="Generate synthetic datasets with an oracle.")
+    parser = ArgumentParser(prog="python -m data.synth",
+                            description="Generate synthetic datasets with an oracle.")
     sub = parser.add_subparsers(dest="kind", required=True)
     generators = _generators()
     for kind, gen in generators.items():

@@ -60,11 +60,15 @@ def _check_positive(name: str, value: float, minimum: float = 1) -> None:
 
 def _check_config(config: str, overrides: Sequence[str]) -> None:
     """Load the config with its overrides exactly as the trainer will, or raise."""
-    if not os.path.isfile(config):
+    builtin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    if not os.path.isfile(config) and not (
+            "/" not in config
+            and os.path.isfile(os.path.join(builtin, config.removesuffix(".toml") + ".toml"))):
         raise LaunchArgumentError(
             f"--config: config file {config} not found (paths are relative to the directory "
             f"torchx runs in, {os.getcwd()}; run from the repository root, e.g. "
-            f"--config launch/configs/deepfm_synthetic.toml)")
+            f"--config launch/configs/deepfm_synthetic.toml, or name a built-in config, "
+            f"e.g. --config deepfm_synthetic)")
     # Checking model arguments imports torchrec and fbgemm, which announce every library they
     # load at INFO on the root logger that the torchx CLI has configured: keep that noise out.
     root = logging.getLogger()

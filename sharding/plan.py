@@ -21,13 +21,14 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from data.cli import ArgumentParser
 from sharding.planner import GB
 
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m sharding.plan",
         description="Plan embedding sharding for a hypothetical cluster (no GPUs or process "
                     "group needed). Extra --section.key=value arguments override the config.")
@@ -46,7 +47,11 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
                    help="per-rank batch size (default: data.batch_size)")
     p.add_argument("--out", default=None, help="save the plan as JSON (for sharding.plan_file)")
     p.add_argument("--plot", default=None, help="draw per-rank memory by table to this PNG")
-    return p.parse_known_args(list(argv))
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    return build_parser().parse_known_args(list(argv))
 
 
 def _ranks_text(ranks: List[int], world_size: int) -> str:

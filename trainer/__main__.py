@@ -7,11 +7,33 @@ import os
 import sys
 from typing import List, Optional
 
-from trainer.config import ConfigError, load_config, print_help
+from trainer.config import ConfigError, builtin_configs, load_config, print_help
+
+
+def usage() -> str:
+    """What ``python -m trainer`` with no arguments prints: how to call it and the configs
+    that come with it."""
+    names = builtin_configs()
+    return "\n".join([
+        "usage: python -m trainer --config NAME_OR_FILE.toml [--section.key=value ...]",
+        "       torchrun --nproc_per_node N -m trainer --config NAME_OR_FILE.toml [...]",
+        "       (installed: shardrec-train --config ...)",
+        "",
+        "  --help          every config key with its type, default and meaning",
+        "  --list-models   the registered models",
+        "",
+        "built-in configs (--config NAME; files in launch/configs/):",
+        *(f"  {n}" for n in names),
+        "",
+        "example: python -m trainer --config deepfm_synthetic --training.steps=100",
+    ])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(usage())
+        return 2
     if "-h" in argv or "--help" in argv:
         print_help()
         return 0
@@ -50,6 +72,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not cfg.log.verbose:
+        from trainer.quiet import install_quiet_filters
+
+        install_quiet_filters()
     from trainer.trainer import train
 
     try:
@@ -105,5 +131,10 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``shardrec-train`` console script: :func:`main`, then :func:`exit_now`."""
     exit_now(main())
+
+
+if __name__ == "__main__":
+    run()

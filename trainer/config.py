@@ -220,6 +220,15 @@ class DistConfig:
 
 
 @dataclass
+class LogConfig:
+    """Console output and run records besides ``metrics.jsonl``."""
+
+    verbose: bool = _f(False, "show third-party warnings and notes that quiet mode filters "
+                              "(trainer.quiet lists them)")
+    tensorboard: bool = _f(True, "write TensorBoard event files to <training.run_dir>/tb")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +237,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -381,12 +391,41 @@ def _set_path(tree: Dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def builtin_config_dir() -> str:
+    """``launch/configs`` beside the ``trainer`` package: in a checkout, and in an installed
+    wheel (which ships the configs as package data of ``launch``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "launch", "configs")
+
+
+def builtin_configs() -> List[str]:
+    """Names of the built-in configs (``--config NAME``), sorted."""
+    d = builtin_config_dir()
+    if not os.path.isdir(d):
+        return []
+    return sorted(f[:-len(".toml")] for f in os.listdir(d) if f.endswith(".toml"))
+
+
+def find_config(name: str) -> str:
+    """The config file ``name``: a path, or else a built-in config's name
+    (``deepfm_synthetic`` or ``deepfm_synthetic.toml`` → ``launch/configs/deepfm_synthetic.toml``)."""
+    if os.path.exists(name):
+        return name
+    if "/" not in name and os.sep not in name:
+        stem = name[:-len(".toml")] if name.endswith(".toml") else name
+        candidate = os.path.join(builtin_config_dir(), stem + ".toml")
+        if os.path.isfile(candidate):
+            return candidate
+    names = builtin_configs()
+    raise ConfigError(f"config file {name} not found; give a TOML path or the name of a "
+                      f"built-in config: {', '.join(names) if names else '(none installed)'}")
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults ← TOML file ← CLI overrides, validated all at once."""
     tree: Dict[str, Any] = {}
     if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path} not found")
+        path = find_config(path)
         with open(path, "rb") as fh:
             try:
                 tree = tomllib.load(fh)

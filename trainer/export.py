@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from data.cli import ArgumentParser
 from data.io import AtomicDirectory, write_json_atomic
 from data.marker import EXPORT_MARKER, replace_refusal
 from data.schema import SCHEMA_FILE, load_schema
@@ -65,8 +66,8 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m trainer.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a complete step_* checkpoint directory")
     p.add_argument("--out", required=True, help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")

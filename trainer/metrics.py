@@ -1,22 +1,57 @@
-"""Metrics: torchrec's AUC and NE aggregated across ranks, log-loss, and the metrics file.
+"""Metrics: torchrec's AUC and NE aggregated across ranks, log-loss, calibration, and the
+metrics file.
 
 Every ``compute()`` is a collective: all ranks must call it at the same step.
 """
 
 from __future__ import annotations
 
-import re
-
+import collections
 import json
 import os
+import re
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
+
+
+class WindowedSums:
+    """Sums of per-batch statistics over the most recent ``window_rows`` rows (this rank's),
+    the window torchrec's AUC/NE keep, so that log-loss and calibration describe the same
+    recent examples as the AUC next to them rather than everything since the start.
+
+    ``add`` keeps device tensors (no host sync per step); rows are counted on the host.
+    A window at least as large as the data (evaluation) gives plain totals.
+    """
+
+    def __init__(self, shape: Sequence[int], window_rows: int, device: torch.device) -> None:
+        self.window_rows = max(1, window_rows)
+        self._total = torch.zeros(*shape, dtype=torch.float64, device=device)
+        self._parts: Deque[Tuple[int, torch.Tensor]] = collections.deque()
+        self._rows = 0
+
+    def add(self, values: torch.Tensor, rows: int) -> None:
+        values = values.double()
+        self._parts.append((rows, values))
+        self._total += values
+        self._rows += rows
+        while self._rows - self._parts[0][0] >= self.window_rows:
+            old_rows, old = self._parts.popleft()
+            self._total -= old
+            self._rows -= old_rows
+
+    def total(self) -> torch.Tensor:
+        return self._total.clone()
+
+    def reset(self) -> None:
+        self._total.zero_()
+        self._parts.clear()
+        self._rows = 0
 
 
 class CTRMetrics:
@@ -39,7 +74,10 @@ class CTRMetrics:
         self.auc = AUCMetric(**kwargs).to(device)  # type: ignore[arg-type]
         self.ne = NEMetric(**kwargs).to(device)  # type: ignore[arg-type]
         self.device = device
-        self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # logloss sum, count
+        # logloss sum, count, prediction sum, label sum (calibration = predictions / labels,
+        # torchrec's CalibrationMetric with unit weights) over this rank's share of the window
+        self._sums = WindowedSums((4,), max(window_examples, batch_size * world_size)
+                                  // world_size, device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.detach().float()
@@ -52,12 +90,15 @@ class CTRMetrics:
         self.ne.update(**args)  # type: ignore[arg-type]
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
                                                                    reduction="sum")
-        self._sums += torch.stack([bce.double(), torch.tensor(float(labels.numel()),
-                                                              dtype=torch.float64,
-                                                              device=self.device)])
+        self._sums.add(torch.stack([bce.double(), torch.tensor(float(labels.numel()),
+                                                               dtype=torch.float64,
+                                                               device=self.device),
+                                    preds.sum().double(), labels.sum().double()]),
+                       labels.numel())
 
     def compute(self) -> Dict[str, float]:
-        """``auc``, ``ne``, ``logloss`` and ``examples`` over the window, all ranks."""
+        """``auc``, ``ne``, ``logloss``, ``calibration`` and ``examples`` over the window,
+        all ranks."""
         out: Dict[str, float] = {}
         for key, value in self.auc.compute().items():
             if key.endswith("window_auc"):
@@ -65,17 +106,19 @@ class CTRMetrics:
         for key, value in self.ne.compute().items():
             if key.endswith("window_ne"):
                 out["ne"] = float(value.reshape(-1)[0])
-        sums = self._sums.clone()
+        sums = self._sums.total()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
         out["logloss"] = float(sums[0] / sums[1].clamp(min=1))
         out["examples"] = float(sums[1])
+        # No positives: calibration is undefined (torchrec would divide by zero).
+        out["calibration"] = float(sums[2] / sums[3]) if sums[3] > 0 else float("nan")
         return out
 
     def reset(self) -> None:
         self.auc.reset()
         self.ne.reset()
-        self._sums.zero_()
+        self._sums.reset()
 
 
 class MetricsFile:

@@ -31,6 +31,7 @@ from models import get_model_spec
 from models.multitask.common import MultiTaskLoss, MultiTaskModel, Prediction
 from sharding.dist import DistContext
 from trainer.config import Config
+from trainer.metrics import WindowedSums
 from trainer.tasks import LogitsLabelsTask
 
 
@@ -61,8 +62,11 @@ class MultiTaskMetrics:
         self.auc = AUCMetric(tasks=binary, **kwargs).to(device) if binary else None
         self.ne = NEMetric(tasks=binary, **kwargs).to(device) if binary else None
         self.mse = MSEMetric(tasks=regression, **kwargs).to(device) if regression else None
-        # Per prediction: weighted log-loss sum and weight sum (binary predictions only).
-        self._sums = torch.zeros(len(predictions), 2, dtype=torch.float64, device=device)
+        # Per prediction (binary ones only): weighted log-loss sum, weight sum, weighted
+        # prediction sum and weighted label sum (calibration = predictions / labels, torchrec's
+        # CalibrationMetric); the extra last row counts the rows seen.
+        self._sums = WindowedSums((len(predictions) + 1, 4),
+                                  kwargs["window_size"] // world_size, device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.detach().float()
@@ -70,6 +74,7 @@ class MultiTaskMetrics:
         preds: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
         targets: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
         weights: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
+        sums = torch.zeros_like(self._sums.total())
         for k, p in enumerate(self.predictions):
             y = labels[:, p.eval_label]
             w = labels[:, p.eval_given] if p.eval_given >= 0 else torch.ones_like(y)
@@ -79,7 +84,11 @@ class MultiTaskMetrics:
             weights[p.kind][p.name] = w
             if p.kind == "binary":
                 bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
-                self._sums[k] += torch.stack([(bce * w).sum().double(), w.sum().double()])
+                sums[k] = torch.stack([(bce * w).sum().double(), w.sum().double(),
+                                       (preds["binary"][p.name] * w).sum().double(),
+                                       (y * w).sum().double()])
+        sums[-1, 0] = logits.shape[0]
+        self._sums.add(sums, logits.shape[0])
         for kind, modules in (("binary", (self.auc, self.ne)), ("regression", (self.mse,))):
             for m in modules:
                 if m is not None:
@@ -87,8 +96,8 @@ class MultiTaskMetrics:
                              weights=weights[kind])
 
     def compute(self) -> Dict[str, float]:
-        """``auc_<p>``, ``ne_<p>``, ``logloss_<p>``, ``mse_<p>`` and ``examples``; a
-        collective."""
+        """``auc_<p>``, ``ne_<p>``, ``logloss_<p>``, ``calibration_<p>``, ``mse_<p>`` and
+        ``examples``; a collective."""
         out: Dict[str, float] = {}
         for prefix, module in (("auc", self.auc), ("ne", self.ne), ("mse", self.mse)):
             if module is None:
@@ -98,12 +107,15 @@ class MultiTaskMetrics:
                 head, _, tail = key.partition("|")
                 if tail == f"window_{prefix}":
                     out[f"{prefix}_{head.split('-', 1)[1]}"] = float(value.reshape(-1)[0])
-        sums = self._sums.clone()
+        sums = self._sums.total()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
         for k, p in enumerate(self.predictions):
             if p.kind == "binary":
                 out[f"logloss_{p.name}"] = float(sums[k, 0] / sums[k, 1].clamp(min=1))
+                out[f"calibration_{p.name}"] = (float(sums[k, 2] / sums[k, 3]) if sums[k, 3] > 0
+                                                else float("nan"))
+        out["examples"] = float(sums[-1, 0])
         return out
 
 
@@ -157,5 +169,6 @@ class MultiTaskKind(LogitsLabelsTask):
             if p.kind == "binary":
                 out[f"logloss_{p.name}"] = metrics.get(f"logloss_{p.name}")
                 out[f"ne_{p.name}"] = metrics.get(f"ne_{p.name}")
+                out[f"calibration_{p.name}"] = metrics.get(f"calibration_{p.name}")
         return out
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from data.cli import ArgumentParser
 from data.reader import ParquetReader
 from data.schema import Schema
 from data.io import atomic_path
@@ -145,8 +146,8 @@ def evaluate(scores: Dict[str, np.ndarray], predictions: Optional[List[Predictio
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m trainer.predict", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="directory written by python -m trainer.export")
     p.add_argument("--data", required=True, help="dataset directory to score")
     p.add_argument("--split", default="eval", help="subdirectory of parquet files (default eval)")

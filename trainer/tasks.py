@@ -32,6 +32,7 @@ from models.blocks import CTRTask
 from sharding.dist import DistContext
 from trainer.config import Config
 from trainer.metrics import CTRMetrics
+from trainer.progress import eval_progress
 
 
 class RunningMetrics(Protocol):
@@ -162,6 +163,7 @@ class CTRTaskKind(LogitsLabelsTask):
             "oracle_auc": float(oracle) if oracle is not None else None,
             "logloss": metrics.get("logloss"),
             "ne": metrics.get("ne"),
+            "calibration": metrics.get("calibration"),
         }
 
 
@@ -176,7 +178,8 @@ def run_eval(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetR
     ``metrics``. Every rank reads the same ``n`` (the reader splits rows evenly), so the
     pipeline's collectives stay matched."""
     dmp.eval()
-    it = itertools.islice(iter(reader), n)
+    # Logs progress on rank 0 when the split takes long (trainer.progress.EVAL_PROGRESS_S).
+    it = eval_progress(itertools.islice(iter(reader), n), n)
     try:
         with torch.no_grad():
             while True:

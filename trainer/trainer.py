@@ -42,8 +42,10 @@ from sharding.constraints import (
 from sharding.parallel import shard_model_from_config
 from trainer.checkpoint import Checkpointer, find_latest, model_changes, set_rng_state
 from trainer.config import Config, ConfigError, save_config, sparse_optimizer_defaults
-from trainer.metrics import MetricsFile, format_final
+from trainer.metrics import format_final
+from trainer.progress import TrainLogger
 from trainer.tasks import Task, get_task
+from trainer.tboard import RunRecords
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +248,7 @@ def train(cfg: Config) -> Dict[str, Any]:
     owns_group = not dist.is_initialized()
     ctx = init_distributed(cfg.dist.backend, cfg.dist.device, cfg.dist.cpu_threads or None,
                            cfg.dist.timeout_s)
+    metrics_file: Optional[RunRecords] = None
     try:
         if ctx.is_main:
             save_config(cfg, t.run_dir)
@@ -262,7 +265,7 @@ def train(cfg: Config) -> Dict[str, Any]:
         start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
-        metrics_file = MetricsFile(t.run_dir, ctx.is_main)
+        metrics_file = RunRecords(t.run_dir, ctx.is_main, cfg.log.tensorboard)
         if ctx.is_main:
             logger.info("training %s on %s: %d steps x %d examples x %d ranks (%d train "
                         "batches per rank per epoch)%s", cfg.model.name, cfg.data.path, steps,
@@ -273,16 +276,31 @@ def train(cfg: Config) -> Dict[str, Any]:
         final_eval = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
         final = {
             **task.final(final_eval, meta),
+            "eval_rows": eval_rows(final_eval),
             "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 1),
             "steps": state.step,
         }
         metrics_file.write({"split": "final", **final})
+        metrics_file.close()
+        overhead = metrics_file.overhead(state.train_seconds)
+        if ctx.is_main and overhead is not None:
+            logger.info("tensorboard: %.3fs of %.1fs training (%.2f%%)",
+                        metrics_file.tb.seconds, state.train_seconds, 100 * overhead)
         if ctx.is_main:
             print(format_final(final), flush=True)
         return final
     finally:
+        if metrics_file is not None:
+            metrics_file.close()  # flushes TensorBoard's queue, also when training failed
         if owns_group:
             destroy_distributed()
+
+
+def eval_rows(metrics: Mapping[str, float]) -> Optional[int]:
+    """Rows an evaluation scored, all ranks (the metrics' ``examples``, or ``eval_users``
+    for ranking)."""
+    n = metrics.get("examples", metrics.get("eval_users"))
+    return None if n is None else int(n)
 
 
 def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
@@ -333,19 +351,19 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipelineSparseDist,
                  dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                  train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
-                 metrics_file: MetricsFile, checkpointer: Checkpointer,
+                 metrics_file: RunRecords, checkpointer: Checkpointer,
                  start_step: int = 0) -> TrainState:
     """Train from ``start_step`` to ``steps`` in segments that end at each periodic
     evaluation and checkpoint (see :class:`BatchStream`)."""
     t, c = cfg.training, cfg.checkpoint
     state = TrainState(step=start_step)
     window = cfg.metrics.window_batches * cfg.data.batch_size * ctx.world_size
-    train_metrics = task.train_metrics(ctx, window)
+    log = TrainLogger(task, task.train_metrics(ctx, window), metrics_file, optimizer, steps,
+                      t.log_every, len(train_reader), start_step, ctx.is_main, ctx.device)
     record = (os.path.join(t.run_dir, f"sample_ids.rank{ctx.rank}.txt")
               if cfg.metrics.record_sample_ids else None)
     stream = BatchStream(train_reader, handed=start_step, record_path=record)
     resumed = start_step > 0
-    loss_sum, loss_n = torch.zeros((), device=ctx.device), 0
     last_save = time.monotonic()
 
     def next_multiple(every: int) -> int:
@@ -365,7 +383,7 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
         stream.stop_at = min(steps, next_multiple(t.eval_every), next_multiple(c.every_steps))
         seg_start = time.perf_counter()
         seg_examples = 0
-        log_start, log_examples = time.perf_counter(), 0
+        log.restart_window()
         timed_save = False
         batches = stream.segment()
         while True:
@@ -377,23 +395,7 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
             _fault_injection(cfg, ctx, "step", state.step, resumed)
             examples = task.examples(output) * ctx.world_size
             seg_examples += examples
-            log_examples += examples
-            train_metrics.update(output)
-            loss_sum += output[0].detach()  # no per-step host sync on CUDA
-            loss_n += 1
-            if state.step % t.log_every == 0 or state.step == steps:
-                m = train_metrics.compute()  # collective: every rank reaches this step
-                rate = log_examples / max(time.perf_counter() - log_start, 1e-9)
-                mean_loss = float(loss_sum) / max(loss_n, 1)
-                if ctx.is_main:
-                    logger.info("step %d/%d loss %.4f %s ex/s %.0f", state.step, steps,
-                                mean_loss, task.summary(m), rate)
-                metrics_file.write({"split": "train", "step": state.step, "loss": mean_loss,
-                                    **{k: v for k, v in m.items() if k != "examples"},
-                                    "examples_per_s": rate})
-                loss_sum.zero_()
-                loss_n = 0
-                log_start, log_examples = time.perf_counter(), 0
+            if log.step(state.step, output, examples):  # a log line (collective)
                 if c.every_minutes > 0 and not timed_save and _any_rank(
                         time.monotonic() - last_save >= 60 * c.every_minutes, ctx.device):
                     timed_save = True  # end the segment now: drain, then save
@@ -408,7 +410,8 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
             m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
             if ctx.is_main:
                 logger.info("eval step %d %s", state.step, task.summary(m))
-            metrics_file.write({"split": "eval", "step": state.step, **m})
+            metrics_file.write({"split": "eval", "step": state.step, **m,
+                                "eval_rows": eval_rows(m)})
     return state
 
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from data.cli import ArgumentParser
 from data.convert import FORMATS
 from data.convert.common import ConvertError
 from data.schema import SchemaError
@@ -29,8 +30,8 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.convert",
-                                     description="Convert raw data to a shardrec dataset.")
+    parser = ArgumentParser(prog="python -m data.convert",
+                            description="Convert raw data to a shardrec dataset.")
     sub = parser.add_subparsers(dest="format", required=True)
     for name in FORMATS:
         p = sub.add_parser(name, help=HELP[name], description=HELP[name])
