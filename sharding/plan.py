@@ -1,4 +1,8 @@
-"""``python -m sharding.plan``: plan a config's tables for any cluster, from any machine.
+"""Planning a config's tables for a cluster you don't have: the command's arguments, the
+dry-run planning itself and the text report. The command is ``python -m trainer.plan``
+(``shardrec-plan``); ``python -m sharding.plan`` is the same command under its first name,
+forwarded by module name (building the model needs the trainer's config and task wrappers,
+a layer above this one).
 
     python -m sharding.plan --config launch/configs/deepfm_criteo.toml \\
         --world-size 64 --local-world-size 8 --compute-device cuda \\
@@ -17,12 +21,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
+
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
 
 from data.cli import ArgumentParser
-from sharding.planner import GB
+from sharding.planfile import model_tables
+from sharding.planner import (
+    GB,
+    build_planner,
+    plan_model,
+    plan_report,
+    topology_from_config,
+)
+from sharding.sharders import build_sharders
 
 logger = logging.getLogger(__name__)
 
@@ -111,107 +125,31 @@ def format_report(report: Dict[str, Any], table_shapes: Dict[str, Tuple[int, int
     return lines
 
 
-def run(argv: Sequence[str]) -> int:
-    args, overrides = parse_args(argv)
-    from trainer.config import ConfigError, load_config, sparse_optimizer_defaults
+def dry_run_plan(model: nn.Module, constraints: Dict[str, ParameterConstraints],
+                 sharding: Any, world_size: int, local_world_size: int, compute_device: str,
+                 batch_size: int) -> Tuple[ShardingPlan, Dict[str, Any], Any]:
+    """Plan ``model`` (unsharded, tables on meta, fused optimizers attached) for a
+    hypothetical topology of ``world_size`` ranks, no process group.
 
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.world_size <= 0:
-        print("error: --world-size must be > 0", file=sys.stderr)
-        return 2
-    local = args.local_world_size or min(args.world_size, 8)
-    if local <= 0 or args.world_size % local:
-        print(f"error: --local-world-size {local} must divide --world-size "
-              f"{args.world_size}", file=sys.stderr)
-        return 2
-    if args.hbm_gb is not None:
-        cfg.sharding.hbm_gb = args.hbm_gb
-    if args.ddr_gb is not None:
-        cfg.sharding.ddr_gb = args.ddr_gb
-    batch_size = args.batch_size or cfg.data.batch_size
-
-    from data.schema import SchemaError, load_schema
-    from models import get_model_spec
-    from models.blocks import CTRTask
-    from sharding.constraints import (
-        ShardingConfigError,
-        apply_table_optimizers,
-        build_constraints,
-        resolve_table_settings,
-    )
-    from sharding.planfile import model_tables, save_plan
-    from sharding.planner import (
-        PlanDoesNotFit,
-        build_planner,
-        plan_model,
-        plan_report,
-        topology_from_config,
-    )
-    from sharding.sharders import build_sharders
-
-    start = time.perf_counter()
-    schema_src = cfg.data.schema or cfg.data.path
-    try:
-        schema = load_schema(schema_src)
-        settings = resolve_table_settings(schema, cfg.sharding, sparse_optimizer_defaults(cfg.training))
-        constraints = build_constraints(settings, args.compute_device)
-    except (SchemaError, ShardingConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    spec = get_model_spec(cfg.model.name)
-    model = CTRTask(spec.build(schema, spec.make_args(cfg.model.flavour, cfg.model.args),
-                               "meta"))
-    # The planner sizes optimizer state from the optimizer attached to each weight.
-    apply_table_optimizers(model, settings)
-    topology = topology_from_config(cfg.sharding, args.world_size, local, args.compute_device,
+    Returns the plan, the per-rank report (:func:`sharding.planner.plan_report` as a dict)
+    and the topology. Raises ``sharding.planner.PlanDoesNotFit`` naming what does not fit.
+    """
+    topology = topology_from_config(sharding, world_size, local_world_size, compute_device,
                                     dry_run=True)
-    planner = build_planner(topology, batch_size, constraints, cfg.sharding.storage_reservation)
-    try:
-        plan = plan_model(model, build_sharders(), planner, topology,
-                          cfg.sharding.storage_reservation)
-    except PlanDoesNotFit as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    planner = build_planner(topology, batch_size, constraints, sharding.storage_reservation)
+    plan = plan_model(model, build_sharders(), planner, topology, sharding.storage_reservation)
     # The planner keeps its chosen sharding options (with per-shard storage and perf
     # estimates) only on this attribute; the ShardingPlan drops the estimates.
     report = plan_report(planner._best_plan, topology).to_dict()  # type: ignore[attr-defined]
-    shapes = {t: shape for tables in model_tables(model).values() for t, shape in tables.items()}
-    dev = topology.devices[0].storage
-    print(f"plan for {args.world_size} {args.compute_device} ranks ({local} per host), batch "
-          f"{batch_size} per rank: {cfg.model.name} with {len(shapes)} tables from "
-          f"{schema_src}")
-    print(f"per rank: HBM {dev.hbm / GB:.2f} GiB, DDR {dev.ddr / GB:.2f} GiB; storage "
-          f"reservation {cfg.sharding.storage_reservation:.0%}")
-    print()
-    print("\n".join(format_report(report, shapes, args.world_size)))
-    if args.out:
-        save_plan(args.out, plan, args.world_size, local, args.compute_device, batch_size,
-                  report)
-        print(f"saved the plan to {args.out} (train with --sharding.plan_file={args.out})")
-    if args.plot:
-        from sharding.plot import plot_rank_memory
-
-        renderer = plot_rank_memory(report, args.plot,
-                                    f"{cfg.model.name}: {args.world_size} {args.compute_device} "
-                                    f"ranks, memory by table")
-        print(f"drew per-rank memory by table to {args.plot} ({renderer})")
-    print(f"planned in {time.perf_counter() - start:.1f} s")
-    return 0
+    return plan, report, topology
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # torchrec's planner logs a stats table at INFO and, for every data-parallel table, a
-    # root-logger warning that it has no sharding spec (expected: DP tables are replicated).
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    logging.getLogger().addFilter(
-        lambda record: "Sharding spec not found" not in record.getMessage())
-    return run(sys.argv[1:] if argv is None else argv)
+def table_shapes(model: nn.Module) -> Dict[str, Tuple[int, int]]:
+    """``{table: (rows, dim)}`` over every embedding collection of ``model``."""
+    return {t: shape for tables in model_tables(model).values() for t, shape in tables.items()}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import runpy
+
+    runpy.run_module("trainer.plan", run_name="__main__", alter_sys=True)

@@ -33,12 +33,10 @@ def our_modules() -> Dict[str, Path]:
     return out
 
 
-def imports(path: Path, mods: Dict[str, Path]) -> List[Tuple[int, str]]:
-    """(line, imported name) of every import in the file; relative imports resolved; for
-    ``from a.b import c`` the submodule ``a.b.c`` where one exists, else ``a.b``."""
+def imports(path: Path) -> List[Tuple[int, str]]:
+    """(line, imported name) of every import in the file, relative imports resolved;
+    ``from a.b import c`` gives both ``a.b`` and ``a.b.c`` (``c`` may be a submodule)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    me = module_name(path)
-    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out: List[Tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -46,12 +44,13 @@ def imports(path: Path, mods: Dict[str, Path]) -> List[Tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
+                me = module_name(path)
+                package = me if path.name == "__init__.py" else me.rpartition(".")[0]
                 anchor = package.split(".")
                 anchor = anchor[:len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            for a in node.names:
-                sub = f"{base}.{a.name}"
-                out.append((node.lineno, sub if sub in mods else base))
+            out.append((node.lineno, base))
+            out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
     return out
 
 
@@ -64,18 +63,28 @@ def _owner(name: str, mods: Dict[str, Path]) -> str:
     return ""
 
 
+def test_import_scan_sees_every_form(tmp_path: Path) -> None:
+    p = tmp_path / "m.py"
+    p.write_text("from torch import distributed as d\n"
+                 "def f():\n    import trainer.config\n")
+    names = {n for _, n in imports(p)}
+    assert {"torch.distributed", "trainer.config"} <= names
+
+
 def test_no_upward_imports() -> None:
     mods = our_modules()
-    bad = []
+    bad: Dict[str, str] = {}
     for name, path in mods.items():
         rank = RANK[name.split(".")[0]]
-        for line, imp in imports(path, mods):
+        for line, imp in imports(path):
             top = imp.split(".")[0]
+            where = f"{path.relative_to(ROOT)}:{line}"
             if top in RANK and RANK[top] > rank:
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {imp}")
-            if name.split(".")[0] == "models" and imp.startswith(DISTRIBUTED):
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports distributed code {imp}")
-    assert not bad, "imports that point up a layer:\n" + "\n".join(sorted(set(bad)))
+                bad.setdefault(where, f"{where} imports {imp}")
+            if name.split(".")[0] == "models" and (imp + ".").startswith(
+                    tuple(d + "." for d in DISTRIBUTED)):
+                bad.setdefault(where, f"{where} imports distributed code {imp}")
+    assert not bad, "imports that point up a layer:\n" + "\n".join(sorted(bad.values()))
 
 
 def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
@@ -114,7 +123,7 @@ def test_no_import_cycles() -> None:
     mods = our_modules()
     graph: Dict[str, Set[str]] = {}
     for name, path in mods.items():
-        deps = {_owner(imp, mods) for _, imp in imports(path, mods)}
+        deps = {_owner(imp, mods) for _, imp in imports(path)}
         # A package's __init__ importing its own submodules (and them importing their package
         # for its re-exports) is the package's public face, not a design cycle.
         graph[name] = {d for d in deps if d and d != name

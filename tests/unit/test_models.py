@@ -1,4 +1,5 @@
-"""DeepFM against brute force; the registry; models/ stays free of distributed code."""
+"""DeepFM against brute force; the registry. (The layer rules, models/ free of distributed
+code among them, are tests/unit/test_layers.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec, list_models
 from models.blocks import CTRTask
-
-FORBIDDEN = ("torch.distributed", "torchrec.distributed", "sharding")
-
 
 def test_fm_term_equals_bruteforce_pairwise_sum(tiny_ctr: str) -> None:
     schema = Schema.load(tiny_ctr)
@@ -94,23 +92,3 @@ def test_table_width_must_suit_fbgemm(tiny_ctr: str) -> None:
     spec = get_model_spec("deepfm")
     with pytest.raises(ValueError, match="multiple of 4"):
         spec.build(schema, spec.make_args("default", {"embedding_dim": 10}), "meta")
-
-
-def test_models_import_no_distributed_code(repo_root: str) -> None:
-    offenders = []
-    for dirpath, _, files in os.walk(os.path.join(repo_root, "models")):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(dirpath, name)
-            tree = ast.parse(open(path).read(), path)
-            for node in ast.walk(tree):
-                mods = []
-                if isinstance(node, ast.Import):
-                    mods = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                for m in mods:
-                    if any(m == f or m.startswith(f + ".") for f in FORBIDDEN):
-                        offenders.append(f"{path}:{node.lineno} imports {m}")
-    assert not offenders, offenders

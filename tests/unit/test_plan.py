@@ -35,7 +35,7 @@ CRITEO_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683
 
 
 def run_plan(args: List[str]) -> Tuple[int, str, str]:
-    from sharding.plan import run
+    from trainer.plan import run
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
