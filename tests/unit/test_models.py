@@ -3,8 +3,6 @@ code among them, are tests/unit/test_layers.py.)"""
 
 from __future__ import annotations
 
-import ast
-import os
 
 import pytest
 import torch
