@@ -154,3 +154,17 @@ def test_metrics_file_drops_records_past_the_resumed_step(tmp_path) -> None:  # 
     mf.drop_after(8)
     kept = [json.loads(line) for line in open(mf.path)]
     assert [(r["split"], r.get("step")) for r in kept] == [("train", 8), ("eval", 8)]
+
+
+def test_unwritable_checkpoint_dir_fails_at_start_with_the_documented_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from trainer.checkpoint import Checkpointer
+
+    (tmp_path / "file").write_text("not a directory")
+    root = str(tmp_path / "file" / "checkpoints")  # unwritable even for root
+    with pytest.raises(CheckpointError, match=rf"checkpoint directory {root} is not writable "
+                                              r"\(Not a directory\).*--checkpoint.dir="):
+        Checkpointer(root, 0, 1, 3).ensure_writable()
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 5 to .* failed "
+                                              r"\(.*Not a directory.*\); the previous "
+                                              r"checkpoints in .* are intact"):
+        Checkpointer(root, 0, 1, 3).save(5, None, None, {}, Config(), None)  # type: ignore[arg-type]
