@@ -41,18 +41,20 @@ import os
 import random
 import re
 import shutil
+import contextlib
+import hashlib
 import socket
 import time
 import tomllib
-import hashlib
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch import nn
 
 from trainer.config import Config, to_toml
@@ -193,6 +195,61 @@ def file_checksum(path: str) -> Tuple[int, str]:
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
     return size, f"{crc:08x}"
+
+
+class _ChecksumStream:
+    """A write stream that keeps the CRC-32 and size of what passes through it, so the DCP
+    shards are checksummed as they are written instead of being read back."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n = self.inner.write(data)
+        view = memoryview(data).cast("B")
+        n = len(view) if n is None else n
+        self.crc = zlib.crc32(view[:n], self.crc)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+    def seekable(self) -> bool:  # a seek back would break the running checksum
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _ChecksumFileSystem(FileSystem):
+    """DCP's local file system whose write streams record ``{file name: (size, crc32)}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: Dict[str, Dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            wrapped = _ChecksumStream(stream)
+            yield wrapped
+        self.sums[os.path.basename(os.fspath(path))] = {"size": wrapped.size,
+                                                        "crc32": f"{wrapped.crc:08x}"}
 
 
 def _files_of_rank(directory: str, rank: int) -> List[str]:
@@ -356,8 +413,10 @@ class Checkpointer:
             raise CheckpointError(self._save_failed(step, tmp, error)) from error
         sums: Dict[str, Dict[str, Any]] = {}
         try:
+            writer = dcp.FileSystemWriter(tmp)
+            writer.fs = _ChecksumFileSystem()  # the shards' checksums, taken while writing
             dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()},
-                     checkpoint_id=tmp)
+                     storage_writer=writer)
             torch.save({"step": step, "rng": rng_state(), **rank_state},
                        os.path.join(tmp, f"rank_{self.rank}.pt"))
             if self.rank == 0:
@@ -370,8 +429,11 @@ class Checkpointer:
                     json.dump(info, fh, indent=2)
                 with open(os.path.join(tmp, "config.toml"), "w") as fh:
                     fh.write(to_toml(cfg))
-            # Each rank checksums what it wrote, straight from the page cache.
-            sums = checksum_entries(tmp, _files_of_rank(tmp, self.rank))
+            # Each rank checksums what it wrote: its shards as they were written, the small
+            # files by reading them back.
+            names = _files_of_rank(tmp, self.rank)
+            sums = {n: writer.fs.sums[n] for n in names if n in writer.fs.sums}
+            sums.update(checksum_entries(tmp, [n for n in names if n not in sums]))
         except (Exception, CheckpointException) as e:  # disk full, permissions: keep old ones
             # (DCP wraps per-rank failures in CheckpointException, a BaseException.)
             error = e
