@@ -84,9 +84,9 @@ class MetricsFile:
         self.enabled = enabled
 
     def drop_after(self, step: int) -> None:
-        """Remove the records of steps after ``step`` (``final`` records count at their
-        ``steps``): a resumed run redoes those steps and writes them again, so a rerun leaves
-        one record per step. Rewritten to a temporary file and renamed."""
+        """Remove the records of steps after ``step``, and ``final`` records from ``step`` on
+        (a resumed run redoes those steps and writes them, and its own final record, again),
+        so a rerun leaves one record per step. Rewritten to a temporary file and renamed."""
         if not self.enabled or not os.path.exists(self.path):
             return
         kept, dropped = [], 0
@@ -95,10 +95,11 @@ class MetricsFile:
                 try:
                     rec = json.loads(line)
                     at = rec.get("step", rec.get("steps", 0))
+                    final = rec.get("split") == "final"
                 except (json.JSONDecodeError, AttributeError):
                     dropped += 1  # a torn last line of a killed run
                     continue
-                if isinstance(at, (int, float)) and at > step:
+                if isinstance(at, (int, float)) and (at > step or (final and at >= step)):
                     dropped += 1
                 else:
                     kept.append(line if line.endswith("\n") else line + "\n")

@@ -151,9 +151,13 @@ def test_metrics_file_drops_records_past_the_resumed_step(tmp_path) -> None:  # 
         mf.write(rec)
     with open(mf.path, "a") as fh:
         fh.write('{"split": "train", "st')  # the torn last line of a killed run
-    mf.drop_after(8)
+    mf.drop_after(12)
     kept = [json.loads(line) for line in open(mf.path)]
-    assert [(r["split"], r.get("step")) for r in kept] == [("train", 8), ("eval", 8)]
+    assert [(r["split"], r.get("step")) for r in kept] == [("train", 8), ("eval", 8),
+                                                           ("train", 12)]
+    mf.write({"split": "final", "steps": 12})  # a finished run, resumed at its last step:
+    mf.drop_after(12)                          # its final record is written again
+    assert [json.loads(line)["split"] for line in open(mf.path)] == ["train", "eval", "train"]
 
 
 def test_unwritable_checkpoint_dir_fails_at_start_with_the_documented_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
