@@ -8,7 +8,7 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<NNNNNNNN>/`` holding:
   loaded with ``weights_only=True``);
 * ``trainer.json``: step, world size, per-table column-shard counts, wall time;
 * ``config.toml``: the resolved config of the run that wrote it;
-* ``manifest.json``: size and CRC-32 of every file above (each rank checksums the files it
+* ``manifest.json``: size and CRC-32C of every file above (each rank checksums the files it
   wrote; rank 0 writes the union), written before the marker;
 * ``COMPLETE``: written last.
 
@@ -18,9 +18,12 @@ with the restricted unpickler of :mod:`trainer.safe_load`; a mismatch is a
 :class:`CheckpointError` naming the file. Auto-resume then falls back to the newest
 checkpoint that verifies, logging what it skipped and why, and rotation never counts a
 checkpoint that failed verification. Checkpoints written before manifests existed load with
-a warning. CRC-32 (zlib, ~3.9 GB/s here) rather than sha256 (~1.8 GB/s): it detects flipped
-or truncated bytes, which is what the manifest is for; it is not a signature, which is why
-metadata is never unpickled with a general unpickler regardless of the manifest.
+a warning. CRC-32C (the ``crc32c`` package, SSE4.2 instruction: 3.6 GB/s on this shared
+2-core box, vs 1.6 GB/s for ``zlib.crc32`` and ~1.8 GB/s for sha256), computed while DCP
+writes the shards, keeps a save within a few percent of its time without checksums. A CRC
+detects flipped or truncated bytes, which is what the manifest is for; it is not a
+signature, which is why metadata is never unpickled with a general unpickler regardless of
+the manifest.
 
 Atomicity: everything is written into ``.tmp-step_<N>``; after a barrier rank 0 writes the
 marker, fsyncs and renames the directory. A crash at any point leaves either the previous
@@ -46,9 +49,9 @@ import hashlib
 import socket
 import time
 import tomllib
-import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import crc32c
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -185,20 +188,20 @@ def _broadcast(obj: Any) -> Any:
 
 
 def file_checksum(path: str) -> Tuple[int, str]:
-    """(size in bytes, CRC-32 as 8 hex digits) of the file ``path``, read in 8 MiB chunks."""
+    """(size in bytes, CRC-32C as 8 hex digits) of the file ``path``, read in 8 MiB chunks."""
     crc, size = 0, 0
     with open(path, "rb") as fh:
         while True:
             chunk = fh.read(_CHUNK)
             if not chunk:
                 break
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32c.crc32c(chunk, crc)
             size += len(chunk)
     return size, f"{crc:08x}"
 
 
 class _ChecksumStream:
-    """A write stream that keeps the CRC-32 and size of what passes through it, so the DCP
+    """A write stream that keeps the CRC-32C and size of what passes through it, so the DCP
     shards are checksummed as they are written instead of being read back."""
 
     def __init__(self, inner: Any) -> None:
@@ -210,7 +213,7 @@ class _ChecksumStream:
         n = self.inner.write(data)
         view = memoryview(data).cast("B")
         n = len(view) if n is None else n
-        self.crc = zlib.crc32(view[:n], self.crc)
+        self.crc = crc32c.crc32c(view[:n], self.crc)
         self.size += n
         return n
 
@@ -234,7 +237,7 @@ class _ChecksumStream:
 
 
 class _ChecksumFileSystem(FileSystem):
-    """DCP's local file system whose write streams record ``{file name: (size, crc32)}``."""
+    """DCP's local file system whose write streams record ``{file name: (size, crc32c)}``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -249,7 +252,7 @@ class _ChecksumFileSystem(FileSystem):
             wrapped = _ChecksumStream(stream)
             yield wrapped
         self.sums[os.path.basename(os.fspath(path))] = {"size": wrapped.size,
-                                                        "crc32": f"{wrapped.crc:08x}"}
+                                                        "crc32c": f"{wrapped.crc:08x}"}
 
 
 def _files_of_rank(directory: str, rank: int) -> List[str]:
@@ -264,10 +267,10 @@ def _files_of_rank(directory: str, rank: int) -> List[str]:
 
 
 def write_manifest(directory: str, entries: Dict[str, Dict[str, Any]]) -> None:
-    """Write ``manifest.json`` (``{"algorithm": "crc32", "files": {name: {size, crc32}}}``)."""
+    """Write ``manifest.json`` (``{"algorithm": "crc32c", "files": {name: {size, crc32c}}}``)."""
     path = os.path.join(directory, MANIFEST)
     with open(path + ".tmp", "w") as fh:
-        json.dump({"algorithm": "crc32", "files": dict(sorted(entries.items()))}, fh, indent=1)
+        json.dump({"algorithm": "crc32c", "files": dict(sorted(entries.items()))}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(path + ".tmp", path)
@@ -277,7 +280,7 @@ def checksum_entries(directory: str, names: List[str]) -> Dict[str, Dict[str, An
     out = {}
     for name in names:
         size, crc = file_checksum(os.path.join(directory, name))
-        out[name] = {"size": size, "crc32": crc}
+        out[name] = {"size": size, "crc32c": crc}
     return out
 
 
@@ -291,7 +294,7 @@ def read_manifest(path: str) -> Optional[Dict[str, Dict[str, Any]]]:
         with open(mpath) as fh:
             manifest = json.load(fh)
         files = manifest["files"]
-        if manifest.get("algorithm") != "crc32" or not isinstance(files, dict):
+        if manifest.get("algorithm") != "crc32c" or not isinstance(files, dict):
             raise ValueError(f"unknown algorithm {manifest.get('algorithm')!r}")
         return {str(k): dict(v) for k, v in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -308,10 +311,10 @@ def verify_files(path: str, files: Dict[str, Dict[str, Any]], names: List[str]) 
             raise CheckpointError(f"{full} is missing (listed in {MANIFEST}): the checkpoint "
                                   f"is damaged")
         size, crc = file_checksum(full)
-        if size != want.get("size") or crc != want.get("crc32"):
+        if size != want.get("size") or crc != want.get("crc32c"):
             raise CheckpointError(
-                f"{full}: checksum mismatch ({size} bytes, crc32 {crc}; {MANIFEST} says "
-                f"{want.get('size')} bytes, crc32 {want.get('crc32')}): the file was changed "
+                f"{full}: checksum mismatch ({size} bytes, crc32c {crc}; {MANIFEST} says "
+                f"{want.get('size')} bytes, crc32c {want.get('crc32c')}): the file was changed "
                 f"or damaged after it was written")
 
 

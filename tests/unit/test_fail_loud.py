@@ -66,12 +66,14 @@ def test_metadata_unpickler_admits_dcp_metadata_and_refuses_the_rest(tmp_path) -
         read_metadata(str(tmp_path / "list"))
 
 
-def test_file_checksum_is_zlib_crc32(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import zlib
+def test_file_checksum_is_crc32c(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import crc32c
 
+    (tmp_path / "check").write_bytes(b"123456789")  # the CRC-32C check value (RFC 3720)
+    assert file_checksum(str(tmp_path / "check")) == (9, "e3069283")
     data = os.urandom((8 << 20) + 12345)  # more than one read chunk
     (tmp_path / "f").write_bytes(data)
-    assert file_checksum(str(tmp_path / "f")) == (len(data), f"{zlib.crc32(data):08x}")
+    assert file_checksum(str(tmp_path / "f")) == (len(data), f"{crc32c.crc32c(data):08x}")
 
 
 def test_run_lock_busy_stale_and_other_host(repo_root: str, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
