@@ -21,6 +21,7 @@ ranks; on CUDA it also waits for the step's loss, one host sync per step).
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Dict, Optional
@@ -32,6 +33,18 @@ EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", i.e. rerun to continue
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_last_signal = 0  # the last stop signal any StopSignals of this process recorded
+
+
+def wait_for_stop_signal(timeout_s: float) -> bool:
+    """Poll until a stop signal has been recorded (True) or ``timeout_s`` passed (False).
+    The SIGTERM drill uses it so that the rank that signalled its launcher stops at a
+    predictable step instead of racing the forwarded signal."""
+    deadline = time.monotonic() + timeout_s
+    while not _last_signal and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(_last_signal)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,9 +68,12 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         # Only a flag: logging or collectives are not safe inside a signal handler.
-        self.received = signum
+        global _last_signal
+        self.received = _last_signal = signum
 
     def install(self) -> "StopSignals":
+        global _last_signal
+        _last_signal = 0
         for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -49,7 +49,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsFile, format_final
-from trainer.preempt import Preempted, StepGuard, StopSignals
+from trainer.preempt import Preempted, StepGuard, StopSignals, wait_for_stop_signal
 from trainer.runlock import lock_run_dir
 from trainer.tasks import Task, get_task
 
@@ -345,6 +345,7 @@ def _fault_injection(cfg: Config, ctx: DistContext, kind: str, step: int,
             logger.warning("fault injection: SIGTERM to the launcher at step %d", step)
             launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
             os.kill(launcher, signal.SIGTERM)
+            wait_for_stop_signal(30.0)  # torchrun forwards it: stop at this step, not later
             return
         logger.warning("fault injection: killing rank %d at %s:%d", ctx.rank, kind, step)
         os.kill(os.getpid(), signal.SIGKILL)
