@@ -78,11 +78,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         install_quiet_filters()
     from trainer.trainer import train
 
+    from trainer.preempt import Preempted
+
     try:
         train(cfg)
+    except Preempted as e:  # a checkpoint was written: not a failure, but not finished either
+        logging.getLogger("trainer").warning("rank %d: %s", rank, e)
+        print(f"rank {rank} preempted: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 — any failure must become an exit code + one line
         report_failure(rank, e)
-        return 1
+        return int(getattr(e, "exit_code", 1))  # NonFiniteLoss: 3 (docs/guarantees.md)
     return 0
 
 

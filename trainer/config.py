@@ -113,7 +113,8 @@ class TrainingConfig:
     run_dir: str = _f("runs/default", "where the resolved config, logs and metrics go")
     fail_at: str = _f("", "fault injection for recovery drills: 'step:N' SIGKILLs rank "
                           "fail_rank after step N, 'save:N' during the checkpoint write of step "
-                          "N (only on a fresh start, never after a resume or restart)")
+                          "N, 'sigterm:N' sends SIGTERM to the launcher after step N (only on "
+                          "a fresh start, never after a resume or restart)")
     fail_rank: int = _f(0, "the rank fail_at kills")
 
 
@@ -462,8 +463,9 @@ def validate(cfg: Config) -> List[str]:
         errors.append("training.steps must be >= 0")
     if cfg.training.steps == 0 and cfg.training.epochs <= 0:
         errors.append("set training.steps > 0 or training.epochs > 0")
-    if cfg.training.fail_at and not re.match(r"^(step|save):\d+$", cfg.training.fail_at):
-        errors.append(f"training.fail_at: {cfg.training.fail_at!r} is not 'step:N' or 'save:N'")
+    if cfg.training.fail_at and not re.match(r"^(step|save|sigterm):\d+$", cfg.training.fail_at):
+        errors.append(f"training.fail_at: {cfg.training.fail_at!r} is not 'step:N', 'save:N' "
+                      f"or 'sigterm:N'")
     if cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.keep_last must be >= 1")
     if cfg.training.log_every <= 0:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -32,10 +31,13 @@ EXPORT_FILE = "export.json"
 
 
 def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dict[str, object]:
-    """Write the export of ``checkpoint`` to ``out``; returns what ``export.json`` holds."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """Write the export of ``checkpoint`` to ``out``; returns what ``export.json`` holds.
 
-    from trainer.checkpoint import CheckpointError, MARKER
+    The checkpoint is verified first (its checksum manifest, and ``.metadata`` through the
+    restricted unpickler of :mod:`trainer.safe_load`); nothing in it is unpickled with a
+    general unpickler."""
+    from trainer.checkpoint import MARKER, CheckpointError, Checkpointer
+    from trainer.safe_load import load_full_state_dict
 
     if not os.path.exists(os.path.join(checkpoint, MARKER)):
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MARKER} "
@@ -43,12 +45,10 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
     refusal = replace_refusal(out, overwrite, EXPORT_MARKER, "export")
     if refusal:
         raise FileExistsError(refusal)
+    Checkpointer(os.path.dirname(os.path.abspath(checkpoint)), 0, 1, 0).verify(checkpoint)
     cfg = load_config(os.path.join(checkpoint, "config.toml"))
     schema = load_schema(cfg.data.schema or cfg.data.path)
-    with tempfile.TemporaryDirectory() as tmpdir:
-        full = os.path.join(tmpdir, "full.pt")
-        dcp_to_torch_save(checkpoint, full)
-        state = torch.load(full, weights_only=True)
+    state = load_full_state_dict(checkpoint)
     weights = {k: v.contiguous() for k, v in state["model"].items()}
     with open(os.path.join(checkpoint, "trainer.json")) as fh:
         step = json.load(fh)["step"]

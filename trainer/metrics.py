@@ -128,6 +128,32 @@ class MetricsFile:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled
 
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after ``step``, and ``final`` records from ``step`` on
+        (a resumed run redoes those steps and writes them, and its own final record, again),
+        so a rerun leaves one record per step. Rewritten to a temporary file and renamed."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept, dropped = [], 0
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    at = rec.get("step", rec.get("steps", 0))
+                    final = rec.get("split") == "final"
+                except (json.JSONDecodeError, AttributeError):
+                    dropped += 1  # a torn last line of a killed run
+                    continue
+                if isinstance(at, (int, float)) and (at > step or (final and at >= step)):
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as fh:
+                fh.writelines(kept)
+            os.replace(tmp, self.path)
+
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return

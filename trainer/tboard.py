@@ -26,7 +26,8 @@ _NOT_SCALARS = ("time", "split", "step")
 class TensorBoardWriter:
     """Scalars of records under ``log_dir`` (nothing at all when ``enabled`` is false)."""
 
-    def __init__(self, log_dir: str, enabled: bool, flush_secs: int = 10) -> None:
+    def __init__(self, log_dir: str, enabled: bool, flush_secs: int = 10,
+                 purge_step: Optional[int] = None) -> None:
         self.log_dir = log_dir
         self.seconds = 0.0
         self._writer: Any = None
@@ -35,7 +36,10 @@ class TensorBoardWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(log_dir, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=log_dir, flush_secs=flush_secs)
+            # purge_step: events at or after it (from a run that was interrupted and is now
+            # redoing those steps) are hidden, so each step shows once.
+            self._writer = SummaryWriter(log_dir=log_dir, flush_secs=flush_secs,
+                                         purge_step=purge_step)
 
     @property
     def enabled(self) -> bool:
@@ -63,11 +67,18 @@ class TensorBoardWriter:
 
 
 class RunRecords:
-    """``metrics.jsonl`` and TensorBoard together: one ``write`` feeds both (rank 0)."""
+    """``metrics.jsonl`` and TensorBoard together: one ``write`` feeds both (rank 0).
 
-    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool) -> None:
+    ``resumed_at``: the step a resumed run starts from; the interrupted run's records after it
+    are dropped from ``metrics.jsonl`` and purged from TensorBoard (this run writes them again).
+    """
+
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool,
+                 resumed_at: int = 0) -> None:
         self.file = MetricsFile(run_dir, is_main)
-        self.tb = TensorBoardWriter(os.path.join(run_dir, "tb"), is_main and tensorboard)
+        self.file.drop_after(resumed_at)
+        self.tb = TensorBoardWriter(os.path.join(run_dir, "tb"), is_main and tensorboard,
+                                    purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, record: Dict[str, Any]) -> None:
         self.file.write(record)

@@ -40,10 +40,18 @@ from sharding.constraints import (
     resolve_table_settings,
 )
 from sharding.parallel import shard_model_from_config
-from trainer.checkpoint import Checkpointer, find_latest, model_changes, set_rng_state
+from trainer.checkpoint import (
+    Checkpointer,
+    check_resume,
+    data_fingerprint,
+    model_changes,
+    set_rng_state,
+)
 from trainer.config import Config, ConfigError, save_config, sparse_optimizer_defaults
 from trainer.metrics import format_final
 from trainer.progress import TrainLogger
+from trainer.preempt import Preempted, StepGuard, StopSignals, wait_for_stop_signal
+from trainer.runlock import lock_run_dir
 from trainer.tasks import Task, get_task
 from trainer.tboard import RunRecords
 
@@ -249,7 +257,10 @@ def train(cfg: Config) -> Dict[str, Any]:
     ctx = init_distributed(cfg.dist.backend, cfg.dist.device, cfg.dist.cpu_threads or None,
                            cfg.dist.timeout_s)
     metrics_file: Optional[RunRecords] = None
+    signals = StopSignals().install()
+    lock = None
     try:
+        lock = lock_run_dir(t.run_dir, ctx.rank)  # before anything is written into it
         if ctx.is_main:
             save_config(cfg, t.run_dir)
             _log_to_file(os.path.join(t.run_dir, "train.log"))
@@ -262,17 +273,25 @@ def train(cfg: Config) -> Dict[str, Any]:
                                             build_model(cfg, schema, ctx.device.type))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
                                     ctx.rank, ctx.world_size, cfg.checkpoint.keep_last)
-        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader)
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
+        c = cfg.checkpoint
+        if c.every_steps > 0 or c.every_minutes > 0 or c.save_at_end:
+            checkpointer.ensure_writable()
+        checkpointer.data = data_fingerprint(cfg)
         steps = total_steps(cfg, train_reader)
-        metrics_file = RunRecords(t.run_dir, ctx.is_main, cfg.log.tensorboard)
+        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader, steps)
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
+        # A resumed run redoes the steps after its checkpoint: their records (and TensorBoard
+        # events) from the interrupted run are dropped so each step is recorded once.
+        metrics_file = RunRecords(t.run_dir, ctx.is_main, cfg.log.tensorboard,
+                                  resumed_at=start_step)
         if ctx.is_main:
             logger.info("training %s on %s: %d steps x %d examples x %d ranks (%d train "
                         "batches per rank per epoch)%s", cfg.model.name, cfg.data.path, steps,
                         cfg.data.batch_size, ctx.world_size, len(train_reader),
                         f", resuming at step {start_step}" if start_step else "")
         state = run_training(cfg, ctx, task, pipeline, dmp, optimizer, train_reader,
-                             eval_reader, steps, metrics_file, checkpointer, start_step)
+                             eval_reader, steps, metrics_file, checkpointer, start_step,
+                             StepGuard(signals, ctx.rank, ctx.world_size, ctx.device))
         final_eval = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
         final = {
             **task.final(final_eval, meta),
@@ -292,6 +311,9 @@ def train(cfg: Config) -> Dict[str, Any]:
     finally:
         if metrics_file is not None:
             metrics_file.close()  # flushes TensorBoard's queue, also when training failed
+        signals.restore()
+        if lock is not None:
+            lock.release()
         if owns_group:
             destroy_distributed()
 
@@ -305,13 +327,17 @@ def eval_rows(metrics: Mapping[str, float]) -> Optional[int]:
 
 def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
            dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
-           train_reader: ParquetReader) -> int:
-    """Load ``checkpoint.resume_from`` or the newest complete checkpoint; returns its step
-    (0 when starting fresh). Restores weights, optimizer state, RNG and reader position."""
+           train_reader: ParquetReader, steps: int) -> int:
+    """Load ``checkpoint.resume_from`` or the newest complete checkpoint that verifies;
+    returns its step (0 when starting fresh). Restores weights, optimizer state, RNG and
+    reader position. Refuses a run dir already past ``steps`` or trained on other data."""
     c = cfg.checkpoint
-    path = c.resume_from or (find_latest(checkpointer.root) if c.resume else None)
+    path = c.resume_from or (checkpointer.latest_verified() if c.resume else None)
     if not path:
         return 0
+    for warning in check_resume(path, checkpointer.data or {}, steps, bool(c.resume_from)):
+        if ctx.is_main:
+            logger.warning("%s", warning)
     changed = model_changes(path, cfg)
     if changed and ctx.is_main:
         logger.warning("resuming from %s, which was trained with other [model] settings (%s); "
@@ -333,9 +359,17 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
 
 def _fault_injection(cfg: Config, ctx: DistContext, kind: str, step: int,
                      resumed: bool) -> None:
-    """SIGKILL this rank at the configured point (recovery drills and tests)."""
+    """SIGKILL this rank at the configured point, or (``sigterm:N``) send SIGTERM to the
+    launcher (``torchrun``; this process without one) as a scheduler's preemption would
+    (recovery drills and tests)."""
     if (cfg.training.fail_at == f"{kind}:{step}" and ctx.rank == cfg.training.fail_rank
             and not resumed and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        if kind == "sigterm":
+            logger.warning("fault injection: SIGTERM to the launcher at step %d", step)
+            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+            os.kill(launcher, signal.SIGTERM)
+            wait_for_stop_signal(30.0)  # torchrun forwards it: stop at this step, not later
+            return
         logger.warning("fault injection: killing rank %d at %s:%d", ctx.rank, kind, step)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -352,9 +386,10 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
                  dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                  train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
                  metrics_file: RunRecords, checkpointer: Checkpointer,
-                 start_step: int = 0) -> TrainState:
+                 start_step: int = 0, guard: Optional[StepGuard] = None) -> TrainState:
     """Train from ``start_step`` to ``steps`` in segments that end at each periodic
-    evaluation and checkpoint (see :class:`BatchStream`)."""
+    evaluation and checkpoint (see :class:`BatchStream`). ``guard`` stops the run on a
+    non-finite loss (before any further save) and on SIGTERM/SIGUSR1 (after a save)."""
     t, c = cfg.training, cfg.checkpoint
     state = TrainState(step=start_step)
     window = cfg.metrics.window_batches * cfg.data.batch_size * ctx.world_size
@@ -384,7 +419,7 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
         seg_start = time.perf_counter()
         seg_examples = 0
         log.restart_window()
-        timed_save = False
+        timed_save = preempted = False
         batches = stream.segment()
         while True:
             try:
@@ -393,6 +428,11 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
                 break
             state.step += 1
             _fault_injection(cfg, ctx, "step", state.step, resumed)
+            _fault_injection(cfg, ctx, "sigterm", state.step, resumed)
+            if guard is not None and guard.check(output[0], state.step,
+                                                 checkpointer.last_good) and not preempted:
+                preempted = True  # end the segment now: drain the steps in flight, then save
+                stream.stop_at = stream.handed
             examples = task.examples(output) * ctx.world_size
             seg_examples += examples
             if log.step(state.step, output, examples):  # a log line (collective)
@@ -403,6 +443,11 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
         state.train_seconds += time.perf_counter() - seg_start
         state.examples += seg_examples
         done = state.step >= steps
+        if preempted and not done:
+            save()
+            raise Preempted(f"stopped by {guard.signals.name if guard else 'a signal'} after "
+                            f"step {state.step}; checkpoint {checkpointer.last_good} written: "
+                            f"rerun the same command to continue from it")
         if timed_save or (c.every_steps > 0 and state.step % c.every_steps == 0) or (
                 done and c.save_at_end):
             save()

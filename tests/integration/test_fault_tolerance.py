@@ -155,7 +155,8 @@ def test_export_then_predict_matches_sharded_model(repo_root: str, tiny_ctr: str
                           "--out", out], cwd=repo_root, capture_output=True, text=True,
                          timeout=300)
     assert exp.returncode == 0, exp.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["config.toml", "export.json", "model.pt", "schema.json"]
+    assert sorted(os.listdir(out)) == [".shardrec-export", "config.toml", "export.json", "model.pt",
+                                       "schema.json"]
     pred = subprocess.run([sys.executable, "-m", "trainer.predict", "--model", out, "--data",
                            tiny_ctr, "--out", str(tmp_path / "scores.parquet")],
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
@@ -169,3 +170,134 @@ def test_export_then_predict_matches_sharded_model(repo_root: str, tiny_ctr: str
     tree = ast.parse(open(os.path.join(repo_root, "trainer", "predict.py")).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {m for m in imported if m and ("distributed" in m or m.startswith("sharding"))}
+
+
+def _flip_tensor_bytes(checkpoint: str) -> str:
+    """Flip 16 bytes in the middle of the largest ``.distcp`` (inside a tensor's data)."""
+    shard = max((os.path.join(checkpoint, n) for n in os.listdir(checkpoint)
+                 if n.endswith(".distcp")), key=os.path.getsize)
+    with open(shard, "r+b") as fh:
+        fh.seek(os.path.getsize(shard) // 2)
+        chunk = fh.read(16)
+        fh.seek(-16, os.SEEK_CUR)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+    return shard
+
+
+def _plant_payload(checkpoint: str, sentinel: str) -> None:
+    """A ``.metadata`` whose unpickling runs ``touch sentinel``; the manifest is rewritten to
+    match, as an attacker who can write the directory would do."""
+    import pickle
+
+    from trainer.checkpoint import MANIFEST, checksum_entries, write_manifest
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {sentinel}",))
+
+    with open(os.path.join(checkpoint, ".metadata"), "wb") as fh:
+        pickle.dump({"storage_data": Payload()}, fh)
+    write_manifest(checkpoint, checksum_entries(checkpoint, sorted(
+        n for n in os.listdir(checkpoint) if n not in (MANIFEST, "COMPLETE"))))
+
+
+def test_preemption_corruption_nonfinite_and_busy_run_dir(repo_root: str, tiny_ctr: str,
+                                                          straight_run: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The issue's fault drills in one run dir, three 2-rank launches:
+
+    1. SIGTERM to torchrun after step 11 (``fail_at=sigterm:11``; torchrun forwards it): every
+       rank finishes the steps in flight, they agree, save and exit 75; a rerun resumes there
+       and ends exactly like the uninterrupted run, with one metrics record per step.
+    2. 16 bytes flipped in a tensor of the newest checkpoint and a crafted ``.metadata`` in
+       the one before: ``trainer.export`` refuses the crafted one and its payload never runs;
+       a rerun (lr 1e8, fresh optimizer, 40 steps) skips both, naming the file and the
+       refused type, and falls back to the preemption checkpoint; then the loss goes
+       non-finite and the run stops with exit 3 naming step, rank and that checkpoint, writing
+       no checkpoint and removing none.
+    3. A second run on a run dir another run holds fails at start naming the holder.
+    """
+    import json
+    import shutil
+
+    run_dir = str(tmp_path / "drills")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    args = _args(tiny_ctr, run_dir, "--training.fail_at=sigterm:11")
+    proc = run_trainer(repo_root, 2, args)
+    log = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    assert "fault injection: SIGTERM to the launcher at step 11" in log
+    m = re.search(r"rank 0 preempted: stopped by SIGTERM after step (\d+)", log)
+    assert m, log[-3000:]
+    stop = int(m.group(1))
+    assert "rank 1 preempted" in log
+    # The signalling rank waits for the forwarded SIGTERM, so the ranks agree at step 11 and
+    # finish the 2 batches the pipeline already holds.
+    assert stop == 13
+    assert [s for s, _ in list_complete(ckpts)] == [8, stop]
+    # Both workers exited with the documented code (torchrun itself then dies of the signal).
+    assert "exitcode: -" not in log and "SIGKILL" not in log
+
+    proc = run_trainer(repo_root, 2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming at step {stop}" in proc.stderr + proc.stdout
+    _assert_same_run(straight_run, run_dir, tmp_path)
+    logged = [r["step"] for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+              if r.get("split") == "train"]
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS  # no step twice
+
+    # 2. Damage the two newest checkpoints; export refuses the crafted one.
+    done = [p for _, p in list_complete(ckpts)]
+    assert [os.path.basename(p) for p in done] == [f"step_{stop:08d}", "step_00000016",
+                                                   "step_00000024"]
+    shard = _flip_tensor_bytes(done[2])
+    sentinel = str(tmp_path / "payload_ran")
+    _plant_payload(done[1], sentinel)
+    crafted = str(tmp_path / "crafted" / "step_00000016")
+    shutil.copytree(done[1], crafted)
+    export_out = str(tmp_path / "export")
+    exp = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", crafted,
+                          "--out", export_out], cwd=repo_root, capture_output=True, text=True,
+                         timeout=300)
+    assert exp.returncode == 2, exp.stderr[-3000:]
+    assert f"{crafted}/.metadata: refused to load type posix.system" in exp.stderr
+    assert not os.path.exists(export_out) and not os.path.exists(sentinel)
+
+    before = {p: sorted(os.listdir(p)) + [open(os.path.join(p, "manifest.json")).read()]
+              for p in done}
+    proc = run_trainer(repo_root, 2, _args(
+        tiny_ctr, run_dir, "--training.steps=40", "--training.dense_lr=1e8",
+        "--training.sparse_lr=1e8", "--checkpoint.reset_optimizer=true"))
+    log = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    assert f"skipping checkpoint {done[2]}: {shard}: checksum mismatch" in log
+    assert (f"skipping checkpoint {done[1]}: {done[1]}/.metadata: refused to load type "
+            "posix.system") in log
+    assert f"resuming at step {stop}" in log
+    assert not os.path.exists(sentinel)
+    assert "(exitcode: 3)" in log
+    m = re.search(r"non-finite loss \(NaN or inf\) at step (\d+) on rank (\d)", log)
+    assert m and stop < int(m.group(1)) <= 40, log[-3000:]
+    assert f"the last good checkpoint is {done[0]}" in log
+    after = {p: sorted(os.listdir(p)) + [open(os.path.join(p, "manifest.json")).read()]
+             for _, p in list_complete(ckpts)}
+    assert after == before  # no new checkpoint, none removed or rewritten
+    assert not [n for n in os.listdir(ckpts) if n.startswith(".tmp")]
+
+    # 3. A run dir another run holds: refused at start, naming the holder.
+    env = {**os.environ, "PYTHONPATH": repo_root}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from trainer.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(120)"), run_dir], cwd=repo_root,
+        stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        busy = subprocess.run([sys.executable, "-m", "trainer", *_args(tiny_ctr, run_dir)],
+                              cwd=repo_root, capture_output=True, text=True, timeout=300,
+                              env=env)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode == 1
+    assert re.search(rf"run dir {re.escape(run_dir)} is in use by another run \(host \S+, pid "
+                     rf"{holder.pid}, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC",
+                     busy.stderr), busy.stderr[-3000:]
