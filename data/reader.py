@@ -77,7 +77,8 @@ def split_files(dataset_dir: str, split: str) -> List[str]:
     if not files:
         raise DataError(
             f"no parquet files in {os.path.join(dataset_dir, split)}; a dataset directory "
-            f"holds <split>/*.parquet (splits: train, eval) beside schema.json"
+            f"holds <split>/*.parquet (splits: train, valid, test; older datasets: train, "
+            f"eval) beside schema.json"
         )
     return files
 
