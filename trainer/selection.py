@@ -23,6 +23,9 @@ import os
 import shutil
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import torch
+import torch.distributed as dist
+
 from trainer.checkpoint import MARKER, find_latest, list_complete
 
 logger = logging.getLogger(__name__)
@@ -64,12 +67,23 @@ class EarlyStopping:
         self.bad = 0
 
     def update(self, step: int, metrics: Mapping[str, float]) -> Tuple[bool, bool]:
-        """(improved, stop) after an evaluation at ``step``."""
-        if self.metric not in metrics:
+        """(improved, stop) after an evaluation at ``step``; a collective when a process
+        group is up: rank 0's value decides (torchrec's metrics report on rank 0 only), so
+        every rank saves and stops at the same step."""
+        value = metrics.get(self.metric, math.nan)
+        missing = self.metric not in metrics
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([float(value), float(missing)], dtype=torch.float64)
+            t = t.to(_device())
+            dist.broadcast(t, src=0)
+            value, missing = float(t[0]), bool(t[1] > 0)
+        if missing:
+            known = sorted(k for k in metrics if k not in ("examples", "eval_rows"))
             raise ValueError(f"training.early_stop_metric: {self.metric!r} is not a metric of "
-                             f"this model's evaluation; choose one of "
-                             f"{sorted(k for k in metrics if not k.startswith('eval_'))}")
-        value = float(metrics[self.metric])
+                             f"this model's evaluation"
+                             + (f"; choose one of {known}" if self.metric not in known
+                                and known else ""))
+        value = float(value)
         improved = math.isfinite(value) and (
             self.best is None or (value > self.best if self.higher else value < self.best))
         if improved:
@@ -90,6 +104,13 @@ class EarlyStopping:
         self.best = None if state.get("best") is None else float(state["best"])
         self.best_step = int(state.get("best_step", -1))
         self.bad = int(state.get("bad", 0))
+
+
+def _device() -> torch.device:
+    """Where a collective's tensor lives: the current CUDA device under nccl, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def best_root(checkpoint_root: str) -> str:

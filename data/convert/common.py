@@ -348,6 +348,18 @@ def parse_int_list(text: str, count: int, what: str) -> List[int]:
     return values
 
 
+# fbgemm's embedding kernels need table widths that are multiples of 4.
+DIM_MULTIPLE = 4
+DEFAULT_SEQ_EMBEDDING_DIM = 48  # HSTU/SASRec use 50 on ML-1M; the nearest width fbgemm takes
+
+
+def check_embedding_dim(dim: int, what: str = "--embedding-dim") -> None:
+    if dim <= 0 or dim % DIM_MULTIPLE:
+        near = max(DIM_MULTIPLE, round(dim / DIM_MULTIPLE) * DIM_MULTIPLE)
+        raise ConvertError(f"{what} {dim}: embedding widths must be positive multiples of "
+                           f"{DIM_MULTIPLE} (fbgemm's embedding kernels need it); use {near}")
+
+
 def check_inputs(paths: Iterable[str]) -> List[str]:
     out = []
     for p in paths:
