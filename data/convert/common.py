@@ -355,7 +355,7 @@ DEFAULT_SEQ_EMBEDDING_DIM = 48  # HSTU/SASRec use 50 on ML-1M; the nearest width
 
 def check_embedding_dim(dim: int, what: str = "--embedding-dim") -> None:
     if dim <= 0 or dim % DIM_MULTIPLE:
-        near = max(DIM_MULTIPLE, round(dim / DIM_MULTIPLE) * DIM_MULTIPLE)
+        near = max(DIM_MULTIPLE, -(-dim // DIM_MULTIPLE) * DIM_MULTIPLE)
         raise ConvertError(f"{what} {dim}: embedding widths must be positive multiples of "
                            f"{DIM_MULTIPLE} (fbgemm's embedding kernels need it); use {near}")
 

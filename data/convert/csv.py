@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data.convert.common import (BadLines, ConvertError, DatasetWriter, Progress, check_inputs,
-                                 unit_interval)
+from data.convert.common import (DIM_MULTIPLE, BadLines, ConvertError, DatasetWriter, Progress,
+                                 check_inputs, unit_interval)
 from data.convert.text import LineMap, float_column, report_bad_rows
 from data.preprocess import Preprocessor
 from data.schema import META_FILE
@@ -58,8 +58,6 @@ from data.schema import META_FILE
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-# fbgemm's TBE kernels need embedding widths that are multiples of 4.
-DIM_MULTIPLE = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,7 +119,7 @@ def _check_widths(pre: Preprocessor, where: str) -> None:
     if bad:
         raise ConvertError(f"{where}: embedding_dim of {bad} is not a multiple of "
                            f"{DIM_MULTIPLE} (fbgemm's embedding kernels need it); e.g. use "
-                           f"{[(n, max(DIM_MULTIPLE, round(d / DIM_MULTIPLE) * DIM_MULTIPLE)) for n, d in bad]}")
+                           f"{[(n, -(-d // DIM_MULTIPLE) * DIM_MULTIPLE) for n, d in bad]}")
     widths = sorted({f.embedding_dim for f in feats})
     if len(widths) > 1:
         logger.warning("%s: mixed embedding widths %s (%s); models that interact embeddings "
