@@ -1,6 +1,7 @@
 """Which splits a run evaluates on, and model selection on the valid split.
 
-Splits: datasets have ``train/``, ``valid/`` and ``test/``. Periodic evaluations (every
+Splits: datasets have ``train/``, ``valid/`` and ``test/`` (``train/``, ``eval/``, ``test/``
+from the criteo converter: ``eval`` validates). Periodic evaluations (every
 ``training.eval_every`` steps) run on ``valid``; the final line reports ``test``. Older
 datasets with ``train/`` and ``eval/`` are read as train + test: periodic evaluations then
 run on the test split and there is no model selection (a log line says so).
@@ -44,6 +45,8 @@ def resolve_splits(dataset_dir: str, valid_split: str = "", eval_split: str = ""
 
     test = eval_split or ("test" if exists("test") or not exists("eval") else "eval")
     valid = valid_split or ("valid" if exists("valid") else None)
+    if valid is None and test == "test" and exists("eval"):
+        valid = "eval"  # train/eval/test (the criteo converter's ratios): eval validates
     return valid, test
 
 
