@@ -93,7 +93,11 @@ class EarlyStopping:
             self.best, self.best_step, self.bad = value, step, 0
         else:
             self.bad += 1
-        return improved, self.patience > 0 and self.bad >= self.patience
+        return improved, self.exhausted()
+
+    def exhausted(self) -> bool:
+        """Patience ran out (training stopped early)."""
+        return self.patience > 0 and self.bad >= self.patience
 
     def state_dict(self) -> Dict[str, Any]:
         return {"metric": self.metric, "best": self.best, "best_step": self.best_step,

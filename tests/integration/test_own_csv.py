@@ -71,7 +71,8 @@ def test_own_csv_end_to_end(repo_root: str, tmp_path) -> None:
     assert p.returncode == 0 and f"step {int(final['best_step'])} " in p.stdout, p.stdout + p.stderr
     p = _cli(repo_root, "trainer.predict", "--model", export, "--data", ds, "--split", "valid")
     got = parse_final(p.stdout)
-    assert got["auc"] == pytest.approx(final["valid_auc"], abs=1e-5) and got["rows"] == rows["valid"]
+    assert got["auc"] == pytest.approx(final["valid_auc"], abs=1e-5)
+    assert got["rows"] == rows["valid"]
     p = _cli(repo_root, "trainer.predict", "--model", export, "--data", ds)
     got = parse_final(p.stdout)
     assert got["auc"] == pytest.approx(final["auc"], abs=1e-5) and got["rows"] == rows["test"]
