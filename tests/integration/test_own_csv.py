@@ -35,7 +35,17 @@ def _cli(repo_root: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": repo_root})
 
 
-def test_own_csv_end_to_end(repo_root: str, tmp_path) -> None:
+def _in_process(capsys, main, *args: str) -> str:
+    """stdout of a command's ``main`` run here (saves a process start per call)."""
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def test_own_csv_end_to_end(repo_root: str, tmp_path, capsys) -> None:
+    from trainer.export import main as export_main
+    from trainer.predict import main as predict_main
+
     csv, spec, ds = str(tmp_path / "x.csv"), str(tmp_path / "spec.json"), str(tmp_path / "ds")
     write_mixed_csv(csv)
     write_spec(spec)
@@ -67,14 +77,13 @@ def test_own_csv_end_to_end(repo_root: str, tmp_path) -> None:
 
     # Export picks the best-on-valid checkpoint of the run; predict agrees with the trainer.
     export = str(tmp_path / "export")
-    p = _cli(repo_root, "trainer.export", "--checkpoint", run1, "--out", export)
-    assert p.returncode == 0 and f"step {int(final['best_step'])} " in p.stdout, p.stdout + p.stderr
-    p = _cli(repo_root, "trainer.predict", "--model", export, "--data", ds, "--split", "valid")
-    got = parse_final(p.stdout)
+    out = _in_process(capsys, export_main, "--checkpoint", run1, "--out", export)
+    assert f"step {int(final['best_step'])} " in out, out
+    got = parse_final(_in_process(capsys, predict_main, "--model", export, "--data", ds,
+                                  "--split", "valid"))
     assert got["auc"] == pytest.approx(final["valid_auc"], abs=1e-5)
     assert got["rows"] == rows["valid"]
-    p = _cli(repo_root, "trainer.predict", "--model", export, "--data", ds)
-    got = parse_final(p.stdout)
+    got = parse_final(_in_process(capsys, predict_main, "--model", export, "--data", ds))
     assert got["auc"] == pytest.approx(final["auc"], abs=1e-5) and got["rows"] == rows["test"]
 
     # New rows without labels, converted like the training set and scored with their ids.
@@ -82,9 +91,8 @@ def test_own_csv_end_to_end(repo_root: str, tmp_path) -> None:
     write_mixed_csv(new_csv, rows=60, seed=7, labelled=False, id_offset=500_000)
     assert convert_main(["csv", new_csv, "--out", new_ds, "--like", ds, "--no-label",
                          "--no-progress"]) == 0
-    p = _cli(repo_root, "trainer.predict", "--model", export, "--data", new_ds, "--out",
-             str(tmp_path / "scores.parquet"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    _in_process(capsys, predict_main, "--model", export, "--data", new_ds, "--out",
+                str(tmp_path / "scores.parquet"))
     scores = pq.read_table(str(tmp_path / "scores.parquet")).to_pydict()
     assert scores["req_id"] == [f"r{500_000 + i:06d}" for i in range(60)]
     assert all(0.0 < s < 1.0 for s in scores["score"])
