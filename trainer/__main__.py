@@ -88,8 +88,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.exit_code
     except Exception as e:  # noqa: BLE001 — any failure must become an exit code + one line
         report_failure(rank, e)
+        if is_user_error(e):
+            return 2  # bad input or settings (e.g. a batch larger than a rank's rows)
         return int(getattr(e, "exit_code", 1))  # NonFiniteLoss: 3 (docs/guarantees.md)
     return 0
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Bad input — a dataset, schema or setting problem — is the user's to fix: its message
+    names the file/row/column/key and the fix, and a traceback would only bury it."""
+    from data.reader import DataError
+    from data.schema import SchemaError
+
+    return isinstance(error, (DataError, SchemaError, ConfigError))
 
 
 def report_failure(rank: int, error: BaseException) -> None:
@@ -100,12 +111,7 @@ def report_failure(rank: int, error: BaseException) -> None:
     stderr is ``rank R failed: <ExcType>: <message>`` on one line, for scripts and scheduler UIs
     that show only a job's tail.
     """
-    from data.reader import DataError
-    from data.schema import SchemaError
-
-    # Bad input (a dataset or schema problem) is the user's to fix: its message names the
-    # file/row/column, and a traceback would only bury it. Anything else keeps its traceback.
-    user_error = isinstance(error, (DataError, SchemaError, ConfigError))
+    user_error = is_user_error(error)  # no traceback for those; anything else keeps it
     logging.getLogger("trainer").error("training failed%s", ": bad input" if user_error else "",
                                        exc_info=None if user_error else error)
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler

@@ -54,6 +54,7 @@ RANGES: Dict[str, Bound] = {
     "training.sparse_eps": _gt0("the adaptive optimizers divide by sqrt(state) + eps"),
     "training.eval_every": _ge0("0 evaluates only at the end"),
     "training.eval_batches": _ge0("0 reads the whole eval split"),
+    "training.early_stop_patience": _ge0("0 never stops, only keeps the best"),
     "training.seed": _ge0("numpy seeds must be non-negative"),
     "training.fail_rank": _ge0("a rank"),
     "metrics.window_batches": _gt0("the training AUC/NE window needs at least one batch"),

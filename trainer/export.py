@@ -68,13 +68,18 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Dic
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(prog="python -m trainer.export", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a complete step_* checkpoint directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a complete step_* checkpoint directory, or a run directory / "
+                        "checkpoint directory: then its best-on-valid checkpoint "
+                        "(checkpoint.keep_best) if it has one, else its newest")
     p.add_argument("--out", required=True, help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     ns = p.parse_args(argv)
+    from trainer.selection import resolve_checkpoint
+
     try:
-        info = export_checkpoint(ns.checkpoint, ns.out, ns.overwrite)
-    except (FileExistsError, ConfigError, RuntimeError, ValueError) as e:
+        info = export_checkpoint(resolve_checkpoint(ns.checkpoint), ns.out, ns.overwrite)
+    except (FileNotFoundError, FileExistsError, ConfigError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {info['model']} step {info['step']} ({info['tensors']} tensors) to "

@@ -79,21 +79,23 @@ class CTRMetrics:
         self._sums = WindowedSums((4,), max(window_examples, batch_size * world_size)
                                   // world_size, device)
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add a batch; ``mask`` (bool ``[B]``) marks the real rows — padding rows get
+        weight 0, which leaves AUC, NE and log-loss exactly as if they were absent."""
         logits = logits.detach().float()
         labels = labels.detach().float()
         preds = torch.sigmoid(logits)
-        weights = torch.ones_like(preds)
+        weights = torch.ones_like(preds) if mask is None else mask.to(preds.dtype)
         args = dict(predictions={self.task: preds}, labels={self.task: labels},
                     weights={self.task: weights})
         self.auc.update(**args)  # type: ignore[arg-type]
         self.ne.update(**args)  # type: ignore[arg-type]
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
-                                                                   reduction="sum")
-        self._sums.add(torch.stack([bce.double(), torch.tensor(float(labels.numel()),
-                                                               dtype=torch.float64,
-                                                               device=self.device),
-                                    preds.sum().double(), labels.sum().double()]),
+                                                                   reduction="none")
+        self._sums.add(torch.stack([(bce * weights).sum().double(), weights.sum().double(),
+                                    (preds * weights).sum().double(),
+                                    (labels * weights).sum().double()]),
                        labels.numel())
 
     def compute(self) -> Dict[str, float]:

@@ -68,7 +68,9 @@ class MultiTaskMetrics:
         self._sums = WindowedSums((len(predictions) + 1, 4),
                                   kwargs["window_size"] // world_size, device)
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add a batch; ``mask`` (bool ``[B]``) marks the real rows (padding weighs 0)."""
         logits = logits.detach().float()
         labels = labels.detach().float().reshape(logits.shape[0], -1)
         preds: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
@@ -78,6 +80,8 @@ class MultiTaskMetrics:
         for k, p in enumerate(self.predictions):
             y = labels[:, p.eval_label]
             w = labels[:, p.eval_given] if p.eval_given >= 0 else torch.ones_like(y)
+            if mask is not None:
+                w = w * mask.to(w.dtype)
             x = logits[:, k]
             preds[p.kind][p.name] = torch.sigmoid(x) if p.kind == "binary" else x
             targets[p.kind][p.name] = y
@@ -170,5 +174,6 @@ class MultiTaskKind(LogitsLabelsTask):
                 out[f"logloss_{p.name}"] = metrics.get(f"logloss_{p.name}")
                 out[f"ne_{p.name}"] = metrics.get(f"ne_{p.name}")
                 out[f"calibration_{p.name}"] = metrics.get(f"calibration_{p.name}")
+        out["eval_rows"] = metrics.get("eval_rows")
         return out
 

@@ -49,9 +49,11 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, ConfigError, save_config, sparse_optimizer_defaults
 from trainer.metrics import format_final
-from trainer.progress import TrainLogger
 from trainer.preempt import Preempted, StepGuard, StopSignals, wait_for_stop_signal
+from trainer.progress import TrainLogger
 from trainer.runlock import lock_run_dir
+from trainer.selection import (EarlyStopping, best_root, drop_stale_best, find_best,
+                               resolve_splits)
 from trainer.tasks import Task, get_task
 from trainer.tboard import RunRecords
 
@@ -147,8 +149,11 @@ def dense_param_groups(params: Mapping[str, torch.Tensor], lr: float,
 
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
-                  ) -> Tuple[ParquetReader, ParquetReader]:
-    """This rank's train and eval readers, each with the task kind's data-path step."""
+                  ) -> Tuple[ParquetReader, ParquetReader, ParquetReader]:
+    """This rank's train, valid and test readers, each with the task kind's data-path step
+    (valid is the test reader when the dataset has no valid split, see
+    :mod:`trainer.selection`). Evaluation readers pad the last batches so that every row
+    counts exactly once (the padding is masked out of the metrics)."""
     d = cfg.data
     common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema,
                   validate=d.validate)
@@ -159,13 +164,27 @@ def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
                           shuffle_buffer_rows=d.shuffle_buffer_rows,
                           transform=task.batch_transform("train"),
                           **common)  # type: ignore[arg-type]
-    evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
-                               shuffle=False, transform=task.batch_transform("eval"),
-                               **common)  # type: ignore[arg-type]
-    if d.validate:  # labels of both splits before any training (an eval label fails now)
+    valid_split, test_split = resolve_splits(d.path, d.valid_split, d.eval_split)
+
+    def evaluation(split: str) -> ParquetReader:
+        return ParquetReader(d.path, split, d.eval_batch_size or d.batch_size, shuffle=False,
+                             remainder="pad", transform=task.batch_transform("eval"),
+                             **common)  # type: ignore[arg-type]
+
+    test = evaluation(test_split)
+    if d.validate:  # labels of every split before any training (an eval label fails now)
         train.validate_labels()
-        evaluation.validate_labels()
-    return train, evaluation
+        test.validate_labels()
+    if valid_split is None:
+        if ctx.is_main:
+            logger.info("%s has no valid split (an older train/eval dataset): periodic "
+                        "evaluations use %s/, no early stopping or best-checkpoint selection",
+                        d.path, test_split)
+        return train, test, test
+    valid = evaluation(valid_split)
+    if d.validate:
+        valid.validate_labels()
+    return train, valid, test
 
 
 class BatchStream:
@@ -268,18 +287,22 @@ def train(cfg: Config) -> Dict[str, Any]:
         schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         task = model_task(cfg, schema)
-        train_reader, eval_reader = build_readers(cfg, ctx, schema, task)
+        train_reader, valid_reader, test_reader = build_readers(cfg, ctx, schema, task)
         dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
                                             build_model(cfg, schema, ctx.device.type))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
                                     ctx.rank, ctx.world_size, cfg.checkpoint.keep_last)
         c = cfg.checkpoint
-        if c.every_steps > 0 or c.every_minutes > 0 or c.save_at_end:
+        if c.every_steps > 0 or c.every_minutes > 0 or c.save_at_end or c.keep_best:
             checkpointer.ensure_writable()
         checkpointer.data = data_fingerprint(cfg)
         steps = total_steps(cfg, train_reader)
-        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader, steps)
+        stopper = build_early_stopping(cfg, ctx, valid_reader is not test_reader,
+                                       len(train_reader))
+        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader, steps, stopper)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
+        if stopper is not None and stopper.exhausted():
+            steps = min(steps, start_step)  # a resumed run that had already stopped early
         # A resumed run redoes the steps after its checkpoint: their records (and TensorBoard
         # events) from the interrupted run are dropped so each step is recorded once.
         metrics_file = RunRecords(t.run_dir, ctx.is_main, cfg.log.tensorboard,
@@ -290,14 +313,15 @@ def train(cfg: Config) -> Dict[str, Any]:
                         cfg.data.batch_size, ctx.world_size, len(train_reader),
                         f", resuming at step {start_step}" if start_step else "")
         state = run_training(cfg, ctx, task, pipeline, dmp, optimizer, train_reader,
-                             eval_reader, steps, metrics_file, checkpointer, start_step,
-                             StepGuard(signals, ctx.rank, ctx.world_size, ctx.device))
-        final_eval = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
+                             valid_reader, steps, metrics_file, checkpointer, start_step,
+                             StepGuard(signals, ctx.rank, ctx.world_size, ctx.device), stopper)
+        selected = load_best(cfg, ctx, checkpointer, dmp, optimizer, stopper)
+        final_eval = task.evaluate(pipeline, dmp, test_reader, ctx, t.eval_batches)
         final = {
             **task.final(final_eval, meta),
-            "eval_rows": eval_rows(final_eval),
             "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 1),
             "steps": state.step,
+            **selected,
         }
         metrics_file.write({"split": "final", **final})
         metrics_file.close()
@@ -318,19 +342,54 @@ def train(cfg: Config) -> Dict[str, Any]:
             destroy_distributed()
 
 
-def eval_rows(metrics: Mapping[str, float]) -> Optional[int]:
-    """Rows an evaluation scored, all ranks (the metrics' ``examples``, or ``eval_users``
-    for ranking)."""
-    n = metrics.get("examples", metrics.get("eval_users"))
-    return None if n is None else int(n)
+def build_early_stopping(cfg: Config, ctx: DistContext, has_valid: bool,
+                         batches_per_epoch: int) -> Optional[EarlyStopping]:
+    """The valid-split tracker of ``training.early_stop_metric`` (None when off, or when the
+    dataset has no valid split). Evaluates once per epoch when ``eval_every`` is 0."""
+    t = cfg.training
+    if not t.early_stop_metric:
+        return None
+    if not has_valid:
+        if ctx.is_main:
+            logger.warning("training.early_stop_metric=%s ignored: %s has no valid split "
+                           "(reconvert it to get train/valid/test)", t.early_stop_metric,
+                           cfg.data.path)
+        return None
+    if t.eval_every <= 0:
+        t.eval_every = max(1, batches_per_epoch)
+        if ctx.is_main:
+            logger.info("early stopping on %s: evaluating the valid split every epoch (%d "
+                        "steps; set training.eval_every to change)", t.early_stop_metric,
+                        t.eval_every)
+    return EarlyStopping(t.early_stop_metric, t.early_stop_patience)
+
+
+def load_best(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
+              dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+              stopper: Optional[EarlyStopping]) -> Dict[str, Any]:
+    """Load the best-on-valid checkpoint for the final evaluation (with keep_best); returns
+    what the final line says about the selection."""
+    if stopper is None or stopper.best is None:
+        return {}
+    out: Dict[str, Any] = {"best_step": stopper.best_step,
+                           f"valid_{stopper.metric}": stopper.best}
+    best = find_best(checkpointer.root) if cfg.checkpoint.keep_best else None
+    if best is not None:
+        checkpointer.load(best, dmp, optimizer, dmp.plan, reset_optimizer=True)
+        if ctx.is_main:
+            logger.info("final evaluation with the best-on-valid checkpoint %s (%s %.6g)",
+                        best, stopper.metric, stopper.best)
+    return out
 
 
 def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
            dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
-           train_reader: ParquetReader, steps: int) -> int:
+           train_reader: ParquetReader, steps: int,
+           stopper: Optional[EarlyStopping] = None) -> int:
     """Load ``checkpoint.resume_from`` or the newest complete checkpoint that verifies;
-    returns its step (0 when starting fresh). Restores weights, optimizer state, RNG and
-    reader position. Refuses a run dir already past ``steps`` or trained on other data."""
+    returns its step (0 when starting fresh). Restores weights, optimizer state, RNG, reader
+    position and the early-stopping tracker. Refuses a run dir already past ``steps`` or
+    trained on other data."""
     c = cfg.checkpoint
     path = c.resume_from or (checkpointer.latest_verified() if c.resume else None)
     if not path:
@@ -352,6 +411,10 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     else:
         set_rng_state(extra["rng"])
         train_reader.load_state_dict(extra["reader"])
+    if stopper is not None and "early_stop" in extra:
+        stopper.load_state_dict(extra["early_stop"])
+        if ctx.is_main:
+            drop_stale_best(checkpointer.root, stopper.best_step)
     if ctx.is_main:
         logger.info("resumed from %s (step %d)", path, step)
     return step
@@ -386,10 +449,12 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
                  dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                  train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
                  metrics_file: RunRecords, checkpointer: Checkpointer,
-                 start_step: int = 0, guard: Optional[StepGuard] = None) -> TrainState:
+                 start_step: int = 0, guard: Optional[StepGuard] = None,
+                 stopper: Optional[EarlyStopping] = None) -> TrainState:
     """Train from ``start_step`` to ``steps`` in segments that end at each periodic
     evaluation and checkpoint (see :class:`BatchStream`). ``guard`` stops the run on a
-    non-finite loss (before any further save) and on SIGTERM/SIGUSR1 (after a save)."""
+    non-finite loss (before any further save) and on SIGTERM/SIGUSR1 (after a save); the
+    run also stops early when ``stopper`` runs out of patience."""
     t, c = cfg.training, cfg.checkpoint
     state = TrainState(step=start_step)
     window = cfg.metrics.window_batches * cfg.data.batch_size * ctx.world_size
@@ -406,8 +471,11 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
 
     def save() -> None:
         nonlocal last_save
+        extra: Dict[str, Any] = {"reader": stream.reader_state()}
+        if stopper is not None:
+            extra["early_stop"] = stopper.state_dict()
         path = checkpointer.save(
-            state.step, dmp, optimizer, {"reader": stream.reader_state()}, cfg, dmp.plan,
+            state.step, dmp, optimizer, extra, cfg, dmp.plan,
             before_commit=lambda: _fault_injection(cfg, ctx, "save", state.step, resumed))
         last_save = time.monotonic()
         if ctx.is_main:
@@ -448,16 +516,42 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
             raise Preempted(f"stopped by {guard.signals.name if guard else 'a signal'} after "
                             f"step {state.step}; checkpoint {checkpointer.last_good} written: "
                             f"rerun the same command to continue from it")
+        # Evaluate before saving, so a checkpoint holds the tracker state after this step's
+        # evaluation (a resumed run does not repeat it).
+        periodic = t.eval_every > 0 and state.step % t.eval_every == 0
+        # With model selection the last model is a candidate too: evaluate it on valid.
+        if (periodic and not done) or (done and stopper is not None):
+            m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
+            split = eval_reader.split
+            if ctx.is_main:
+                logger.info("%s step %d %s", split, state.step, task.summary(m))
+            metrics_file.write({"split": split, "step": state.step, **m})
+            if stopper is not None:
+                improved, stop = stopper.update(state.step, m)
+                if improved and c.keep_best:
+                    best = checkpointer_best(checkpointer).save(state.step, dmp, optimizer,
+                                                                {}, cfg, dmp.plan)
+                    if ctx.is_main:
+                        logger.info("best %s %.6g at step %d: %s", stopper.metric,
+                                    stopper.best, state.step, best)
+                if stop:
+                    if ctx.is_main:
+                        logger.info("early stop at step %d: %s has not improved for %d "
+                                    "evaluations (best %.6g at step %d)", state.step,
+                                    stopper.metric, stopper.bad, stopper.best,
+                                    stopper.best_step)
+                    done = True
+                    steps = state.step
         if timed_save or (c.every_steps > 0 and state.step % c.every_steps == 0) or (
                 done and c.save_at_end):
             save()
-        if not done and t.eval_every > 0 and state.step % t.eval_every == 0:
-            m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
-            if ctx.is_main:
-                logger.info("eval step %d %s", state.step, task.summary(m))
-            metrics_file.write({"split": "eval", "step": state.step, **m,
-                                "eval_rows": eval_rows(m)})
     return state
+
+
+def checkpointer_best(checkpointer: Checkpointer) -> Checkpointer:
+    """The checkpointer of ``<dir>/best``: one complete checkpoint, outside the rotation."""
+    return Checkpointer(best_root(checkpointer.root), checkpointer.rank,
+                        checkpointer.world_size, keep_last=1)
 
 
 def _log_to_file(path: str) -> None:

@@ -45,6 +45,7 @@ CONFIG_CASES: List[Tuple[str, str]] = [
     ("--training.sparse_eps=0", "training.sparse_eps"),
     ("--training.eval_every=-1", "training.eval_every"),
     ("--training.eval_batches=-1", "training.eval_batches"),
+    ("--training.early_stop_patience=-1", "training.early_stop_patience"),
     ("--training.seed=-1", "training.seed"),
     ("--training.fail_rank=-1", "training.fail_rank"),
     ("--training.steps=-1", "training.steps"),
@@ -435,7 +436,7 @@ CONVERTER_CASES: List[Tuple[str, Callable[[Path], List[str]], str]] = [
      r"categorical #0 'site': key 'embedding_dim' must be an integer, got 1.5"),
     ("csv_spec_num_embeddings_1",
      lambda p: _csv(p, _CSV_OK, categorical=[{"column": "site", "num_embeddings": 1}]),
-     r"categorical #0 'site': key 'num_embeddings' must be >= 2"),
+     r"categorical\[0\] \('site'\): num_embeddings must be >= 2"),
     ("csv_spec_fill_string",
      lambda p: _csv(p, _CSV_OK, dense=[{"column": "price", "fill": "zero"}]),
      r"dense #0 'price': key 'fill' must be an integer or a number, got \"zero\""),
@@ -446,7 +447,7 @@ CONVERTER_CASES: List[Tuple[str, Callable[[Path], List[str]], str]] = [
     ("csv_spec_header_string", lambda p: _csv(p, _CSV_OK, header="yes"),
      r"spec.json: key 'header' must be true or false"),
     ("csv_spec_unknown_key", lambda p: _csv(p, _CSV_OK, ratio=0.1),
-     r"spec.json: .*unexpected keyword argument 'ratio'"),
+     r"spec.json: unknown key\(s\) \['ratio'\]; valid keys"),
     ("csv_spec_not_json",
      lambda p: (_csv(p, _CSV_OK), (p / "spec.json").write_text("{"))[0],
      r"--spec .*spec.json: cannot read JSON"),
@@ -578,7 +579,7 @@ def test_export_of_an_incomplete_checkpoint_exits_2(tmp_path: Path,
     path = _ckpt(tmp_path, ".metadata", "trainer.json")
     assert export_main(["--checkpoint", path, "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert f"{path} is not a complete checkpoint (no COMPLETE marker)" in err
+    assert f"{path}: not a complete checkpoint (no COMPLETE marker)" in err
     assert not (tmp_path / "e").exists()
 
 
