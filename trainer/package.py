@@ -269,7 +269,8 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
                   preprocess: Optional[Dict[str, Any]] = None, quant: str = "fp32",
                   compile: str = "auto", index: str = "none",
                   index_params: Optional[Dict[str, int]] = None,
-                  overwrite: bool = False) -> Dict[str, Any]:
+                  overwrite: bool = False, extra: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, Any]:
     """Write the package of the unsharded, weight-loaded ``model`` (the task wrapper's inner
     model: ``Batch → logits`` or a ``SequentialModel``) to ``out``; returns ``package.json``.
 
@@ -290,7 +291,7 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
     model = model.eval()
     info: Dict[str, Any] = {"version": PACKAGE_VERSION, "kind": task, "model": model_name,
                             "step": step, "quantisation": quant,
-                            "torch": torch.__version__}
+                            "torch": torch.__version__, **(extra or {})}
     if task == "sequential":
         enc = model.encoder  # type: ignore[attr-defined]
         use_time = bool(getattr(enc, "use_time", False))
@@ -358,6 +359,8 @@ class Inputs:
     lengths: List[torch.Tensor]
     timestamps: Optional[List[torch.Tensor]]
     rows: int
+    #: sequential: the first feature's whole (untruncated) history, to exclude from top-K.
+    history: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def table_inputs(pkg: Package, table: Any, query_time: Optional[np.ndarray] = None,
@@ -384,9 +387,12 @@ def table_inputs(pkg: Package, table: Any, query_time: Optional[np.ndarray] = No
 
     max_len = int(pkg.info["inputs"].get("max_len", 0))
     values, lengths = [], []
+    history = None
     for name in pkg.features:
         j = by_name[name]
         ln, v = np.asarray(j.lengths, np.int64), np.asarray(j.values, np.int64)
+        if history is None:
+            history = (torch.from_numpy(v.copy()), torch.from_numpy(ln.copy()))
         if max_len:
             ln, v = truncate_recent(ln, v, max_len)
         values.append(torch.from_numpy(np.ascontiguousarray(v)))
@@ -407,7 +413,7 @@ def table_inputs(pkg: Package, table: Any, query_time: Optional[np.ndarray] = No
         timestamps = [torch.from_numpy(np.ascontiguousarray(tv)),
                       torch.from_numpy(np.ascontiguousarray(query_time, dtype=np.int64))]
     return Inputs(torch.from_numpy(np.ascontiguousarray(chunk.dense)), values, lengths,
-                  timestamps, n)
+                  timestamps, n, history)
 
 
 def run_inputs(pkg: Package, x: Inputs) -> torch.Tensor:
