@@ -237,11 +237,22 @@ print(json.dumps({'max_diff': float((out - inp['expected']).abs().max()),
 """
 
 
-def test_package_loads_without_shardrec_and_refuses_corruption(tiny_ctr: str,
-                                                              tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def deepfm_package(tiny_ctr: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A DeepFM package (random weights) on ``tiny_ctr``, shared by the tests below."""
     model, task, schema = _model("deepfm", tiny_ctr)
-    out = str(tmp_path / "pkg")
+    out = str(tmp_path_factory.mktemp("deepfm") / "pkg")
     _package(model, task, schema, "deepfm", out)
+    return out
+
+
+def test_package_loads_without_shardrec_and_refuses_corruption(deepfm_package: str,
+                                                              tiny_ctr: str,
+                                                              tmp_path: Path) -> None:
+    import shutil
+
+    out = str(tmp_path / "pkg")
+    shutil.copytree(deepfm_package, out)
     pkg = load_package(out)
     tab = pq.read_table(split_files(tiny_ctr, _split(tiny_ctr))[0]).slice(0, 100)
     from trainer.package import table_inputs
@@ -283,3 +294,88 @@ def test_rowwise_quantised_tables(quant: str, levels: int) -> None:
     assert bool((err <= step[:, None] / 2 + 1e-6).all())
     ids = torch.tensor([3, 3, 49, 0])
     assert torch.equal(t(ids), t.dequantised()[ids])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_server_scores_like_predict_rejects_bad_requests_and_stops_on_sigterm(
+        deepfm_package: str, tiny_ctr: str, tmp_path: Path) -> None:
+    """A real server process on 127.0.0.1 and a real HTTP client: 32 concurrent requests
+    (micro-batched) return predict's scores; malformed requests get 400s naming the field;
+    SIGTERM stops it cleanly (exit 0)."""
+    import asyncio
+    import signal
+    import time
+
+    import aiohttp
+
+    tab = pq.read_table(split_files(tiny_ctr, _split(tiny_ctr))[0]).slice(0, 64)
+    rows_file = str(tmp_path / "rows.parquet")
+    pq.write_table(tab, rows_file)
+    preds = str(tmp_path / "preds.parquet")
+    assert predict_main(["--package", deepfm_package, "--input", rows_file, "--out", preds]) == 0
+    want = pq.read_table(preds).column("score").to_numpy()
+    schema = Schema.load(tiny_ctr)
+    cols = [f.name for f in schema.dense_features + schema.sparse_features]
+    rows = [{c: tab.column(c)[i].as_py() for c in cols} for i in range(tab.num_rows)]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", "--package", deepfm_package,
+                             "--port", str(port), "--max-wait-ms", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    async def client() -> Tuple[List[Any], List[Tuple[int, Any]], Dict[str, Any]]:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            deadline = time.time() + 90
+            while True:
+                try:
+                    async with session.get(url + "/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, "server did not start"
+                await asyncio.sleep(0.2)
+
+            async def post(path: str, payload: Any) -> Tuple[int, Any]:
+                async with session.post(url + path, json=payload) as r:
+                    return r.status, await r.json()
+
+            # Two rows per request, 32 requests at once.
+            ok = await asyncio.gather(*[post("/score", {"rows": rows[2 * i:2 * i + 2]})
+                                        for i in range(32)])
+            bad_row = dict(rows[0])
+            bad_row[cols[-1]] = "seven"
+            missing = {c: v for c, v in rows[0].items() if c != cols[0]}
+            bad = [await post("/score", {"rows": [rows[0], bad_row]}),
+                   await post("/score", {"rows": [missing]}),
+                   await post("/score", {"rowz": []}),
+                   await post("/topk", {"rows": [rows[0]]})]
+            async with session.get(url + "/health") as r:
+                health = await r.json()
+            return list(ok), bad, health
+
+    try:
+        ok, bad, health = asyncio.run(client())
+        got = np.array([s["score"] for status, body in ok for s in body["scores"]])
+        assert all(status == 200 for status, _ in ok)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        assert health["batches"] < 32  # concurrent requests shared program calls
+        assert [b[0] for b in bad] == [400, 400, 400, 400]
+        assert bad[0][1]["field"] == f"rows[1].{cols[-1]}"
+        assert bad[1][1]["field"] == f"rows[0].{cols[0]}"
+        assert bad[2][1]["field"] == "rows"
+        assert bad[3][1]["field"] == "path"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
