@@ -77,7 +77,8 @@ def split_files(dataset_dir: str, split: str) -> List[str]:
     if not files:
         raise DataError(
             f"no parquet files in {os.path.join(dataset_dir, split)}; a dataset directory "
-            f"holds <split>/*.parquet (splits: train, eval) beside schema.json"
+            f"holds <split>/*.parquet (splits: train, valid, test; older datasets: train, "
+            f"eval) beside schema.json"
         )
     return files
 
@@ -622,9 +623,9 @@ class ParquetReader:
         if len(self) == 0:
             rows = [sum(g.num_rows for g in gs) for gs in self._assignment()]
             raise DataError(
-                f"{os.path.join(dataset_dir, split)}: no full batch of {batch_size} rows on "
-                f"every rank (rows per rank: {rows}); lower the batch size, write smaller row "
-                f"groups (--row-group-rows) so ranks get even shares, or use remainder='pad'")
+                f"{os.path.join(dataset_dir, split)}: batch size {batch_size} is larger than "
+                f"a rank's rows (rows per rank: {rows}); the largest batch size that fits is "
+                f"{min(rows)} (e.g. --data.batch_size={min(rows)}), or use fewer ranks")
 
     @property
     def num_rows(self) -> int:

@@ -50,10 +50,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from data.reader import DataError
     from trainer.trainer import train
 
     try:
         train(cfg)
+    except (DataError, ConfigError) as e:
+        # The user's data or settings (e.g. a batch larger than a rank's rows): one line
+        # naming the fix, no traceback.
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
     except Exception as e:  # noqa: BLE001 — any failure must become an exit code + one line
         report_failure(rank, e)
         return 1

@@ -56,11 +56,15 @@ class DataConfig:
     """Dataset directory and reader options."""
 
     path: str = _f("datasets/synthetic_ctr_demo",
-                   "dataset directory (schema.json, meta.json, train/ and eval/ parquet)")
+                   "dataset directory (schema.json, meta.json, train/ valid/ test/ parquet; "
+                   "older datasets: train/ eval/)")
     schema: str = _f("", "schema JSON file to use instead of PATH/schema.json (lets "
                          "`python -m sharding.plan` plan a model whose data is elsewhere)")
     train_split: str = _f("train", "subdirectory with the training parquet files")
-    eval_split: str = _f("eval", "subdirectory with the evaluation parquet files")
+    eval_split: str = _f("", "subdirectory of the final evaluation (empty: test/, or eval/ "
+                             "in older datasets)")
+    valid_split: str = _f("", "subdirectory of the periodic evaluations and early stopping "
+                              "(empty: valid/ if the dataset has one, else the eval_split)")
     batch_size: int = _f(4096, "training examples per rank per step")
     eval_batch_size: int = _f(0, "evaluation examples per rank per step (0: batch_size)")
     shuffle: bool = _f(True, "shuffle row-group order and rows within row groups each epoch")
@@ -100,6 +104,12 @@ class TrainingConfig:
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
     eval_batches: int = _f(0, "evaluation batches per rank (0: the whole eval split)")
     log_every: int = _f(50, "rank-0 log line every N steps")
+    early_stop_metric: str = _f("", "metric of the valid split that selects the best "
+                                    "checkpoint and stops training (e.g. auc, ne, logloss, "
+                                    "ndcg@10, hr@10; empty: off); evaluates every epoch when "
+                                    "eval_every = 0")
+    early_stop_patience: int = _f(3, "stop after this many evaluations without improving "
+                                     "early_stop_metric (0: never stop, only keep the best)")
     seed: int = _f(0, "seed of model init and data shuffling")
     run_dir: str = _f("runs/default", "where the resolved config, logs and metrics go")
     fail_at: str = _f("", "fault injection for recovery drills: 'step:N' SIGKILLs rank "
@@ -183,6 +193,9 @@ class CheckpointConfig:
     every_steps: int = _f(0, "save every N steps (0: off)")
     every_minutes: float = _f(0.0, "save every M minutes of training (0: off)")
     keep_last: int = _f(3, "complete checkpoints kept; older ones are deleted")
+    keep_best: bool = _f(True, "with training.early_stop_metric: keep the best-on-valid "
+                               "checkpoint in <dir>/best (outside the rotation); the final "
+                               "test evaluation and trainer.export use it")
     save_at_end: bool = _f(True, "save when training finishes")
     resume: bool = _f(True, "resume from the newest complete checkpoint in dir, if any")
     resume_from: str = _f("", "resume from this step_* directory instead")
@@ -409,6 +422,8 @@ def validate(cfg: Config) -> List[str]:
         errors.append(f"training.fail_at: {cfg.training.fail_at!r} is not 'step:N' or 'save:N'")
     if cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.keep_last must be >= 1")
+    if cfg.training.early_stop_patience < 0:
+        errors.append("training.early_stop_patience must be >= 0")
     if cfg.training.log_every <= 0:
         errors.append("training.log_every must be > 0")
     for pattern, scale in cfg.training.dense_lr_scale.items():

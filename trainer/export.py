@@ -197,7 +197,10 @@ def _params(items: Sequence[str]) -> Dict[str, int]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a complete step_* checkpoint directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a complete step_* checkpoint directory, or a run directory / "
+                        "checkpoint directory: then its best-on-valid checkpoint "
+                        "(checkpoint.keep_best) if it has one, else its newest")
     p.add_argument("--out", required=True, help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     p.add_argument("--format", choices=("package", "weights"), default="package",
@@ -215,11 +218,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="rows of the evaluation split scored by the --quant AUC check")
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from trainer.selection import resolve_checkpoint
+
     try:
+        checkpoint = resolve_checkpoint(ns.checkpoint)
         if ns.format == "weights":
-            info = export_checkpoint(ns.checkpoint, ns.out, ns.overwrite)
+            info = export_checkpoint(checkpoint, ns.out, ns.overwrite)
         else:
-            info = export_package(ns.checkpoint, ns.out, ns.quant, ns.compile, ns.index,
+            info = export_package(checkpoint, ns.out, ns.quant, ns.compile, ns.index,
                                   _params(ns.index_param), ns.overwrite, ns.eval_rows)
     except (FileExistsError, FileNotFoundError, ConfigError, RuntimeError, ValueError,
             KeyError) as e:

@@ -39,20 +39,21 @@ class CTRMetrics:
         self.device = device
         self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # logloss sum, count
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add a batch; ``mask`` (bool ``[B]``) marks the real rows — padding rows get
+        weight 0, which leaves AUC, NE and log-loss exactly as if they were absent."""
         logits = logits.detach().float()
         labels = labels.detach().float()
         preds = torch.sigmoid(logits)
-        weights = torch.ones_like(preds)
+        weights = torch.ones_like(preds) if mask is None else mask.to(preds.dtype)
         args = dict(predictions={self.task: preds}, labels={self.task: labels},
                     weights={self.task: weights})
         self.auc.update(**args)  # type: ignore[arg-type]
         self.ne.update(**args)  # type: ignore[arg-type]
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
-                                                                   reduction="sum")
-        self._sums += torch.stack([bce.double(), torch.tensor(float(labels.numel()),
-                                                              dtype=torch.float64,
-                                                              device=self.device)])
+                                                                   reduction="none")
+        self._sums += torch.stack([(bce * weights).sum().double(), weights.sum().double()])
 
     def compute(self) -> Dict[str, float]:
         """``auc``, ``ne``, ``logloss`` and ``examples`` over the window, all ranks."""

@@ -64,7 +64,9 @@ class MultiTaskMetrics:
         # Per prediction: weighted log-loss sum and weight sum (binary predictions only).
         self._sums = torch.zeros(len(predictions), 2, dtype=torch.float64, device=device)
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add a batch; ``mask`` (bool ``[B]``) marks the real rows (padding weighs 0)."""
         logits = logits.detach().float()
         labels = labels.detach().float().reshape(logits.shape[0], -1)
         preds: Dict[str, Dict[str, torch.Tensor]] = {"binary": {}, "regression": {}}
@@ -73,6 +75,8 @@ class MultiTaskMetrics:
         for k, p in enumerate(self.predictions):
             y = labels[:, p.eval_label]
             w = labels[:, p.eval_given] if p.eval_given >= 0 else torch.ones_like(y)
+            if mask is not None:
+                w = w * mask.to(w.dtype)
             x = logits[:, k]
             preds[p.kind][p.name] = torch.sigmoid(x) if p.kind == "binary" else x
             targets[p.kind][p.name] = y
@@ -157,5 +161,6 @@ class MultiTaskKind(LogitsLabelsTask):
             if p.kind == "binary":
                 out[f"logloss_{p.name}"] = metrics.get(f"logloss_{p.name}")
                 out[f"ne_{p.name}"] = metrics.get(f"ne_{p.name}")
+        out["eval_rows"] = metrics.get("eval_rows")
         return out
 

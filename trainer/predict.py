@@ -5,8 +5,8 @@ trainer.predict --package DIR --input rows.csv|.tsv|.parquet --out preds.parquet
 [--top-k K --search exact|ann] [--passthrough COL ...] [--chunk-rows N]`` scores raw rows
 through the stored preprocessing in bounded memory (see :mod:`trainer.batch_score`).
 
-Weights exports (``--format weights``): ``python -m trainer.predict --model EXPORT_DIR --data DATASET_DIR [--split eval]
-[--out scores.parquet] [--batch-size 4096]``
+Weights exports (``--format weights``): ``python -m trainer.predict --model EXPORT_DIR
+--data DATASET_DIR [--split test] [--out scores.parquet] [--batch-size 4096]``
 
 Every row of the split is scored exactly once. CTR models (task kind ``ctr``): columns
 ``sample_id``, ``score`` = sigmoid(logit) and ``label`` when the dataset has one; with labels
@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from data.reader import ParquetReader
-from data.schema import Schema
+from data.reader import ParquetReader, split_files
+from data.schema import Schema, load_meta
 from data.synth import log_loss, roc_auc
 from models import get_model_spec
 from models.blocks import CTRTask
@@ -87,12 +87,20 @@ def score(model: nn.Module, schema: Schema, data: str, split: str = "eval",
         schema: the schema it was trained on.
     """
     multitask = isinstance(model, MultiTaskLoss)
+    # Rows converted for scoring only (``data.convert csv --no-label``) have no label column.
+    labelled = bool(schema.labels) and bool(Schema.load(data).labels)
+    if not labelled:
+        schema = schema.project([f.name for f in schema.features])
     # remainder="pad" wraps the last batch around to the first rows; the duplicates are
     # dropped below so every row is scored exactly once.
     reader = ParquetReader(data, split, batch_size, prefetch=2, schema=schema, remainder="pad")
     ids, scores, labels = [], [], []
     for batch in reader:
-        if multitask:
+        if not multitask and not labelled:
+            logits = model.model(batch)
+            scores.append(torch.sigmoid(logits).numpy())
+            y = torch.zeros(logits.shape[0])
+        elif multitask:
             # The head alone (scoring needs no loss): logits [B, P] → per column sigmoid
             # (binary) or the value (regression).
             logits = model.model(batch)
@@ -108,9 +116,10 @@ def score(model: nn.Module, schema: Schema, data: str, split: str = "eval",
     _, first = np.unique(all_ids, return_index=True)
     score_rows, label_rows = np.concatenate(scores)[first], np.concatenate(labels)[first]
     out = {"sample_id": all_ids[first]}
+    out.update(passthrough_columns(data, split, out["sample_id"]))
     if not multitask:
         out["score"] = score_rows
-        if schema.labels:
+        if labelled:
             out["label"] = label_rows
         return out
     for k, p in enumerate(model.predictions):
@@ -118,6 +127,19 @@ def score(model: nn.Module, schema: Schema, data: str, split: str = "eval",
     for j, lab in enumerate(schema.labels):
         out[f"label_{lab.name}"] = label_rows[:, j]
     return out
+
+
+def passthrough_columns(data: str, split: str, sample_ids: np.ndarray
+                        ) -> Dict[str, np.ndarray]:
+    """The dataset's passthrough columns (``meta.json["preprocess"]["passthrough"]``, e.g.
+    request ids) of the rows ``sample_ids`` — the row numbers of the split's files read in
+    order, as the reader numbers them."""
+    names = load_meta(data).get("preprocess", {}).get("passthrough", [])
+    if not names:
+        return {}
+    table = pa.concat_tables([pq.read_table(f, columns=names)
+                              for f in split_files(data, split)])
+    return {n: table.column(n).to_numpy(zero_copy_only=False)[sample_ids] for n in names}
 
 
 def evaluate(scores: Dict[str, np.ndarray], predictions: Optional[List[Prediction]],
@@ -164,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="top-K by blocked exact matmul or through the package's FAISS index")
     p.add_argument("--index-param", action="append", default=[], metavar="NAME=INT",
                    help="query-time index parameter: nprobe (ivf_flat), efSearch (hnsw)")
-    p.add_argument("--split", default="eval", help="subdirectory of parquet files (default eval)")
+    p.add_argument("--split", default="test",
+                   help="subdirectory of parquet files (default test; eval in older datasets)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--out", default=None,
                    help="write the score and label columns (and sample_id) as parquet")
@@ -178,7 +201,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = score(model, schema, ns.data, ns.split, ns.batch_size)
+    split = ns.split
+    if split == "test" and not os.path.isdir(os.path.join(ns.data, "test")) and \
+            os.path.isdir(os.path.join(ns.data, "eval")):
+        split = "eval"  # an older train/eval dataset
+    res = score(model, schema, ns.data, split, ns.batch_size)
     if ns.out:
         tmp = f"{ns.out}.tmp-{os.getpid()}"
         pq.write_table(pa.table(res), tmp)

@@ -340,13 +340,16 @@ class _RankingRun:
         self.generator = torch.Generator().manual_seed(seed)
         self.metrics = RankingMetrics()
 
-    def update(self, output: Tuple[Any, ...]) -> None:
+    def update(self, output: Tuple[Any, ...], mask: Optional[torch.Tensor] = None) -> None:
         _, query, targets, hist_ids, hist_lengths, _, _ = output
+        if mask is None:
+            mask = torch.ones(targets.shape[0], dtype=torch.bool, device=targets.device)
         # Collectives run on the batch's device (gloo on CPU, nccl on CUDA).
         query = _all_gather(query.float())
         targets = _all_gather(targets.long())
+        real = _all_gather(mask.to(targets.device, torch.int64)) > 0  # padding rows: False
         hist_ids, hist_lengths = _all_gather_jagged(hist_ids.long(), hist_lengths.long())
-        valid = hist_lengths > 0  # a query needs a history
+        valid = (hist_lengths > 0) & real  # a query needs a history
         ranks, t_score = full_ranks(query, targets, hist_ids, hist_lengths, self.shards,
                                     _all_reduce)
         self.metrics.add(ranks[valid])
@@ -417,8 +420,8 @@ class SequentialTaskKind(Task):
         shards = local_item_shards(dmp, self.item_table)
         running = _RankingRun(shards, self.num_items, self.args.eval_sampled_negatives,
                               self.cfg.training.seed)
-        run_eval(pipeline, dmp, reader, n, running)
-        return running.compute()
+        rows = run_eval(pipeline, dmp, reader, n, running)
+        return {**running.compute(), "eval_rows": float(rows)}
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         if "hr@10" in metrics:

@@ -21,6 +21,7 @@ import itertools
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -36,7 +37,9 @@ from trainer.metrics import CTRMetrics
 class RunningMetrics(Protocol):
     """Metrics fed one pipeline ``output`` per step; ``compute()`` is a collective."""
 
-    def update(self, output: Tuple[Any, ...]) -> None: ...
+    def update(self, output: Tuple[Any, ...], mask: Optional[torch.Tensor] = None) -> None:
+        """``mask`` (bool ``[B]``, evaluation only): the batch's real rows; the rest pad the
+        last batches (``remainder="pad"``) and must not count."""
 
     def compute(self) -> Dict[str, float]: ...
 
@@ -93,9 +96,9 @@ class LogitsLabelsMetrics:
     def __init__(self, metrics: Any) -> None:
         self.metrics = metrics
 
-    def update(self, output: Tuple[Any, ...]) -> None:
+    def update(self, output: Tuple[Any, ...], mask: Optional[torch.Tensor] = None) -> None:
         _, logits, labels = output
-        self.metrics.update(logits, labels)
+        self.metrics.update(logits, labels, mask)
 
     def compute(self) -> Dict[str, float]:
         return self.metrics.compute()
@@ -121,8 +124,8 @@ class LogitsLabelsTask(Task):
         n = eval_batches(reader, max_batches)
         running = LogitsLabelsMetrics(self.metrics(ctx, reader.batch_size,
                                                    n * reader.batch_size * ctx.world_size))
-        run_eval(pipeline, dmp, reader, n, running)
-        return running.compute()
+        rows = run_eval(pipeline, dmp, reader, n, running)
+        return {**running.compute(), "eval_rows": float(rows)}
 
 
 class CTRTaskKind(LogitsLabelsTask):
@@ -148,6 +151,7 @@ class CTRTaskKind(LogitsLabelsTask):
             "oracle_auc": float(oracle) if oracle is not None else None,
             "logloss": metrics.get("logloss"),
             "ne": metrics.get("ne"),
+            "eval_rows": metrics.get("eval_rows"),
         }
 
 
@@ -157,12 +161,21 @@ def eval_batches(reader: ParquetReader, max_batches: int) -> int:
 
 
 def run_eval(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetReader,
-             n: int, metrics: RunningMetrics) -> None:
+             n: int, metrics: RunningMetrics) -> int:
     """Feed the first ``n`` batches of ``reader`` through the pipeline in eval mode into
-    ``metrics``. Every rank reads the same ``n`` (the reader splits rows evenly), so the
-    pipeline's collectives stay matched."""
+    ``metrics``; returns the rows evaluated (all ranks), each counted once.
+
+    Every rank reads the same ``n`` batches (a ``remainder="pad"`` reader yields
+    ``max_r ⌈rows_r / B⌉``), so the pipeline's collectives stay matched. Rank ``r``'s
+    batch ``k`` holds its rows ``k·B ..``; positions past ``rows_r`` are wrap-around padding,
+    and ``metrics`` gets the mask of the real ones."""
     dmp.eval()
     it = itertools.islice(iter(reader), n)
+    b = reader.batch_size
+    rank_rows = int(reader.plan().window_starts[-1])
+    if reader.remainder == "drop":
+        rank_rows = min(rank_rows, len(reader) * b)  # drop mode never yields the tail
+    k, counted = 0, 0
     try:
         with torch.no_grad():
             while True:
@@ -170,9 +183,27 @@ def run_eval(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetR
                     output = pipeline.progress(it)
                 except StopIteration:
                     break
-                metrics.update(output)
+                real = max(0, min(b, rank_rows - k * b))
+                mask = torch.arange(b, device=output[0].device) < real
+                metrics.update(output, mask)
+                counted += real
+                k += 1
     finally:
         dmp.train()
+    total = torch.tensor([counted], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # gloo reduces CPU tensors; on nccl the count rides on the model's device.
+        total = total.to(output_device(dmp))
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def output_device(dmp: nn.Module) -> torch.device:
+    """The device a collective of this run must use (the dense parameters' device)."""
+    for p in dmp.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 # kind → "module:Class"; imported on use, so a CTR run does not load the ranking code.

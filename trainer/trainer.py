@@ -43,6 +43,8 @@ from sharding.parallel import shard_model_from_config
 from trainer.checkpoint import Checkpointer, find_latest, model_changes, set_rng_state
 from trainer.config import Config, ConfigError, save_config
 from trainer.metrics import MetricsFile, format_final
+from trainer.selection import (EarlyStopping, best_root, drop_stale_best, find_best,
+                               resolve_splits)
 from trainer.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -137,8 +139,11 @@ def dense_param_groups(params: Mapping[str, torch.Tensor], lr: float,
 
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
-                  ) -> Tuple[ParquetReader, ParquetReader]:
-    """This rank's train and eval readers, each with the task kind's data-path step."""
+                  ) -> Tuple[ParquetReader, ParquetReader, ParquetReader]:
+    """This rank's train, valid and test readers, each with the task kind's data-path step
+    (valid is the test reader when the dataset has no valid split, see
+    :mod:`trainer.selection`). Evaluation readers pad the last batches so that every row
+    counts exactly once (the padding is masked out of the metrics)."""
     d = cfg.data
     common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=d.prefetch, schema=schema,
                   validate=d.validate)
@@ -149,10 +154,21 @@ def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
                           shuffle_buffer_rows=d.shuffle_buffer_rows,
                           transform=task.batch_transform("train"),
                           **common)  # type: ignore[arg-type]
-    evaluation = ParquetReader(d.path, d.eval_split, d.eval_batch_size or d.batch_size,
-                               shuffle=False, transform=task.batch_transform("eval"),
-                               **common)  # type: ignore[arg-type]
-    return train, evaluation
+    valid_split, test_split = resolve_splits(d.path, d.valid_split, d.eval_split)
+
+    def evaluation(split: str) -> ParquetReader:
+        return ParquetReader(d.path, split, d.eval_batch_size or d.batch_size, shuffle=False,
+                             remainder="pad", transform=task.batch_transform("eval"),
+                             **common)  # type: ignore[arg-type]
+
+    test = evaluation(test_split)
+    if valid_split is None:
+        if ctx.is_main:
+            logger.info("%s has no valid split (an older train/eval dataset): periodic "
+                        "evaluations use %s/, no early stopping or best-checkpoint selection",
+                        d.path, test_split)
+        return train, test, test
+    return train, evaluation(valid_split), test
 
 
 class BatchStream:
@@ -251,12 +267,14 @@ def train(cfg: Config) -> Dict[str, Any]:
         schema = load_schema(cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         task = model_task(cfg, schema)
-        train_reader, eval_reader = build_readers(cfg, ctx, schema, task)
+        train_reader, valid_reader, test_reader = build_readers(cfg, ctx, schema, task)
         dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
                                             build_model(cfg, schema, ctx.device.type))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
                                     ctx.rank, ctx.world_size, cfg.checkpoint.keep_last)
-        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader)
+        stopper = build_early_stopping(cfg, ctx, valid_reader is not test_reader,
+                                       len(train_reader))
+        start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader, stopper)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
         metrics_file = MetricsFile(t.run_dir, ctx.is_main)
@@ -266,12 +284,15 @@ def train(cfg: Config) -> Dict[str, Any]:
                         cfg.data.batch_size, ctx.world_size, len(train_reader),
                         f", resuming at step {start_step}" if start_step else "")
         state = run_training(cfg, ctx, task, pipeline, dmp, optimizer, train_reader,
-                             eval_reader, steps, metrics_file, checkpointer, start_step)
-        final_eval = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
+                             valid_reader, steps, metrics_file, checkpointer, start_step,
+                             stopper)
+        selected = load_best(cfg, ctx, checkpointer, dmp, optimizer, stopper)
+        final_eval = task.evaluate(pipeline, dmp, test_reader, ctx, t.eval_batches)
         final = {
             **task.final(final_eval, meta),
             "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 1),
             "steps": state.step,
+            **selected,
         }
         metrics_file.write({"split": "final", **final})
         if ctx.is_main:
@@ -282,11 +303,52 @@ def train(cfg: Config) -> Dict[str, Any]:
             destroy_distributed()
 
 
+def build_early_stopping(cfg: Config, ctx: DistContext, has_valid: bool,
+                         batches_per_epoch: int) -> Optional[EarlyStopping]:
+    """The valid-split tracker of ``training.early_stop_metric`` (None when off, or when the
+    dataset has no valid split). Evaluates once per epoch when ``eval_every`` is 0."""
+    t = cfg.training
+    if not t.early_stop_metric:
+        return None
+    if not has_valid:
+        if ctx.is_main:
+            logger.warning("training.early_stop_metric=%s ignored: %s has no valid split "
+                           "(reconvert it to get train/valid/test)", t.early_stop_metric,
+                           cfg.data.path)
+        return None
+    if t.eval_every <= 0:
+        t.eval_every = max(1, batches_per_epoch)
+        if ctx.is_main:
+            logger.info("early stopping on %s: evaluating the valid split every epoch (%d "
+                        "steps; set training.eval_every to change)", t.early_stop_metric,
+                        t.eval_every)
+    return EarlyStopping(t.early_stop_metric, t.early_stop_patience)
+
+
+def load_best(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
+              dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+              stopper: Optional[EarlyStopping]) -> Dict[str, Any]:
+    """Load the best-on-valid checkpoint for the final evaluation (with keep_best); returns
+    what the final line says about the selection."""
+    if stopper is None or stopper.best is None:
+        return {}
+    out: Dict[str, Any] = {"best_step": stopper.best_step,
+                           f"valid_{stopper.metric}": stopper.best}
+    best = find_best(checkpointer.root) if cfg.checkpoint.keep_best else None
+    if best is not None:
+        checkpointer.load(best, dmp, optimizer, dmp.plan, reset_optimizer=True)
+        if ctx.is_main:
+            logger.info("final evaluation with the best-on-valid checkpoint %s (%s %.6g)",
+                        best, stopper.metric, stopper.best)
+    return out
+
+
 def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
            dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
-           train_reader: ParquetReader) -> int:
+           train_reader: ParquetReader, stopper: Optional[EarlyStopping] = None) -> int:
     """Load ``checkpoint.resume_from`` or the newest complete checkpoint; returns its step
-    (0 when starting fresh). Restores weights, optimizer state, RNG and reader position."""
+    (0 when starting fresh). Restores weights, optimizer state, RNG, reader position and the
+    early-stopping tracker."""
     c = cfg.checkpoint
     path = c.resume_from or (find_latest(checkpointer.root) if c.resume else None)
     if not path:
@@ -305,6 +367,10 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     else:
         set_rng_state(extra["rng"])
         train_reader.load_state_dict(extra["reader"])
+    if stopper is not None and "early_stop" in extra:
+        stopper.load_state_dict(extra["early_stop"])
+        if ctx.is_main:
+            drop_stale_best(checkpointer.root, stopper.best_step)
     if ctx.is_main:
         logger.info("resumed from %s (step %d)", path, step)
     return step
@@ -331,9 +397,10 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
                  dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                  train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
                  metrics_file: MetricsFile, checkpointer: Checkpointer,
-                 start_step: int = 0) -> TrainState:
+                 start_step: int = 0, stopper: Optional[EarlyStopping] = None) -> TrainState:
     """Train from ``start_step`` to ``steps`` in segments that end at each periodic
-    evaluation and checkpoint (see :class:`BatchStream`)."""
+    evaluation and checkpoint (see :class:`BatchStream`); stops early when ``stopper``
+    runs out of patience."""
     t, c = cfg.training, cfg.checkpoint
     state = TrainState(step=start_step)
     window = cfg.metrics.window_batches * cfg.data.batch_size * ctx.world_size
@@ -350,8 +417,11 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
 
     def save() -> None:
         nonlocal last_save
+        extra: Dict[str, Any] = {"reader": stream.reader_state()}
+        if stopper is not None:
+            extra["early_stop"] = stopper.state_dict()
         path = checkpointer.save(
-            state.step, dmp, optimizer, {"reader": stream.reader_state()}, cfg, dmp.plan,
+            state.step, dmp, optimizer, extra, cfg, dmp.plan,
             before_commit=lambda: _fault_injection(cfg, ctx, "save", state.step, resumed))
         last_save = time.monotonic()
         if ctx.is_main:
@@ -398,15 +468,42 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
         state.train_seconds += time.perf_counter() - seg_start
         state.examples += seg_examples
         done = state.step >= steps
+        # Evaluate before saving, so a checkpoint holds the tracker state after this step's
+        # evaluation (a resumed run does not repeat it).
+        periodic = t.eval_every > 0 and state.step % t.eval_every == 0
+        # With model selection the last model is a candidate too: evaluate it on valid.
+        if (periodic and not done) or (done and stopper is not None):
+            m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
+            split = eval_reader.split
+            if ctx.is_main:
+                logger.info("%s step %d %s", split, state.step, task.summary(m))
+            metrics_file.write({"split": split, "step": state.step, **m})
+            if stopper is not None:
+                improved, stop = stopper.update(state.step, m)
+                if improved and c.keep_best:
+                    best = checkpointer_best(checkpointer).save(state.step, dmp, optimizer,
+                                                                {}, cfg, dmp.plan)
+                    if ctx.is_main:
+                        logger.info("best %s %.6g at step %d: %s", stopper.metric,
+                                    stopper.best, state.step, best)
+                if stop:
+                    if ctx.is_main:
+                        logger.info("early stop at step %d: %s has not improved for %d "
+                                    "evaluations (best %.6g at step %d)", state.step,
+                                    stopper.metric, stopper.bad, stopper.best,
+                                    stopper.best_step)
+                    done = True
+                    steps = state.step
         if timed_save or (c.every_steps > 0 and state.step % c.every_steps == 0) or (
                 done and c.save_at_end):
             save()
-        if not done and t.eval_every > 0 and state.step % t.eval_every == 0:
-            m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
-            if ctx.is_main:
-                logger.info("eval step %d %s", state.step, task.summary(m))
-            metrics_file.write({"split": "eval", "step": state.step, **m})
     return state
+
+
+def checkpointer_best(checkpointer: Checkpointer) -> Checkpointer:
+    """The checkpointer of ``<dir>/best``: one complete checkpoint, outside the rotation."""
+    return Checkpointer(best_root(checkpointer.root), checkpointer.rank,
+                        checkpointer.world_size, keep_last=1)
 
 
 def _log_to_file(path: str) -> None:

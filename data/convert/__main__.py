@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
         p.add_argument("--rows-per-file", type=int, default=1_000_000,
                        help="rows per parquet shard (default 1000000)")
-        p.add_argument("--row-group-rows", type=int, default=65_536,
-                       help="rows per row group, the unit dealt to ranks (default 65536)")
+        p.add_argument("--row-group-rows", type=int, default=None,
+                       help="rows per row group, the unit dealt to ranks (default: from each "
+                            "split's row count, so up to 8 ranks get even shares; at most "
+                            "65536)")
         p.add_argument("--compression", default="lz4",
                        choices=("lz4", "snappy", "zstd", "gzip", "none"),
                        help="parquet compression (default lz4: the fastest to decode)")

@@ -115,19 +115,38 @@ def single_id_column(ids: np.ndarray) -> pa.Array:
     return list_column(np.arange(ids.size + 1, dtype=np.int64), ids)
 
 
+# Automatic row groups: a split is dealt to ranks by row group, so a small split needs at
+# least this many (even shares for 1, 2, 4, 8 ranks; at most one group apart for 3, 5, 6, 7).
+AUTO_RANKS = 8
+AUTO_MAX_GROUP_ROWS = 65_536
+
+
+def auto_row_group_rows(rows: int) -> int:
+    """Row-group size for a split of ``rows`` rows: ``AUTO_RANKS`` groups (or a multiple)
+    of at most ``AUTO_MAX_GROUP_ROWS`` rows each."""
+    groups = AUTO_RANKS * max(1, -(-rows // (AUTO_RANKS * AUTO_MAX_GROUP_ROWS)))
+    return max(1, -(-rows // groups))
+
+
 class ShardWriter:
     """Appends Arrow tables to ``<dir>/part-NNNNN.parquet`` files with row groups of exactly
     ``row_group_rows`` rows (the last one may be shorter) and at most ``rows_per_file`` rows
     per file. Row groups are the unit the reader deals to ranks, so fixed sizes keep ranks
-    balanced whatever chunk sizes the converter produced."""
+    balanced whatever chunk sizes the converter produced.
 
-    def __init__(self, directory: str, rows_per_file: int, row_group_rows: int,
+    ``row_group_rows=None`` chooses the size from the split's row count
+    (:func:`auto_row_group_rows`): rows are held until ``AUTO_RANKS * AUTO_MAX_GROUP_ROWS``
+    have arrived (then groups of ``AUTO_MAX_GROUP_ROWS`` already give every rank a share) or
+    the split ends."""
+
+    def __init__(self, directory: str, rows_per_file: int, row_group_rows: Optional[int],
                  compression: str = "lz4") -> None:
         os.makedirs(directory, exist_ok=True)
         self.compression = compression
         self.directory = directory
-        self.rows_per_file = max(rows_per_file, row_group_rows)
-        self.row_group_rows = row_group_rows
+        self.auto = row_group_rows is None
+        self.row_group_rows = AUTO_MAX_GROUP_ROWS if row_group_rows is None else row_group_rows
+        self.rows_per_file = rows_per_file
         self.files: List[str] = []
         self.rows = 0
         self._writer: Optional[pq.ParquetWriter] = None
@@ -140,12 +159,17 @@ class ShardWriter:
             return
         self._pending.append(table)
         self._pending_rows += table.num_rows
+        if self.auto and self.rows == 0 and \
+                self._pending_rows < AUTO_RANKS * AUTO_MAX_GROUP_ROWS:
+            return
         if self._pending_rows >= self.row_group_rows:
             self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
         if not self._pending:
             return
+        if final and self.auto and self.rows == 0:
+            self.row_group_rows = auto_row_group_rows(self._pending_rows)
         table = pa.concat_tables(self._pending).combine_chunks()
         self._pending, self._pending_rows = [], 0
         start = 0
@@ -158,7 +182,8 @@ class ShardWriter:
             self._pending, self._pending_rows = [rest], rest.num_rows
 
     def _write_group(self, group: pa.Table) -> None:
-        if self._writer is None or self._file_rows + group.num_rows > self.rows_per_file:
+        if self._writer is None or (self._file_rows + group.num_rows
+                                    > max(self.rows_per_file, self.row_group_rows)):
             self._close_file()
             name = f"part-{len(self.files):05d}.parquet"
             self.files.append(name)
@@ -190,11 +215,11 @@ class DatasetWriter:
     """
 
     def __init__(self, out: str, overwrite: bool = False, rows_per_file: int = 1_000_000,
-                 row_group_rows: int = 65_536, compression: str = "lz4") -> None:
+                 row_group_rows: Optional[int] = 65_536, compression: str = "lz4") -> None:
         self.out = os.path.abspath(out)
         if os.path.exists(self.out) and not overwrite:
             raise ConvertError(f"{self.out} already exists; pass --overwrite to replace it")
-        if row_group_rows <= 0 or rows_per_file <= 0:
+        if (row_group_rows is not None and row_group_rows <= 0) or rows_per_file <= 0:
             raise ConvertError("--row-group-rows and --rows-per-file must be > 0")
         self.tmp = f"{self.out}.tmp-{os.getpid()}"
         self.rows_per_file = rows_per_file
@@ -240,7 +265,10 @@ class DatasetWriter:
         meta = dict(meta)
         meta["rows"] = {name: w.rows for name, w in self.splits.items()}
         meta["files"] = {name: [f"{name}/{f}" for f in w.files] for name, w in self.splits.items()}
-        meta["row_group_rows"] = self.row_group_rows
+        sizes = {name: w.row_group_rows for name, w in self.splits.items()}
+        # One number when every split uses the same size (as before); per split otherwise.
+        meta["row_group_rows"] = (self.row_group_rows if self.row_group_rows is not None
+                                  and len(set(sizes.values())) <= 1 else sizes)
         meta["compression"] = self.compression
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         meta["seconds"] = round(time.time() - self.t0, 3)
@@ -318,6 +346,18 @@ def parse_int_list(text: str, count: int, what: str) -> List[int]:
     if len(values) != count:
         raise ConvertError(f"{what}: expected 1 or {count} values, got {len(values)}")
     return values
+
+
+# fbgemm's embedding kernels need table widths that are multiples of 4.
+DIM_MULTIPLE = 4
+DEFAULT_SEQ_EMBEDDING_DIM = 48  # HSTU/SASRec use 50 on ML-1M; the nearest width fbgemm takes
+
+
+def check_embedding_dim(dim: int, what: str = "--embedding-dim") -> None:
+    if dim <= 0 or dim % DIM_MULTIPLE:
+        near = max(DIM_MULTIPLE, -(-dim // DIM_MULTIPLE) * DIM_MULTIPLE)
+        raise ConvertError(f"{what} {dim}: embedding widths must be positive multiples of "
+                           f"{DIM_MULTIPLE} (fbgemm's embedding kernels need it); use {near}")
 
 
 def check_inputs(paths: Iterable[str]) -> List[str]:

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from data.convert.common import (BadLines, ConvertError, DatasetWriter, Progress, list_column,
+from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, check_embedding_dim,
+                                 BadLines, ConvertError, DatasetWriter, Progress, list_column,
                                  single_id_column)
 from data.convert.sequential import renumber, sort_by_user_time, write_sequences
 from data.convert.text import float_column, integer_column, read_delimited, report_bad_rows
@@ -52,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequential: max_len of item_seq in the schema (default 200)")
     p.add_argument("--history-len", type=int, default=50,
                    help="ctr: most recent earlier items kept in hist_items (default 50)")
-    p.add_argument("--embedding-dim", type=int, default=50)
+    p.add_argument("--embedding-dim", type=int, default=DEFAULT_SEQ_EMBEDDING_DIM,
+                   help=f"embedding width of every table, a multiple of 4 (default "
+                        f"{DEFAULT_SEQ_EMBEDDING_DIM})")
     p.add_argument("--min-interactions", type=int, default=2,
                    help="sequential: drop users with fewer interactions (default 2)")
     p.add_argument("--love-label", action="store_true",
@@ -235,7 +238,11 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
     run_start = np.maximum.accumulate(np.where(new_run, pos, 0))
     last_of_user = np.ones(n, dtype=bool)
     last_of_user[:-1] = new_user[1:]
+    # The rating before a user's last one (users with one rating only have a test row).
+    second_last = np.zeros(n, dtype=bool)
+    second_last[:-1] = last_of_user[1:] & ~new_user[1:]
     dim = args.embedding_dim
+    check_embedding_dim(dim)
     feats = [FeatureSpec("user_id", "sparse", table="user", num_embeddings=user_keys.size + 1,
                          embedding_dim=dim),
              FeatureSpec("item_id", "sparse", table="item", num_embeddings=item_keys.size + 1,
@@ -243,7 +250,8 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
     genre_lookup: Optional[Tuple[np.ndarray, ...]] = None
     facts: Dict[str, Any] = {"task": "ctr", "num_items": int(item_keys.size),
                              "num_users": int(user_keys.size), "label": "rating >= 4",
-                             "eval_protocol": "each user's last rating is in eval"}
+                             "eval_protocol": "each user's last rating is in test, the "
+                                              "second-to-last in valid"}
     if movies_path:
         genres = read_movies(movies_path)
         names = sorted({g for gs in genres.values() for g in gs})
@@ -301,7 +309,9 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
         if love:
             cols["love"] = pa.array((r[sl] >= 5).astype(np.float32))
         table = pa.table(cols)
-        is_eval = last_of_user[sl]
-        writer.write("train", table.filter(pa.array(~is_eval)))
-        writer.write("eval", table.filter(pa.array(is_eval)))
+        is_test = last_of_user[sl]
+        is_valid = second_last[sl]
+        writer.write("train", table.filter(pa.array(~is_test & ~is_valid)))
+        writer.write("valid", table.filter(pa.array(is_valid)))
+        writer.write("test", table.filter(pa.array(is_test)))
     return schema, facts

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import pyarrow.compute as pc
 
-from data.convert.common import (BadLines, ConvertError, DatasetWriter, Progress, check_inputs,
+from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, check_embedding_dim,
+                                 BadLines, ConvertError, DatasetWriter, Progress, check_inputs,
                                  hash64)
 from data.convert.sequential import write_sequences
 from data.convert.text import integer_column, read_delimited, report_bad_rows
@@ -26,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestamps", choices=("auto", "yes", "no"), default="auto",
                    help="whether lines have a third timestamp field (auto: from the first line)")
     p.add_argument("--max-len", type=int, default=200, help="max_len of item_seq (default 200)")
-    p.add_argument("--embedding-dim", type=int, default=50)
+    p.add_argument("--embedding-dim", type=int, default=DEFAULT_SEQ_EMBEDDING_DIM,
+                   help=f"embedding width of every table, a multiple of 4 (default "
+                        f"{DEFAULT_SEQ_EMBEDDING_DIM})")
     p.add_argument("--min-interactions", type=int, default=2,
                    help="drop users with fewer interactions (default 2)")
 

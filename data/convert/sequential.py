@@ -11,10 +11,12 @@ Output rows (both splits have the same columns):
   column ``item_ts``);
 * ``action_seq``: the matching action ids (e.g. ratings), when given (sequence, ``action``).
 
-Leave-one-out: the ``train`` row of a user holds every interaction but the last (each
-position predicts the next item); the ``eval`` row holds the whole sequence, whose last item
-is the held-out target (the model sees the items before it). Users with fewer than
-``min_interactions`` interactions are dropped. Ties in time keep their input order.
+Leave-one-out with a validation item: the ``test`` row of a user holds the whole sequence,
+whose last item is the held-out target (the model sees the items before it); the ``valid``
+row stops one item earlier (its target is the second-to-last item); the ``train`` row stops
+before both (each position predicts the next item; users with fewer than 3 interactions have
+no train row). Users with fewer than ``min_interactions`` interactions are dropped. Ties in
+time keep their input order.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 
-from data.convert.common import ConvertError, DatasetWriter, list_column, single_id_column
+from data.convert.common import (ConvertError, DatasetWriter, check_embedding_dim, list_column,
+                                 single_id_column)
 from data.schema import FeatureSpec, Schema
 
 
@@ -59,6 +62,7 @@ def write_sequences(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, t
                     min_interactions: int = 2, users_per_chunk: int = 65_536
                     ) -> Tuple[Schema, Dict[str, Any]]:
     """Write train/eval user rows to ``writer``; returns the schema and meta facts."""
+    check_embedding_dim(embedding_dim)
     if user.size == 0:
         raise ConvertError("no interactions in the inputs")
     if min_interactions < 2:
@@ -77,11 +81,16 @@ def write_sequences(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, t
     for c0 in range(0, kept_users.size, users_per_chunk):
         chunk = kept_users[c0:c0 + users_per_chunk]
         s, n = starts[chunk], counts[chunk]
-        for split, lengths in (("train", n - 1), ("eval", n)):
+        for split, lengths in (("train", n - 2), ("valid", n - 1), ("test", n)):
+            # A train row of one item predicts nothing: such users only evaluate.
+            keep = lengths >= (2 if split == "train" else 1)
+            if not keep.any():
+                continue
+            chunk_s, s_k, lengths = chunk[keep], s[keep], lengths[keep]
             offsets = np.concatenate(([0], np.cumsum(lengths)))
-            idx = np.repeat(s - offsets[:-1], lengths) + np.arange(offsets[-1])
+            idx = np.repeat(s_k - offsets[:-1], lengths) + np.arange(offsets[-1])
             cols: Dict[str, pa.Array] = {
-                "user_id": single_id_column(chunk.astype(np.int64) + 1),
+                "user_id": single_id_column(chunk_s.astype(np.int64) + 1),
                 "item_seq": list_column(offsets, it[idx]),
                 "item_ts": list_column(offsets, t[idx]),
             }
@@ -96,7 +105,8 @@ def write_sequences(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, t
         "num_users": int(user_keys.size),
         "users_kept": int(kept_users.size),
         "interactions": int(user.size),
-        "eval_protocol": "leave-one-out: the eval row of a user is its full sequence and its "
-                         "last item is the target; the train row stops before that item",
+        "eval_protocol": "leave-one-out: the test row of a user is its full sequence and its "
+                         "last item is the target; the valid row's target is the "
+                         "second-to-last item; the train row stops before both",
     }
     return schema, facts

@@ -204,7 +204,7 @@ def test_movielens_sequential_leave_one_out(tmp_path, fmt: str) -> None:
     out = str(tmp_path / "ds")
     run("movielens", _ml_files(tmp_path, fmt), "--out", out, "--task", "sequential",
         "--max-len", "8")
-    train, ev = read(out, "train"), read(out, "eval")
+    train, valid, ev = read(out, "train"), read(out, "valid"), read(out, "test")
     # items renumbered by raw id: 10→1, 20→2, 30→3, 40→4; user 3 (1 rating) is dropped.
     assert ev["user_id"] == [[1], [2]]
     assert ev["item_seq"] == [[2, 1, 3, 4], [1, 4]]
@@ -212,8 +212,12 @@ def test_movielens_sequential_leave_one_out(tmp_path, fmt: str) -> None:
     scale = 2 if fmt == "20m" else 1
     assert ev["action_seq"] == [[4 * scale, 5 * scale, 2 * scale, 1 * scale],
                                 [3 * scale, 4 * scale]]
-    assert train["item_seq"] == [[2, 1, 3], [1]]
-    assert train["item_ts"] == [[10, 20, 20], [5]]
+    # Leave-one-out: valid stops one item before test, train one before valid (user 2's
+    # train row would hold one item, which predicts nothing: no train row).
+    assert valid["item_seq"] == [[2, 1, 3], [1]]
+    assert valid["item_ts"] == [[10, 20, 20], [5]]
+    assert train["user_id"] == [[1]] and train["item_seq"] == [[2, 1]]
+    assert train["item_ts"] == [[10, 20]]
     schema = Schema.load(out)
     seq = schema.feature("item_seq")
     assert (seq.num_embeddings, seq.max_len, seq.timestamps) == (5, 8, "item_ts")
@@ -232,19 +236,21 @@ def test_movielens_ctr_history_strictly_before_and_side_features(tmp_path) -> No
     out = str(tmp_path / "ds")
     run("movielens", ratings, os.path.join(d, "movies.dat"), os.path.join(d, "users.dat"),
         "--out", out, "--task", "ctr", "--history-len", "2")
-    train, ev = read(out, "train"), read(out, "eval")
-    # Sorted by user then time; each user's last rating is in eval.
-    assert train["item_id"] == [[2], [1], [3], [1]]
-    assert train["label"] == [1.0, 1.0, 0.0, 0.0]
+    train, valid, ev = read(out, "train"), read(out, "valid"), read(out, "test")
+    # Sorted by user then time; each user's last rating is in test, the one before in valid.
+    assert train["item_id"] == [[2], [1]]
+    assert train["label"] == [1.0, 1.0]
+    assert valid["item_id"] == [[3], [1]] and valid["label"] == [0.0, 0.0]
     # The tie at ts 20: neither item sees the other in its history.
-    assert train["hist_items"] == [[], [2], [2], []]
-    assert train["hist_ts"] == [[], [10], [10], []]
+    assert train["hist_items"] == [[], [2]] and valid["hist_items"] == [[2], []]
+    assert train["hist_ts"] == [[], [10]] and valid["hist_ts"] == [[10], []]
     assert ev["item_id"] == [[4], [4], [2]]
     assert ev["hist_items"] == [[1, 3], [1], []]  # most recent 2 of [2, 1, 3]
     # Genres sorted: Action 1, Animation 2, Comedy 3, Drama 4.
-    assert train["genres"] == [[1], [2, 3], [3, 4], [2, 3]]
+    assert train["genres"] == [[1], [2, 3]] and valid["genres"] == [[3, 4], [2, 3]]
     assert ev["genres"] == [[], [], [1]]
-    assert train["gender"] == [[1], [1], [1], [2]] and ev["gender"] == [[1], [2], [0]]
+    assert train["gender"] == [[1], [1]] and valid["gender"] == [[1], [2]]
+    assert ev["gender"] == [[1], [2], [0]]
     schema = Schema.load(out)
     assert schema.feature("hist_items").timestamps == "hist_ts"
     assert schema.feature("genres").num_embeddings == 5
@@ -270,7 +276,7 @@ def test_seqtxt_with_and_without_timestamps(tmp_path) -> None:
     f.write_text("u1 a 3\nu2 b 1\nu1 b 1\nu1 c 2\nu2 a 5\n")
     out = str(tmp_path / "ds")
     run("seqtxt", str(f), "--out", out)
-    ev = read(out, "eval")
+    ev = read(out, "test")
     # Decode the renumbered items back to tokens through the hash order.
     tokens = sorted(["a", "b", "c"], key=lambda s: _ref_hash(s, 1))
     item_of = {k + 1: tok for k, tok in enumerate(tokens)}
@@ -281,10 +287,11 @@ def test_seqtxt_with_and_without_timestamps(tmp_path) -> None:
     f2.write_text("u1\ta\nu1\tb\nu1\tc\n")
     out2 = str(tmp_path / "ds2")
     run("seqtxt", str(f2), "--out", out2, "--delimiter", "\t")
-    ev2 = read(out2, "eval")
+    ev2 = read(out2, "test")
     assert [[item_of[i] for i in s] for s in ev2["item_seq"]] == [["a", "b", "c"]]
     assert ev2["item_ts"] == [[0, 1, 2]]
-    assert read(out2, "train")["item_ts"] == [[0, 1]]
+    assert read(out2, "valid")["item_ts"] == [[0, 1]]
+    assert not os.path.exists(os.path.join(out2, "train"))  # a 1-item train row predicts nothing
 
 
 # -- csv -------------------------------------------------------------------------------------

@@ -141,8 +141,9 @@ def test_load_state_dict_rejects_other_settings(dataset: str) -> None:
 
 def test_no_full_batch_is_an_error(dataset: str) -> None:
     # 2 ranks: 50 rows each (alternating 10-row groups); batch 64 fits on neither.
-    with pytest.raises(DataError, match=r"no full batch of 64 rows on every rank \(rows per "
-                                        r"rank: \[\d+, \d+\]\).*remainder='pad'"):
+    with pytest.raises(DataError, match=r"batch size 64 is larger than a rank's rows \(rows "
+                                        r"per rank: \[50, 50\]\); the largest batch size "
+                                        r"that fits is 50 \(e.g. --data.batch_size=50\)"):
         ParquetReader(dataset, "train", 64, rank=0, world_size=2)
     assert len(ParquetReader(dataset, "train", 64, rank=0, world_size=2, remainder="pad")) == 1
 
