@@ -117,7 +117,7 @@ def test_program_equals_training_time_model(name: str, dataset: str, args: Dict[
     assert expected.std() > 1e-3  # the comparison is not between constants
 
 
-PACKAGE_CASES = [CTR_CASES[0], CTR_CASES[3], CTR_CASES[5]]  # deepfm, interformer, esmm
+PACKAGE_CASES = [CTR_CASES[3], CTR_CASES[5]]  # interformer, esmm (deepfm: raw CSV below)
 
 
 @pytest.mark.parametrize("name,dataset,args", PACKAGE_CASES, ids=[c[0] for c in PACKAGE_CASES])
@@ -142,6 +142,46 @@ def test_package_scores_equal_training_time_model(name: str, dataset: str, args:
     assert n == pq.read_metadata(rows).num_rows and n <= expected.shape[0]
     np.testing.assert_allclose(scores, expected[:n], atol=1e-5, rtol=0)
     assert scores.std() > 1e-3  # the comparison is not between constants
+
+
+def test_package_scores_raw_csv_through_stored_preprocessing(tmp_path: Path) -> None:
+    """A user's CSV converted by ``data.convert csv`` (standardize, bucketize, vocabularies,
+    hashing, a passthrough id): the package scores the raw CSV rows (labelled or not) as the
+    training-time model scores the converted rows, matched by the passthrough ``req_id``."""
+    from data.convert.__main__ import main as convert_main
+    from tests.own_data import write_mixed_csv, write_spec
+    from trainer.package import dataset_preprocess_state
+
+    raw = str(tmp_path / "x.csv")
+    write_mixed_csv(raw, rows=400)
+    write_spec(str(tmp_path / "spec.json"))
+    data = str(tmp_path / "ds")
+    assert convert_main(["csv", raw, "--out", data, "--spec", str(tmp_path / "spec.json"),
+                         "--no-progress"]) == 0
+    model, task, schema = _model("deepfm", data)
+    out = str(tmp_path / "pkg")
+    _package(model, task, schema, "deepfm", out, preprocess=dataset_preprocess_state(data))
+    expected, _ = _training_time_scores(model, task, schema, data, "test")
+    test_ids = [r for f in split_files(data, "test")
+                for r in pq.read_table(f, columns=["req_id"]).column("req_id").to_pylist()]
+    want = {rid: float(expected[k, 0]) for k, rid in enumerate(test_ids)}
+    unlabelled = str(tmp_path / "new.csv")
+    write_mixed_csv(unlabelled, rows=400, labelled=False)
+    for rows_file in (raw, unlabelled):
+        preds = str(tmp_path / "preds.parquet")
+        assert predict_main(["--package", out, "--input", rows_file, "--out", preds,
+                             "--chunk-rows", "128"]) == 0
+        got = pq.read_table(preds).to_pydict()
+        assert got["row"] == list(range(400))
+        pairs = [(s, want[r]) for r, s in zip(got["req_id"], got["score"]) if r in want]
+        assert len(pairs) == len(test_ids) > 10
+        np.testing.assert_allclose(*map(np.array, zip(*pairs)), atol=1e-5, rtol=0)
+    # A raw file that lacks a feature column: refused naming it.
+    bad = str(tmp_path / "bad.csv")
+    with open(raw) as fh, open(bad, "w") as gh:
+        for line in fh:
+            gh.write(",".join(line.rstrip("\n").split(",")[:-1]) + "\n")
+    assert predict_main(["--package", out, "--input", bad, "--out", preds]) == 2
 
 
 def _eager_users(model: torch.nn.Module, data: str, schema: Schema, rows: int
