@@ -29,6 +29,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,8 +128,11 @@ def quantisation_auc(model: nn.Module, task: str, schema: Schema, dataset: str, 
     feats = [f.name for f in schema.sparse_features] + [f.name for f in schema.sequence_features]
     scores: Dict[str, List[torch.Tensor]] = {q: [] for q in progs}
     labels: List[torch.Tensor] = []
+    ids: List[torch.Tensor] = []
     rows = 0
-    for batch in ParquetReader(dataset, split, batch_size, schema=schema, remainder="partial"):
+    # remainder="pad" wraps the last batch around; duplicates are dropped by sample id below.
+    for batch in ParquetReader(dataset, split, batch_size, schema=schema, remainder="pad"):
+        ids.append(batch.sample_ids)
         kjts = {}
         for kjt in (batch.sparse, batch.sequence):
             if kjt is not None:
@@ -141,7 +145,8 @@ def quantisation_auc(model: nn.Module, task: str, schema: Schema, dataset: str, 
         rows += batch.dense.shape[0]
         if rows >= max_rows:
             break
-    y = torch.cat(labels).numpy()
+    _, first = np.unique(torch.cat(ids).numpy(), return_index=True)
+    y = torch.cat(labels).numpy()[first]
     out: Dict[str, float] = {}
     preds = getattr(model, "predictions", None)
     for k, (name, is_bin) in enumerate(zip(names, binary)):
@@ -150,12 +155,12 @@ def quantisation_auc(model: nn.Module, task: str, schema: Schema, dataset: str, 
         label = preds[k].eval_label if preds is not None else 0
         given = preds[k].eval_given if preds is not None else -1
         keep = y[:, given] == 1 if given >= 0 else slice(None)
-        a = {q: roc_auc(torch.cat(scores[q])[:, k].numpy()[keep], y[keep, label])
+        a = {q: roc_auc(torch.cat(scores[q])[:, k].numpy()[first][keep], y[keep, label])
              for q in progs}
         tag = name.replace("score_", "").replace("score", "ctr")
         out[f"auc_fp32_{tag}"], out[f"auc_{quant}_{tag}"] = a["fp32"], a[quant]
         out[f"auc_delta_{tag}"] = a[quant] - a["fp32"]
-    out["rows"] = float(rows)
+    out["rows"] = float(first.size)
     return out
 
 
