@@ -12,7 +12,7 @@ Output columns: the passthrough id columns, ``row`` (0-based input row), then
 * CTR / multi-task packages: one column per prediction (``score`` or ``score_<name>``);
 * sequential packages with ``top_k``: ``items`` (``list<int64>``, best first, history and
   padding excluded) and ``scores`` (``list<float32>``), exact or from the package's FAISS
-  index.
+  index; empty for a row without history.
 """
 
 from __future__ import annotations
@@ -121,8 +121,12 @@ def score_file(pkg: Package, path: str, out: str, chunk_rows: int = 65_536,
                         checked += m
                 else:
                     s, i = exact_topk(y, pkg.items, top_k, hist_ids, hist_len)  # type: ignore[arg-type]
-                cols["items"] = pa.array(list(i.numpy()), type=pa.list_(pa.int64()))
-                cols["scores"] = pa.array(list(s.float().numpy()), type=pa.list_(pa.float32()))
+                # Rows without history have no user vector: empty lists, not arbitrary items.
+                has = (x.lengths[0] > 0).tolist()
+                cols["items"] = pa.array([r if h else [] for r, h in zip(i.tolist(), has)],
+                                         type=pa.list_(pa.int64()))
+                cols["scores"] = pa.array([r if h else [] for r, h in zip(s.tolist(), has)],
+                                          type=pa.list_(pa.float32()))
             else:
                 for k, name in enumerate(pkg.outputs):
                     cols[name] = pa.array(y[:, k].numpy())

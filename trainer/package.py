@@ -297,7 +297,9 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
         use_time = bool(getattr(enc, "use_time", False))
         feats = input_features(schema, enc.item_feature, enc.action_feature)
         program: torch.nn.Module = UserProgram(model, quant)
-        args = example_inputs(schema, feats, timestamps=use_time, max_len=enc.max_len)
+        # Only the history feeds the user encoder: dense is [B, 0].
+        args = example_inputs(schema.project(feats), feats, timestamps=use_time,
+                              max_len=enc.max_len)
         info["outputs"] = ["user"]
         info["inputs"] = {"features": feats, "timestamps": use_time, "max_len": enc.max_len,
                           "item_table": model.item_table,  # type: ignore[attr-defined]
@@ -373,6 +375,9 @@ def table_inputs(pkg: Package, table: Any, query_time: Optional[np.ndarray] = No
     from data.reader import Where, decode_table
 
     schema = dataclasses.replace(pkg.schema, labels=[])
+    if pkg.kind == "sequential":
+        # A user encoder reads its item (and action) history only.
+        schema = schema.project(pkg.features)
     chunk = decode_table(table, schema, np.arange(table.num_rows),
                          Where(where, None, first_row))
     n = chunk.num_rows
@@ -395,7 +400,7 @@ def table_inputs(pkg: Package, table: Any, query_time: Optional[np.ndarray] = No
             history = (torch.from_numpy(v.copy()), torch.from_numpy(ln.copy()))
         if max_len:
             ln, v = truncate_recent(ln, v, max_len)
-        values.append(torch.from_numpy(np.ascontiguousarray(v)))
+        values.append(torch.from_numpy(np.array(v, dtype=np.int64)))  # owns writable memory
         lengths.append(torch.from_numpy(np.ascontiguousarray(ln)))
     timestamps = None
     if pkg.info["inputs"].get("timestamps"):

@@ -189,7 +189,9 @@ class MicroBatcher:
                 s, i = ann_topk(self.pkg.index, y, k, hist_ids, hist_len)
             else:
                 s, i = exact_topk(y, self.pkg.items, k, hist_ids, hist_len)  # type: ignore[arg-type]
-            out = [{"items": ii, "scores": ss} for ii, ss in zip(i.tolist(), s.tolist())]
+            # No history, no user vector: nothing to recommend (rather than arbitrary items).
+            out = [{"items": ii if n else [], "scores": ss if n else []}
+                   for ii, ss, n in zip(i.tolist(), s.tolist(), x.lengths[0].tolist())]
         else:
             y_np = y.numpy().astype(np.float64)
             out = [{name: float(y_np[r, c]) for c, name in enumerate(self.pkg.outputs)}
@@ -241,7 +243,7 @@ def build_app(pkg: Package, max_batch_rows: int = 512, max_wait_ms: float = 2.0)
             res = await batcher.submit(table)
         except RequestError as e:
             return bad(str(e), e.field)
-        except ValueError as e:  # ids out of range, bad values: the message names the column
+        except (ValueError, KeyError) as e:  # ids out of range, bad values: names the column
             return bad(str(e), "rows")
         rows = data["rows"]
         for r, out in zip(rows, res):
@@ -267,7 +269,7 @@ def build_app(pkg: Package, max_batch_rows: int = 512, max_wait_ms: float = 2.0)
             res = await batcher.submit(table, k, search)
         except RequestError as e:
             return bad(str(e), e.field)
-        except ValueError as e:
+        except (ValueError, KeyError) as e:
             return bad(str(e), "rows")
         return web.json_response({"results": res})
 
