@@ -221,9 +221,10 @@ class Preprocessor:
     @classmethod
     def from_state(cls, state: Dict[str, Any]) -> "Preprocessor":
         """From :meth:`state` output (e.g. ``meta.json["preprocess"]``)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ConvertError(f"preprocessing state version {state.get('version') if isinstance(state, dict) else None} "
-                               f"is not {STATE_VERSION}; reconvert the dataset")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != STATE_VERSION:
+            raise ConvertError(f"preprocessing state version {version} is not "
+                               f"{STATE_VERSION}; reconvert the dataset")
         return cls(copy.deepcopy(state))
 
     @classmethod
@@ -288,7 +289,8 @@ class Preprocessor:
 
     # -- reading --------------------------------------------------------------------------------
     def read_batches(self, path: str, bad_lines: BadLines, progress: Any = None,
-                     columns: Optional[Sequence[str]] = None, required: Optional[Sequence[str]] = None
+                     columns: Optional[Sequence[str]] = None,
+                     required: Optional[Sequence[str]] = None
                      ) -> Iterator[Tuple[int, pa.RecordBatch, Optional[LineMap]]]:
         """``(first row, batch, line map or None)`` over ``path``; text files are read as
         string columns, parquet files as stored. ``required`` columns must be present

@@ -1,6 +1,7 @@
 """Which splits a run evaluates on, and model selection on the valid split.
 
-Splits: datasets have ``train/``, ``valid/`` and ``test/``. Periodic evaluations (every
+Splits: datasets have ``train/``, ``valid/`` and ``test/`` (``train/``, ``eval/``, ``test/``
+from the criteo converter: ``eval`` validates). Periodic evaluations (every
 ``training.eval_every`` steps) run on ``valid``; the final line reports ``test``. Older
 datasets with ``train/`` and ``eval/`` are read as train + test: periodic evaluations then
 run on the test split and there is no model selection (a log line says so).
@@ -44,6 +45,8 @@ def resolve_splits(dataset_dir: str, valid_split: str = "", eval_split: str = ""
 
     test = eval_split or ("test" if exists("test") or not exists("eval") else "eval")
     valid = valid_split or ("valid" if exists("valid") else None)
+    if valid is None and test == "test" and exists("eval"):
+        valid = "eval"  # train/eval/test (the criteo converter's ratios): eval validates
     return valid, test
 
 
@@ -90,7 +93,11 @@ class EarlyStopping:
             self.best, self.best_step, self.bad = value, step, 0
         else:
             self.bad += 1
-        return improved, self.patience > 0 and self.bad >= self.patience
+        return improved, self.exhausted()
+
+    def exhausted(self) -> bool:
+        """Patience ran out (training stopped early)."""
+        return self.patience > 0 and self.bad >= self.patience
 
     def state_dict(self) -> Dict[str, Any]:
         return {"metric": self.metric, "best": self.best, "best_step": self.best_step,

@@ -277,6 +277,8 @@ def train(cfg: Config) -> Dict[str, Any]:
         start_step = resume(cfg, ctx, checkpointer, dmp, optimizer, train_reader, stopper)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
         steps = total_steps(cfg, train_reader)
+        if stopper is not None and stopper.exhausted():
+            steps = min(steps, start_step)  # a resumed run that had already stopped early
         metrics_file = MetricsFile(t.run_dir, ctx.is_main)
         if ctx.is_main:
             logger.info("training %s on %s: %d steps x %d examples x %d ranks (%d train "

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.convert.common import (BadLines, ConvertError, DatasetWriter, Progress, bucketize,
-                                 check_inputs, hash64, parse_int_list, single_id_column,
-                                 unit_interval)
+                                 check_embedding_dim, check_inputs, hash64, parse_int_list,
+                                 single_id_column, unit_interval)
 from data.convert.text import integer_column, read_delimited, report_bad_rows
 from data.schema import FeatureSpec, LabelSpec, Schema
 
@@ -157,6 +157,7 @@ class Vocabulary:
 
 def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[str, Any]:
     inputs = check_inputs(inputs)
+    check_embedding_dim(args.embedding_dim)
     file_splits = _file_splits(list(inputs), args)
     buckets = parse_int_list(args.num_embeddings, NUM_CAT, "--num-embeddings")
     bad_lines = BadLines(args.skip_bad_lines)

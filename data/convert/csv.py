@@ -240,9 +240,7 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
         c[u < test] = 2  # the same rows as the older eval_ratio split when valid is 0
         return c
 
-    # Pass 1 (only when needed): train-split statistics and the split row counts, which size
-    # the row groups.
-    counts = {s: 0 for s in SPLITS}
+    # Pass 1 (only when a transform or vocabulary needs them): train-split statistics.
     if not pre.fitted:
         fitter = pre.fitter()
         for gid, _, batch, _, _ in _rows_in(pre, inputs, BadLines(args.skip_bad_lines),

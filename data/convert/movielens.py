@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, check_embedding_dim,
-                                 BadLines, ConvertError, DatasetWriter, Progress, list_column,
+from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, BadLines, check_embedding_dim,
+                                 ConvertError, DatasetWriter, Progress, list_column,
                                  single_id_column)
 from data.convert.sequential import renumber, sort_by_user_time, write_sequences
 from data.convert.text import float_column, integer_column, read_delimited, report_bad_rows

@@ -15,9 +15,8 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import pyarrow.compute as pc
 
-from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, check_embedding_dim,
-                                 BadLines, ConvertError, DatasetWriter, Progress, check_inputs,
-                                 hash64)
+from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, BadLines, ConvertError,
+                                 DatasetWriter, Progress, check_inputs, hash64)
 from data.convert.sequential import write_sequences
 from data.convert.text import integer_column, read_delimited, report_bad_rows
 

@@ -89,7 +89,7 @@ def _hstu_parity(ctx: DistContext, data_dir: str) -> Dict[str, Any]:
         reader = ParquetReader(data_dir, split, 32, rank=rank, world_size=ctx.world_size,
                                prefetch=0, schema=schema,
                                transform=SequentialBatches("item_seq", num_items, 16, 0,
-                                                           holdout=split == "eval"))
+                                                           holdout=split != "train"))
         return [b for _, b in zip(range(n), reader)]
 
     # Forward parity and the evaluation path, before any update.
@@ -101,10 +101,10 @@ def _hstu_parity(ctx: DistContext, data_dir: str) -> Dict[str, Any]:
     ref_outputs: List[List[Tuple[torch.Tensor, ...]]] = [[], []]
     with torch.no_grad():
         for r in range(ctx.world_size):
-            for b in batches("eval", r, 2):
+            for b in batches("test", r, 2):
                 _, out = reference(b)
                 ref_outputs[r].append(tuple(x.clone() for x in out))
-        for i, b in enumerate(batches("eval", ctx.rank, 2)):
+        for i, b in enumerate(batches("test", ctx.rank, 2)):
             loss, out = dmp(b)
             ref = ref_outputs[ctx.rank][i]
             diffs.append(max(float((loss - ref[0]).abs()), float((out[1] - ref[1]).abs().max())))

@@ -90,8 +90,10 @@ def test_movielens_love_label(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert convert_main(["movielens", str(path), "--out", out, "--task", "ctr",
                          "--love-label", "--no-progress"]) == 0
     train = pq.read_table(os.path.join(out, "train")).to_pydict()
-    # user 1 sorted by time: ratings 4, 5 (train), 2 (eval); user 2: 3 (train), 5 (eval)
-    assert train["label"] == [1.0, 1.0, 0.0]
-    assert train["love"] == [0.0, 1.0, 0.0]
+    valid = pq.read_table(os.path.join(out, "valid")).to_pydict()
+    # user 1 sorted by time: ratings 4 (train), 5 (valid), 2 (test); user 2: 3 (valid),
+    # 5 (test)
+    assert train["label"] == [1.0] and valid["label"] == [1.0, 0.0]
+    assert train["love"] == [0.0] and valid["love"] == [1.0, 0.0]
     schema = Schema.load(out)
     assert [lab.name for lab in schema.labels] == ["label", "love"]

@@ -52,7 +52,7 @@ def test_mmoe_learns_like_and_love_from_converted_movielens(tmp_path) -> None:  
             opt.step()
     scores, labels = [], []
     with torch.no_grad():
-        for batch in ParquetReader(data, "eval", 32, prefetch=0, remainder="pad"):
+        for batch in ParquetReader(data, "test", 32, prefetch=0, remainder="pad"):
             _, (_, logits, y) = model(batch)
             scores.append(logits.numpy())
             labels.append(y.numpy())

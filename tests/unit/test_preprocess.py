@@ -10,7 +10,6 @@ import os
 from typing import Any, Dict, List
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

@@ -140,10 +140,11 @@ def test_load_state_dict_rejects_other_settings(dataset: str) -> None:
 
 
 def test_no_full_batch_is_an_error(dataset: str) -> None:
-    # 2 ranks: 50 rows each (alternating 10-row groups); batch 64 fits on neither.
+    # 2 ranks: about 50 rows each; batch 64 fits on neither; the error names the largest
+    # batch that fits on both.
     with pytest.raises(DataError, match=r"batch size 64 is larger than a rank's rows \(rows "
-                                        r"per rank: \[50, 50\]\); the largest batch size "
-                                        r"that fits is 50 \(e.g. --data.batch_size=50\)"):
+                                        r"per rank: \[53, 47\]\); the largest batch size "
+                                        r"that fits is 47 \(e.g. --data.batch_size=47\)"):
         ParquetReader(dataset, "train", 64, rank=0, world_size=2)
     assert len(ParquetReader(dataset, "train", 64, rank=0, world_size=2, remainder="pad")) == 1
 

@@ -281,7 +281,7 @@ def test_eval_query_equals_the_training_position_that_predicts_the_same_item(
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.3, 0.3)  # time and position biases far from zero
-    reader = ParquetReader(tiny_nextitem, "eval", 16, prefetch=0, schema=schema)
+    reader = ParquetReader(tiny_nextitem, "test", 16, prefetch=0, schema=schema)
     full = next(iter(reader))
     n = model.num_items
     with torch.no_grad():
