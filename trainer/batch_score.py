@@ -21,12 +21,11 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from trainer.package import Package, PackageError, run_inputs, table_inputs
 from trainer.topk import ann_topk, exact_topk, recall_at_k

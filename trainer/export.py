@@ -11,7 +11,8 @@ preprocessing state, config, checksum manifest, and for sequential models the it
 and an optional FAISS index. With ``--quant int8|int4`` the AUC delta vs fp32 on the
 dataset's evaluation split (``--eval-rows``) is measured and printed.
 
-``--format weights`` writes the older layout: ``DIR`` gets ``model.pt`` (a ``{name: full tensor}`` dict of every table and dense weight,
+``--format weights`` writes the older layout: ``DIR`` gets ``model.pt`` (a
+``{name: full tensor}`` dict of every table and dense weight,
 loadable with ``torch.load(..., weights_only=True)`` into the unsharded model), the run's
 ``config.toml``, the dataset's ``schema.json`` and ``export.json`` (model name, flavour,
 arguments, step). No process group and no ``torchrec.distributed`` are needed to read it back
