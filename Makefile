@@ -36,8 +36,10 @@ $(STAMP): setup.cfg Makefile
 	@# triton: the HSTU attention kernels (compiled on CUDA, interpreted on CPU in the tests).
 	@# matplotlib: the plots of `python -m bench.report` (the [bench] extra; pulls no torch).
 	@# crc32c: the checksum manifest of checkpoints (hardware CRC-32C; no dependencies).
+	@# aiohttp: python -m trainer.serve; faiss-cpu: approximate top-K.
 	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest tomli-w==1.2.0 \
-		triton==3.9.0 matplotlib==3.11.2 tensorboard==2.21.0 crc32c==2.9.post0
+		triton==3.9.0 matplotlib==3.11.2 tensorboard==2.21.0 crc32c==2.9.post0 aiohttp==3.14.5 \
+		faiss-cpu==1.15.1
 	@# The [torchx] extra of setup.cfg, named here because the project itself is installed with
 	@# --no-deps below; neither package touches the torch/torchrec/fbgemm pins above.
 	$(PIP) install -q "torchx==0.7.0" "kubernetes==36.0.3"

@@ -77,7 +77,12 @@ class SASRecEncoder(SequentialEncoder):
                timestamps: Optional[torch.Tensor],
                query_timestamps: Optional[torch.Tensor]) -> torch.Tensor:
         lengths = offsets.diff()
-        t = int(lengths.max()) if lengths.numel() else 0
+        if torch.compiler.is_exporting():
+            # An exported program's width cannot depend on the data: pad to n (the causal
+            # mask keeps the padded tail out of every real position, so outputs are the same).
+            t = self.max_len
+        else:
+            t = int(lengths.max()) if lengths.numel() else 0
         if t == 0:
             return self.final_norm(x)
         padded, flat = jagged_to_padded(x, offsets, t)

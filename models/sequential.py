@@ -177,7 +177,10 @@ class SequentialEncoder(nn.Module, abc.ABC):
         items = embeddings[self.item_feature]
         emb, lengths = items.values(), items.lengths()
         ids = sequence[self.item_feature].values()
-        if lengths.numel() and int(lengths.max()) > self.max_len:
+        # Under torch.export (trainer.inference) the caller has already truncated, and the
+        # data-dependent test below could not be traced.
+        if (not torch.compiler.is_exporting() and lengths.numel()
+                and int(lengths.max()) > self.max_len):
             # Keep the most recent max_len items (the reader truncates to the schema's
             # max_len; a model configured shorter truncates again here).
             keep_len = lengths.clamp(max=self.max_len)
@@ -206,7 +209,7 @@ class SequentialEncoder(nn.Module, abc.ABC):
             if timestamps is not None and key in timestamps.keys():
                 held = timestamps[key]
                 has = (held.lengths() > 0) & (keep_len > 0)
-                if has.any():
+                if torch.compiler.is_exporting() or has.any():
                     query_ts = query_ts.clone()
                     query_ts[offsets[1:][has] - 1] = held.values()[
                         torch.cumsum(held.lengths(), 0)[has] - 1]

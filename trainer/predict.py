@@ -1,7 +1,12 @@
-"""Score a parquet dataset with an exported model, in one process, without torchrec.distributed.
+"""Score rows with an exported model, in one process, without torchrec.distributed.
 
-``python -m trainer.predict --model EXPORT_DIR --data DATASET_DIR [--split eval]
-[--out scores.parquet] [--batch-size 4096]``
+Inference packages (``python -m trainer.export``'s default format): ``python -m
+trainer.predict --package DIR --input rows.csv|.tsv|.parquet --out preds.parquet
+[--top-k K --search exact|ann] [--passthrough COL ...] [--chunk-rows N]`` scores raw rows
+through the stored preprocessing in bounded memory (see :mod:`trainer.batch_score`).
+
+Weights exports (``--format weights``): ``python -m trainer.predict --model EXPORT_DIR
+--data DATASET_DIR [--split test] [--out scores.parquet] [--batch-size 4096]``
 
 Every row of the split is scored exactly once. CTR models (task kind ``ctr``): columns
 ``sample_id``, ``score`` = sigmoid(logit) and ``label`` when the dataset has one; with labels
@@ -170,14 +175,29 @@ def evaluate(scores: Dict[str, np.ndarray], predictions: Optional[List[Predictio
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(prog="python -m trainer.predict", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="directory written by python -m trainer.export")
-    p.add_argument("--data", required=True, help="dataset directory to score")
+    p.add_argument("--model", help="weights export (trainer.export --format weights)")
+    p.add_argument("--data", help="dataset directory to score with --model")
+    p.add_argument("--package", help="inference package (trainer.export's default format)")
+    p.add_argument("--input", help="raw rows to score with --package: CSV, TSV or parquet")
+    p.add_argument("--chunk-rows", type=int, default=65_536,
+                   help="rows per chunk (bounds memory) with --package")
+    p.add_argument("--passthrough", action="append", default=[], metavar="COL",
+                   help="input column copied to the output (default: the preprocessing's)")
+    p.add_argument("--top-k", type=int, default=0, help="sequential packages: items per row")
+    p.add_argument("--search", choices=("exact", "ann"), default="exact",
+                   help="top-K by blocked exact matmul or through the package's FAISS index")
+    p.add_argument("--index-param", action="append", default=[], metavar="NAME=INT",
+                   help="query-time index parameter: nprobe (ivf_flat), efSearch (hnsw)")
     p.add_argument("--split", default="test",
                    help="subdirectory of parquet files (default test; eval in older datasets)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--out", default=None,
                    help="write the score and label columns (and sample_id) as parquet")
     ns = p.parse_args(argv)
+    if ns.package:
+        return _predict_package(ns)
+    if not (ns.model and ns.data):
+        p.error("pass --package DIR --input FILE, or --model EXPORT_DIR --data DATASET_DIR")
     try:
         model, schema = load_exported(ns.model)
     except (FileNotFoundError, ValueError) as e:
@@ -195,6 +215,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metrics = evaluate(res, predictions, schema)
     rows = len(res["sample_id"])
     print("final " + " ".join([f"{k}={v:.6g}" for k, v in metrics.items()] + [f"rows={rows}"]))
+    return 0
+
+
+def _predict_package(ns: argparse.Namespace) -> int:
+    from trainer.batch_score import score_file
+    from trainer.export import _params
+    from trainer.package import PackageError, load_package
+    from trainer.topk import set_search_params
+
+    if not (ns.input and ns.out):
+        print("error: --package needs --input FILE and --out FILE", file=sys.stderr)
+        return 2
+    try:
+        pkg = load_package(ns.package, load_index=ns.search == "ann")
+        if pkg.index is not None and ns.index_param:
+            set_search_params(pkg.index, _params(ns.index_param))
+        res = score_file(pkg, ns.input, ns.out, ns.chunk_rows, ns.passthrough, ns.top_k,
+                         ns.search)
+    except (PackageError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("final " + " ".join(f"{k}={v:.6g}" for k, v in res.items()))
     return 0
 
 

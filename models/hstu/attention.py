@@ -156,7 +156,10 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
     """Reference: pad to ``[B, max(L), H, d]``, mask, attend, unpad."""
     total, heads, _ = q.shape
     batch = offsets.numel() - 1
-    longest = int(offsets.diff().max()) if batch else 0
+    # Exported programs (trainer.inference) pad to max_seq_len: a width that depends on the
+    # data cannot be traced; masking makes the result the same.
+    longest = (max_seq_len if torch.compiler.is_exporting()
+               else int(offsets.diff().max()) if batch else 0)
     if total == 0:
         return v * 0  # keeps the (empty) result connected to the graph
     seq, pos = jagged_positions(offsets, total)

@@ -152,7 +152,8 @@ def test_export_then_predict_matches_sharded_model(repo_root: str, tiny_ctr: str
     ckpt = find_latest(os.path.join(run_dir, "checkpoints"))
     out = str(tmp_path / "export")
     exp = subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", ckpt,
-                          "--out", out], cwd=repo_root, capture_output=True, text=True,
+                          "--out", out, "--format", "weights"], cwd=repo_root,
+                         capture_output=True, text=True,
                          timeout=300)
     assert exp.returncode == 0, exp.stderr[-3000:]
     assert sorted(os.listdir(out)) == [".shardrec-export", "config.toml", "export.json", "model.pt",

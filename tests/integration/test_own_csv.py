@@ -77,7 +77,8 @@ def test_own_csv_end_to_end(repo_root: str, tmp_path, capsys) -> None:
 
     # Export picks the best-on-valid checkpoint of the run; predict agrees with the trainer.
     export = str(tmp_path / "export")
-    out = _in_process(capsys, export_main, "--checkpoint", run1, "--out", export)
+    out = _in_process(capsys, export_main, "--checkpoint", run1, "--out", export,
+                      "--format", "weights")
     assert f"step {int(final['best_step'])} " in out, out
     got = parse_final(_in_process(capsys, predict_main, "--model", export, "--data", ds,
                                   "--split", "valid"))
