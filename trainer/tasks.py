@@ -179,6 +179,7 @@ def run_eval(pipeline: TrainPipelineSparseDist, dmp: nn.Module, reader: ParquetR
 TASKS: Dict[str, str] = {
     "ctr": "trainer.tasks:CTRTaskKind",
     "multitask": "trainer.multitask:MultiTaskKind",
+    "retrieval": "trainer.retrieval:RetrievalTaskKind",
     "sequential": "trainer.sequential:SequentialTaskKind",
 }
 
