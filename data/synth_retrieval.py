@@ -56,6 +56,12 @@ class RetrievalSynthArgs:
     true_dim: int = 16
     #: M, interest vectors per user.
     interests: int = 2
+    #: interest prototypes shared by the users (each interest is a prototype plus noise:
+    #: communities of taste a model can learn from the population); 0: every interest drawn
+    #: independently.
+    prototypes: int = 64
+    #: noise scale of an interest around its prototype (before normalising).
+    interest_noise: float = 0.05
     #: β, sharpness of each interest's softmax over items.
     beta: float = 8.0
     #: γ, weight of log popularity.
@@ -84,6 +90,8 @@ def _check(a: RetrievalSynthArgs) -> None:
                          ">= 1")
     if not 1 <= a.hist_len <= a.num_items // 2:
         raise ValueError(f"--hist-len {a.hist_len} must lie in [1, num_items / 2]")
+    if a.prototypes and a.prototypes < a.interests:
+        raise ValueError(f"--prototypes {a.prototypes} must be 0 or >= --interests")
     if a.train_per_user < 1 or a.embedding_dim % 4:
         raise ValueError("--train-per-user must be >= 1 and --embedding-dim a multiple of 4")
 
@@ -117,7 +125,14 @@ def generate_interactions(a: RetrievalSynthArgs
     items = _unit(rng.normal(size=(n, a.true_dim)))
     pop = 1.0 / np.power(rng.permutation(n) + 1.0, a.zipf)
     log_pop = np.log(pop / pop.sum())
-    interests = _unit(rng.normal(size=(a.num_users, a.interests, a.true_dim)))
+    if a.prototypes > 0:
+        protos = _unit(rng.normal(size=(a.prototypes, a.true_dim)))
+        which = np.stack([rng.choice(a.prototypes, size=a.interests, replace=False)
+                          for _ in range(a.num_users)])
+        interests = _unit(protos[which] + a.interest_noise
+                          * rng.normal(size=(a.num_users, a.interests, a.true_dim)))
+    else:
+        interests = _unit(rng.normal(size=(a.num_users, a.interests, a.true_dim)))
     hist = np.zeros((a.num_users, a.hist_len), dtype=np.int64)
     pos: Dict[str, np.ndarray] = {"train": np.zeros((a.num_users, a.train_per_user), np.int64),
                                   "valid": np.zeros(a.num_users, np.int64),
