@@ -6,8 +6,10 @@ and ``meta.json`` with the oracle metrics.
 
 The planted model (all parameters drawn from ``--seed``): item ``j`` (ids ``1..num_items``;
 0 is padding) has a unit vector ``v_j ∈ R^true_dim`` and a Zipf popularity ``π_j``; user
-``u`` has ``interests`` unit vectors ``w_u1..w_uM``. The user's item distribution is the
-mixture of one softmax per interest::
+``u`` has ``interests`` unit vectors ``w_u1..w_uM``, each one of ``prototypes`` shared unit
+vectors (distinct per user) plus Gaussian noise of scale ``interest_noise``, normalised —
+communities of taste that a model can learn from the population. The user's item
+distribution is the mixture of one softmax per interest::
 
     P(j | u) = (1/M) Σ_m softmax_j(β ⟨w_um, v_j⟩ + γ log π_j)
 
