@@ -74,7 +74,7 @@ class RetrievalSynthArgs:
     train_per_user: int = 20
     embedding_dim: int = 32
     rows_per_file: int = 200_000
-    row_group_rows: int = 4096
+    row_group_rows: int = 512
     seed: int = 0
 
 
@@ -82,7 +82,7 @@ RETRIEVAL_PRESETS: Dict[str, Dict[str, object]] = {
     "ci": dict(num_users=3000, num_items=1000, interests=1, train_per_user=20),
     "multi": dict(num_users=3000, num_items=1000, interests=4, train_per_user=20),
     "tiny": dict(num_users=200, num_items=120, true_dim=8, interests=2, hist_len=6,
-                 train_per_user=4, embedding_dim=16, row_group_rows=128),
+                 train_per_user=4, embedding_dim=16, row_group_rows=64),
 }
 
 

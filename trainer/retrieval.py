@@ -367,7 +367,9 @@ class RetrievalTaskKind(Task):
 
     def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
               ) -> Dict[str, Optional[float]]:
-        oracle: Mapping[str, Any] = meta.get("oracle", {})
+        # Another kind's oracle (e.g. a next-item set's HR@10) measures another protocol.
+        oracle: Mapping[str, Any] = (meta.get("oracle", {}) if meta.get("task") == "retrieval"
+                                     else {})
 
         def known(key: str) -> Optional[float]:
             return float(oracle[key]) if key in oracle else None

@@ -183,3 +183,12 @@ def test_generator_and_data_path(tmp_path) -> None:  # type: ignore[no-untyped-d
     # The positive is never in the user's history (drawn from the unseen items).
     rows = hist.values().view(16, -1)
     assert not (rows == batch.labels.unsqueeze(1)).any()
+
+
+def test_bench_search_smoke() -> None:
+    """bench.retrieval's search part on a small corpus: both searches agree on the top-100."""
+    from bench.retrieval import index_and_qps
+
+    res = index_and_qps(3000, 16, 40)
+    assert res["exact_qps"] > 0 and res["ann_qps"] > 0 and res["index_build_s"] > 0
+    assert res["ann_recall@100_of_exact"] >= 0.9, res
