@@ -192,3 +192,24 @@ def test_bench_search_smoke() -> None:
     res = index_and_qps(3000, 16, 40)
     assert res["exact_qps"] > 0 and res["ann_qps"] > 0 and res["index_build_s"] > 0
     assert res["ann_recall@100_of_exact"] >= 0.9, res
+
+
+def test_movielens_retrieval_leave_one_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.test_convert import _ml_files, read, run
+
+    ratings = _ml_files(tmp_path, "1m")
+    d = os.path.dirname(ratings)
+    with open(os.path.join(d, "users.dat"), "w") as fh:
+        fh.write("1::F::1::10::48067\n2::M::56::16::70072\n")  # user 3 unknown
+    out = str(tmp_path / "ds")
+    run("movielens", ratings, os.path.join(d, "users.dat"), "--out", out, "--task",
+        "retrieval", "--history-len", "2")
+    # Items by raw id 10→1, 20→2, 30→3, 40→4; user 1 in time order: 2, 1, 3, 4.
+    train, valid, test = read(out, "train"), read(out, "valid"), read(out, "test")
+    assert train["item_seq"] == [[2], [2, 1]]
+    assert valid["item_seq"] == [[2, 1, 3], [1]]
+    assert test["item_seq"] == [[1, 3, 4], [1, 4], [2]]
+    assert test["user_id"] == [[1], [2], [3]] and test["gender"] == [[1], [2], [0]]
+    schema = Schema.load(out)
+    assert schema.feature("item_seq").max_len == 3
+    assert json.load(open(os.path.join(out, "meta.json")))["task"] == "retrieval"
