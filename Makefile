@@ -35,8 +35,9 @@ $(STAMP): setup.cfg Makefile
 	fi
 	@# triton: the HSTU attention kernels (compiled on CUDA, interpreted on CPU in the tests).
 	@# matplotlib: the plots of `python -m bench.report` (the [bench] extra; pulls no torch).
+	@# faiss-cpu: the retrieval models' ANN index (the [retrieval] extra; numpy only).
 	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest \
-		triton==3.9.0 matplotlib==3.11.2
+		triton==3.9.0 matplotlib==3.11.2 faiss-cpu==1.15.1
 	@# The [torchx] extra of setup.cfg, named here because the project itself is installed with
 	@# --no-deps below; neither package touches the torch/torchrec/fbgemm pins above.
 	$(PIP) install -q "torchx==0.7.0" "kubernetes==36.0.3"
