@@ -36,7 +36,8 @@ $(STAMP): setup.cfg Makefile
 	@# triton: the HSTU attention kernels (compiled on CUDA, interpreted on CPU in the tests).
 	@# matplotlib: the plots of `python -m bench.report` (the [bench] extra; pulls no torch).
 	@# crc32c: the checksum manifest of checkpoints (hardware CRC-32C; no dependencies).
-	@# aiohttp: python -m trainer.serve; faiss-cpu: approximate top-K.
+	@# aiohttp: python -m trainer.serve; faiss-cpu: approximate top-K and the
+	@# retrieval models' ANN index.
 	$(PIP) install -q torchmetrics==1.0.3 tensordict tqdm pyre-extensions iopath pyarrow numpy pytest tomli-w==1.2.0 \
 		triton==3.9.0 matplotlib==3.11.2 tensorboard==2.21.0 crc32c==2.9.post0 aiohttp==3.14.5 \
 		faiss-cpu==1.15.1

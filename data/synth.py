@@ -308,6 +308,7 @@ def _generators() -> Dict[str, _Generator]:
     # Imported here: those modules import this one (planted-dataset writer, samplers).
     from data.synth_multitask import CTR2_PRESETS, MultiTaskSynthArgs, generate_ctr2
     from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
+    from data.synth_retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
     from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
     def auc(oracle: Dict[str, Any]) -> Dict[str, Any]:
@@ -330,6 +331,12 @@ def _generators() -> Dict[str, _Generator]:
                           lambda o: {"oracle_hr@10": o["hr@10"],
                                      "oracle_ndcg@10": o["ndcg@10"],
                                      "time_blind_oracle_hr@10": o["time_blind_hr@10"]}),
+        "retrieval": _Generator("user/item retrieval rows from planted user (multi-interest) "
+                                "and item vectors with an oracle recall@K "
+                                "(data.synth_retrieval)", RetrievalSynthArgs,
+                                RETRIEVAL_PRESETS, generate_retrieval,
+                                lambda o: {"oracle_recall@50": o["recall@50"],
+                                           "oracle_ndcg@10": o["ndcg@10"]}),
     }
 
 

@@ -20,11 +20,13 @@ _MODEL_MODULES: Dict[str, str] = {
     "esmm": "models.multitask.esmm",
     "hstu": "models.hstu.model",
     "interformer": "models.interformer",
+    "mind": "models.mind",
     "mmoe": "models.multitask.mmoe",
     "ple": "models.multitask.ple",
     "poso": "models.multitask.poso",
     "sasrec": "models.sasrec",
     "shared_bottom": "models.multitask.shared_bottom",
+    "two_tower": "models.two_tower",
 }
 
 

@@ -227,6 +227,7 @@ def output_device(dmp: nn.Module) -> torch.device:
 TASKS: Dict[str, str] = {
     "ctr": "trainer.tasks:CTRTaskKind",
     "multitask": "trainer.multitask:MultiTaskKind",
+    "retrieval": "trainer.retrieval:RetrievalTaskKind",
     "sequential": "trainer.sequential:SequentialTaskKind",
 }
 

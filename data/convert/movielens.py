@@ -17,6 +17,14 @@ ratings, ``2 × rating`` for the half-star ``ratings.csv``), leave-one-out train
 ``hist_ts``: the user's items rated strictly before this rating (most recent
 ``--history-len``). The eval split holds each user's last rating, train the others.
 Items and users are renumbered ``1..N`` in raw-id order.
+
+``--task retrieval`` (the ``two_tower`` / ``mind`` models): one row per rating (every rating
+is an interaction), sparse ``user_id`` and, with a users file, ``gender``, ``age``,
+``occupation``, ``zip3``; ``item_seq`` (table ``item``) = the user's earlier ratings (time
+order, ties in file order; most recent ``--history-len``) **followed by this item**, the
+positive.
+Leave-one-out: each user's last rating goes to ``test``, the one before to ``valid``, the
+others to ``train``.
 """
 
 from __future__ import annotations
@@ -48,11 +56,12 @@ U_ITEM_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=("sequential", "ctr"), default="sequential")
+    p.add_argument("--task", choices=("sequential", "ctr", "retrieval"), default="sequential")
     p.add_argument("--max-len", type=int, default=200,
                    help="sequential: max_len of item_seq in the schema (default 200)")
     p.add_argument("--history-len", type=int, default=50,
-                   help="ctr: most recent earlier items kept in hist_items (default 50)")
+                   help="ctr: most recent earlier items kept in hist_items; retrieval: in "
+                        "item_seq before the positive (default 50)")
     p.add_argument("--embedding-dim", type=int, default=DEFAULT_SEQ_EMBEDDING_DIM,
                    help=f"embedding width of every table, a multiple of 4 (default "
                         f"{DEFAULT_SEQ_EMBEDDING_DIM})")
@@ -213,6 +222,9 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
                                             args.embedding_dim, args.min_interactions)
             meta.update(facts)
             meta["action"] = "2 x rating (half stars)" if half_stars else "rating"
+        elif args.task == "retrieval":
+            schema, facts = _write_retrieval(writer, user, item, ts, users_path, args)
+            meta.update(facts)
         else:
             schema, facts = _write_ctr(writer, user, item, rating, ts, movies_path, users_path,
                                        args)
@@ -314,4 +326,61 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
         writer.write("train", table.filter(pa.array(~is_test & ~is_valid)))
         writer.write("valid", table.filter(pa.array(is_valid)))
         writer.write("test", table.filter(pa.array(is_test)))
+    return schema, facts
+
+
+def _write_retrieval(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, ts: np.ndarray,
+                     users_path: Optional[str], args: argparse.Namespace, chunk: int = 65_536
+                     ) -> Tuple[Schema, Dict[str, Any]]:
+    """Rows of ``--task retrieval`` (see the module docstring)."""
+    item_ids, item_keys = renumber(item)
+    user_ids, user_keys = renumber(user)
+    order = sort_by_user_time(user_ids, ts)
+    u, it, raw_user = user_ids[order], item_ids[order], user[order]
+    n = u.size
+    pos = np.arange(n, dtype=np.int64)
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = u[1:] != u[:-1]
+    user_start = np.maximum.accumulate(np.where(new_user, pos, 0))
+    # Steps from the user's end: 0 = last rating (test), 1 = the one before (valid).
+    ends = np.flatnonzero(np.append(new_user[1:], True))
+    from_end = np.repeat(ends, np.diff(np.concatenate(([-1], ends)))) - pos
+    dim = args.embedding_dim
+    feats = [FeatureSpec("user_id", "sparse", table="user", num_embeddings=user_keys.size + 1,
+                         embedding_dim=dim)]
+    user_cols: Dict[str, np.ndarray] = {}
+    if users_path:
+        users = read_users(users_path)
+        where, known = _lookup_table(users, raw_user)
+        for k, field_name in enumerate(USER_FIELDS):
+            values = np.array([users[int(x)][k] for x in known], dtype=object)
+            vocab, codes = np.unique(values.astype(str), return_inverse=True)
+            user_cols[field_name] = np.where(where >= 0, codes[np.maximum(where, 0)] + 1,
+                                             0).astype(np.int64)
+            feats.append(FeatureSpec(field_name, "sparse", num_embeddings=vocab.size + 1,
+                                     embedding_dim=dim))
+    feats.append(FeatureSpec("item_seq", "sequence", table="item",
+                             num_embeddings=item_keys.size + 1, embedding_dim=dim,
+                             max_len=args.history_len + 1))
+    schema = Schema(features=feats, labels=[])
+    for c0 in range(0, n, chunk):
+        sl = slice(c0, min(n, c0 + chunk))
+        # History (most recent history_len earlier ratings) then the positive itself.
+        hist_len = np.minimum(pos[sl] - user_start[sl], args.history_len)
+        lengths = hist_len + 1
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        idx = np.repeat(pos[sl] - hist_len - offsets[:-1], lengths) + np.arange(offsets[-1])
+        cols: Dict[str, pa.Array] = {"user_id": single_id_column(u[sl])}
+        for field_name, ids in user_cols.items():
+            cols[field_name] = single_id_column(ids[sl])
+        cols["item_seq"] = list_column(offsets, it[idx])
+        table = pa.table(cols)
+        fe = from_end[sl]
+        writer.write("train", table.filter(pa.array(fe >= 2)))
+        writer.write("valid", table.filter(pa.array(fe == 1)))
+        writer.write("test", table.filter(pa.array(fe == 0)))
+    facts: Dict[str, Any] = {
+        "task": "retrieval", "num_items": int(item_keys.size), "num_users": int(user_keys.size),
+        "eval_protocol": "leave-one-out: each user's last rating is the test positive, the one "
+                         "before the valid positive; history items are excluded from rankings"}
     return schema, facts

@@ -1,0 +1,376 @@
+"""Shared parts of the retrieval models (``two_tower``, ``mind``): data features, towers' input
+tables, the sampled-softmax loss with logQ correction, and the task wrapper.
+
+Data: a retrieval row is one user and one positive item. The item sequence feature
+(``item_seq`` by default, table ``item``) holds the user's history **followed by** the
+positive; the ``retrieval`` task kind's data path (``trainer.retrieval``) strips that last id
+into ``Batch.labels`` and into the extra sequence feature ``<item>_pos`` (one id per row), and
+adds ``num_negatives`` uniform item ids as ``<item>_neg`` (see
+:func:`models.sequential.negatives_feature`). History, positives and negatives are thus looked
+up through the same sharded item table, never through a copy. Pooled user features (the
+schema's sparse features: user id, profile fields) go through an ``EmbeddingBagCollection``.
+
+Towers:
+
+* item tower: ``ê_j = e_j / ‖e_j‖``, the L2-normalised row of the item table (so the trained
+  item table *is* the index: exact evaluation ranks its shards where they live);
+* user tower (model specific): ``[B, K, D]`` L2-normalised user vectors, ``K = 1`` for
+  ``two_tower`` and ``K = num_interests`` for ``mind``.
+
+Loss (:class:`RetrievalLoss`), for row ``i`` with user vectors ``u_i`` and positive ``p_i``:
+with ``K > 1`` the label-aware attention (MIND) mixes the interests into one vector,
+``v_i = normalise(Σ_k softmax_k(β ⟨u_ik, ê_{p_i}⟩) u_ik)``; ``K = 1`` gives ``v_i = u_i1``.
+Candidates are the positive, the in-batch positives of **all ranks** and the uniform negatives
+of all ranks (gathered through :attr:`RetrievalLoss.gather`, which the trainer sets to a
+differentiable all-gather; identity in one process). Logits ``s_ij = ⟨v_i, ê_j⟩ / τ − log Q_j``
+with the logQ correction (Yi et al. 2019) ``Q_j = B_all · P(j)`` for the positive and the
+in-batch columns (``P(j)`` the item's frequency as a positive, from the train split) and
+``Q = U_all / (N − 1)`` for the uniform columns (``N − 1`` items, ``U_all`` drawn); every
+negative column whose id equals the row's positive is masked (accidental hits). The loss is the
+mean over rows of ``logsumexp_j s_ij − s_i,pos``.
+
+Only modules that hold a sharded module (:class:`RetrievalModel`, :class:`RetrievalTask`) are
+traced by torchrec's pipeline; their forwards only route ``batch`` attributes, and every
+data-dependent step lives in leaf modules (the user tower, the loss).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from data.batch import Batch
+from data.schema import FeatureSpec, Schema
+from models.blocks import autocast_dtype, autocast_forward, build_ebc
+from models.sequential import negatives_feature
+
+POSITIVE_SUFFIX = "_pos"
+
+
+def positive_feature(item_feature: str) -> str:
+    """Name of the KJT feature that carries each row's positive item (one id per row)."""
+    return item_feature + POSITIVE_SUFFIX
+
+
+@dataclass
+class RetrievalArgs:
+    """Arguments every retrieval model has (data, loss and evaluation)."""
+
+    #: the item sequence feature: history then the positive (default: the first sequence one).
+    item_feature: str = ""
+    #: width D of the item table and of the user vectors; 0: the item table's.
+    embedding_dim: int = 0
+    #: longest history the user tower sees; 0: the item feature's ``max_len``.
+    max_len: int = 0
+    #: uniform negatives sampled per batch and rank (mixed negative sampling).
+    num_negatives: int = 128
+    #: also use every rank's in-batch positives as negatives.
+    in_batch_negatives: bool = True
+    #: logQ correction of every candidate's sampling probability.
+    logq_correction: bool = True
+    #: softmax temperature of the cosine logits.
+    temperature: float = 0.05
+    #: hidden widths of the user tower's MLP.
+    hidden: List[int] = field(default_factory=lambda: [128])
+
+
+def check_retrieval_args(args: RetrievalArgs) -> None:
+    """Raise ``ValueError`` naming the bad ``model.args`` key."""
+    if args.num_negatives < 1:
+        raise ValueError(f"model.args.num_negatives must be >= 1, got {args.num_negatives}")
+    if not args.temperature > 0:
+        raise ValueError(f"model.args.temperature must be > 0, got {args.temperature}")
+    if args.embedding_dim < 0 or args.max_len < 0:
+        raise ValueError("model.args.embedding_dim and model.args.max_len must be >= 0")
+    if any(h < 1 for h in args.hidden):
+        raise ValueError(f"model.args.hidden: widths must be >= 1, got {args.hidden}")
+
+
+def retrieval_item_spec(schema: Schema, args: RetrievalArgs) -> FeatureSpec:
+    """The item sequence feature named by ``args.item_feature`` (or the first sequence one)."""
+    seqs = schema.sequence_features
+    if not seqs:
+        raise ValueError("retrieval models need a sequence feature of item ids (history then "
+                         "the positive); the schema has none (make data with `python -m "
+                         "data.synth retrieval` or `python -m data.convert movielens --task "
+                         "retrieval`)")
+    name = args.item_feature or seqs[0].name
+    for f in seqs:
+        if f.name == name:
+            return f
+    raise ValueError(f"model.args.item_feature {name!r} is not a sequence feature; sequence "
+                     f"features: {', '.join(f.name for f in seqs)}")
+
+
+class RetrievalEncoding(NamedTuple):
+    """What a retrieval model computes for a batch of B rows (N uniform negatives).
+
+    ``user [B, K, D]`` L2-normalised user vectors; ``pos [B, D]`` / ``neg [N, D]``
+    L2-normalised item-tower outputs; ``pos_ids [B]``, ``neg_ids [N]``; the history
+    ``hist_ids [ΣLᵢ]`` with ``hist_lengths [B]`` (excluded from evaluation rankings)."""
+
+    user: torch.Tensor
+    pos: torch.Tensor
+    pos_ids: torch.Tensor
+    neg: torch.Tensor
+    neg_ids: torch.Tensor
+    hist_ids: torch.Tensor
+    hist_lengths: torch.Tensor
+
+    def float(self) -> "RetrievalEncoding":
+        return self._replace(user=self.user.float(), pos=self.pos.float(), neg=self.neg.float())
+
+
+def segment_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[ΣLᵢ, D]`` jagged → ``[B, D]`` per-row means (zeros for empty rows)."""
+    b = lengths.numel()
+    row = torch.repeat_interleave(torch.arange(b, device=values.device), lengths,
+                                  output_size=values.shape[0])
+    out = values.new_zeros(b, values.shape[1]).index_add(0, row, values)
+    return out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+
+
+def truncate_recent_jagged(values: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                           max_len: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each row's ``max_len`` most recent entries of jagged ``values``/``ids``."""
+    if not lengths.numel() or int(lengths.max()) <= max_len:
+        return values, ids, lengths
+    keep = lengths.clamp(max=max_len)
+    ends = torch.cumsum(lengths, 0)
+    new_off = F.pad(torch.cumsum(keep, 0), (1, 0))
+    idx = (torch.repeat_interleave(ends - keep - new_off[:-1], keep)
+           + torch.arange(int(new_off[-1]), device=values.device))
+    return values[idx], ids[idx], keep
+
+
+class UserTower(nn.Module):
+    """Base of the user towers: ``forward(profile [B, P], hist [ΣLᵢ, D], hist_lengths [B])``
+    → ``[B, K, D]`` (not yet normalised). ``profile`` is the concatenated pooled user
+    features and dense features (``P`` may be 0)."""
+
+    num_interests: int = 1
+
+
+class RetrievalModel(nn.Module):
+    """``Batch`` → :class:`RetrievalEncoding`: pooled user features (EBC, may be absent) and
+    the item table (EC, history / positives / negatives) feeding a :class:`UserTower`.
+
+    Example::
+
+        spec = get_model_spec("two_tower")
+        model = spec.build(schema, spec.make_args("default"), "cpu")
+        enc = model(batch)       # batch from the retrieval task's data path
+        enc.user.shape           # [B, 1, D]
+    """
+
+    def __init__(self, ebc: Optional[EmbeddingBagCollection], ec: EmbeddingCollection,
+                 tower: UserTower, item_feature: str, item_table: str, num_items: int,
+                 user_features: List[str], max_len: int) -> None:
+        super().__init__()
+        self.ebc = ebc
+        self.ec = ec
+        self.encoder = RetrievalEncoder(tower, item_feature, user_features, max_len)
+        self.item_feature = item_feature
+        self.item_table = item_table
+        self.num_items = num_items
+        self.user_features = user_features
+
+    @property
+    def tower(self) -> UserTower:
+        return self.encoder.tower
+
+    def forward(self, batch: Batch) -> RetrievalEncoding:
+        pooled = self.ebc(batch.sparse) if self.ebc is not None else None
+        return self.encoder(pooled, batch.dense, self.ec(batch.sequence), batch.sequence)
+
+
+class RetrievalEncoder(nn.Module):
+    """Leaf step of :class:`RetrievalModel` (data-dependent, so not traced by the pipeline):
+    profile features, history truncation, the user tower, normalisation."""
+
+    def __init__(self, tower: UserTower, item_feature: str, user_features: List[str],
+                 max_len: int) -> None:
+        super().__init__()
+        self.tower = tower
+        self.item_feature = item_feature
+        self.user_features = user_features
+        self.max_len = max_len
+
+    def forward(self, pooled: Optional[object], dense: torch.Tensor,
+                embeddings: Dict[str, JaggedTensor], sequence: KeyedJaggedTensor
+                ) -> RetrievalEncoding:
+        hist = embeddings[self.item_feature]
+        hist_ids = sequence[self.item_feature].values()
+        values, ids, lengths = truncate_recent_jagged(hist.values(), hist_ids, hist.lengths(),
+                                                      self.max_len)
+        parts = [dense] if dense.numel() else []
+        if pooled is not None:
+            by_name = pooled.to_dict()  # type: ignore[attr-defined]
+            parts += [by_name[n] for n in self.user_features]
+        b = lengths.numel()
+        profile = torch.cat(parts, dim=1) if parts else values.new_zeros(b, 0)
+        user = F.normalize(self.tower(profile, values, lengths), dim=-1)
+        pos = embeddings[positive_feature(self.item_feature)]
+        neg = embeddings[negatives_feature(self.item_feature)]
+        return RetrievalEncoding(
+            user=user, pos=F.normalize(pos.values(), dim=-1),
+            pos_ids=sequence[positive_feature(self.item_feature)].values(),
+            neg=F.normalize(neg.values(), dim=-1),
+            neg_ids=sequence[negatives_feature(self.item_feature)].values(),
+            hist_ids=ids, hist_lengths=lengths)
+
+
+def build_retrieval_tables(schema: Schema, args: RetrievalArgs, device: str
+                           ) -> Tuple[Optional[EmbeddingBagCollection], EmbeddingCollection,
+                                      FeatureSpec, int, List[str], int]:
+    """(EBC over the pooled user tables or None, EC over the sequence tables with the item
+    table also serving the positive and negatives features, the item feature, D, the pooled
+    feature names, the profile width P = dense + Σ pooled dims)."""
+    item = retrieval_item_spec(schema, args)
+    dim = args.embedding_dim or item.embedding_dim
+    if dim % 4:
+        raise ValueError(f"model.args.embedding_dim: the item table width must be a multiple of "
+                         f"4 (fbgemm's fused embedding kernels), got {dim}")
+    tables: List[EmbeddingConfig] = []
+    for t in schema.tables("sequence").values():
+        feats = list(t.features)
+        if t.name == item.table:
+            feats += [positive_feature(item.name), negatives_feature(item.name)]
+        tables.append(EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings,
+                                      embedding_dim=dim, feature_names=feats))
+    ec = EmbeddingCollection(tables=tables, device=torch.device(device))
+    sparse = schema.sparse_features
+    ebc = build_ebc(schema, device) if sparse else None
+    user_features = [f.name for f in sparse]
+    profile = schema.dense_dim + sum(f.embedding_dim for f in sparse)
+    return ebc, ec, item, dim, user_features, profile
+
+
+def mlp(sizes: List[int]) -> nn.Sequential:
+    """ReLU MLP ``sizes[0] → … → sizes[-1]`` (no activation after the last layer)."""
+    layers: List[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def identity_gather(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class RetrievalLoss(nn.Module):
+    """Sampled softmax over all ranks' in-batch positives and uniform negatives with logQ
+    correction and accidental-hit masking (see the module docstring for the formula).
+
+    Args:
+        temperature: τ.
+        in_batch: use the gathered in-batch positives as negatives.
+        num_items: rows of the item table (ids ``1..num_items-1``; 0 is padding).
+        attention_sharpness: β of MIND's label-aware attention (0: ``1 / τ``).
+
+    ``log_freq [num_items]`` (a buffer) holds ``log P(j)``; with ``logq`` the corrections
+    apply. ``gather`` concatenates a tensor over ranks along dim 0 (differentiably); the
+    trainer sets it, the default is the identity.
+
+    ``forward(enc, targets)`` → ``(loss, (loss, user [B, K, D], targets, hist_ids,
+    hist_lengths, hits, rows))``: ``hits`` counts rows whose positive beat every negative.
+    """
+
+    def __init__(self, temperature: float, in_batch: bool, logq: bool, num_items: int,
+                 attention_sharpness: float = 0.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.in_batch = in_batch
+        self.logq = logq
+        self.num_items = num_items
+        self.sharpness = attention_sharpness or 1.0 / temperature
+        self.register_buffer("log_freq", torch.full((num_items,), -math.log(max(
+            num_items - 1, 1))))
+        self.gather: Callable[[torch.Tensor], torch.Tensor] = identity_gather
+
+    def set_frequencies(self, counts: torch.Tensor) -> None:
+        """``P(j) = (count_j + 1) / (Σ count + N − 1)`` over ids 1..N−1 (add-one smoothing)."""
+        if counts.numel() != self.num_items:
+            raise ValueError(f"item counts have {counts.numel()} entries, the item table "
+                             f"{self.num_items} rows")
+        c = counts.double().clone() + 1.0
+        c[0] = 0.0
+        self.log_freq.copy_((c / c.sum()).log().to(self.log_freq.dtype))
+
+    def user_vectors(self, user: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: the single user vector, or MIND's label-aware mix of the K interests."""
+        if user.shape[1] == 1:
+            return user[:, 0]
+        att = torch.softmax(self.sharpness * torch.einsum("bkd,bd->bk", user, pos), dim=1)
+        return F.normalize(torch.einsum("bk,bkd->bd", att, user), dim=-1)
+
+    def logits(self, enc: RetrievalEncoding) -> torch.Tensor:
+        """``[B, 1 + C]`` corrected logits, the positive first, accidental hits at −inf."""
+        v = self.user_vectors(enc.user, enc.pos)
+        pos_ids = enc.pos_ids.long()
+        cols, col_ids, col_logq = [], [], []
+        all_pos_ids = self.gather(pos_ids)
+        b_all = all_pos_ids.numel()
+        if self.in_batch:
+            cols.append(self.gather(enc.pos))
+            col_ids.append(all_pos_ids)
+            col_logq.append(self.log_freq[all_pos_ids] + math.log(b_all))
+        neg_ids = self.gather(enc.neg_ids.long())
+        cols.append(self.gather(enc.neg))
+        col_ids.append(neg_ids)
+        u_all = neg_ids.numel()
+        col_logq.append(torch.full((u_all,), math.log(u_all / max(self.num_items - 1, 1)),
+                                   dtype=v.dtype, device=v.device))
+        cand, cand_ids = torch.cat(cols), torch.cat(col_ids)
+        pos_logit = (v * enc.pos).sum(-1, keepdim=True) / self.temperature
+        neg_logit = v @ cand.T / self.temperature
+        if self.logq:
+            pos_logit = pos_logit - (self.log_freq[pos_ids] + math.log(b_all)).unsqueeze(1)
+            neg_logit = neg_logit - torch.cat(col_logq).to(v.dtype).unsqueeze(0)
+        neg_logit = neg_logit.masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1),
+                                          -math.inf)
+        return torch.cat([pos_logit, neg_logit], dim=1)
+
+    def forward(self, enc: RetrievalEncoding, targets: torch.Tensor
+                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        logits = self.logits(enc)
+        rows = logits.shape[0]
+        if rows:
+            loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+            hits = (logits[:, 0:1] > logits[:, 1:]).all(dim=1).sum()
+        else:  # an empty batch: a zero loss that still reaches every parameter
+            loss = enc.user.sum() * 0.0
+            hits = torch.zeros((), dtype=torch.int64, device=logits.device)
+        out = (loss.detach(), enc.user.detach(), targets, enc.hist_ids, enc.hist_lengths, hits,
+               torch.tensor(rows, device=logits.device))
+        return loss, out
+
+
+class RetrievalTask(nn.Module):
+    """Loss owner of a :class:`RetrievalModel`: ``forward(batch)`` → ``(loss, output)`` (see
+    :class:`RetrievalLoss`); ``batch.labels`` holds the positive ids (int64 ``[B]``).
+    ``dense_dtype`` autocasts the user tower; the loss stays fp32 (as ``CTRTask``)."""
+
+    def __init__(self, model: RetrievalModel, args: RetrievalArgs,
+                 attention_sharpness: float = 0.0, dense_dtype: str = "fp32",
+                 device_type: str = "cpu") -> None:
+        super().__init__()
+        self.model = model
+        self.loss = RetrievalLoss(args.temperature, args.in_batch_negatives,
+                                  args.logq_correction, model.num_items, attention_sharpness)
+        self.autocast_dtype = autocast_dtype(dense_dtype)
+        self.device_type = device_type
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
+                                          self.device_type), batch.labels)

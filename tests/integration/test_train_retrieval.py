@@ -1,0 +1,68 @@
+"""End to end under torchrun (2 gloo ranks): ``two_tower`` with the shipped config (3 of its
+5 epochs) on the CI-sized synthetic retrieval set (``data.synth retrieval --preset ci``:
+planted user/item vectors, oracle recall@50 0.538) ends with the retrieval ``final`` line,
+learns a good part of the oracle's recall, and the FAISS index keeps the exact recall; the
+run's last checkpoint exported (``trainer.retrieval_export``) and served retrieves the test
+positives as the trainer measured, exactly and through the exported index.
+
+Measured on the loaded 2-core machine (2026-12-02): recall@50 0.34 at 5 epochs on 2 ranks
+(0.64 of the oracle; 0.68 in one process), ANN fraction 1.00. The test asserts 0.55 of the
+oracle after 3 epochs (measured: see ``RATIO_BOUND``) and an ANN fraction of at least 0.95.
+"""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+
+from data.reader import ParquetReader
+from data.schema import Schema
+from data.synth_retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
+from tests.integration.runner import parse_final, run_trainer
+from trainer.retrieval import RetrievalBatches
+from trainer.retrieval_export import RetrievalServer, export_retrieval
+
+pytestmark = pytest.mark.slow
+
+RATIO_BOUND = 0.55  # recall@50 / oracle recall@50 after 3 epochs on 2 ranks, measured 0.60
+
+
+def test_two_tower_learns_and_ann_keeps_recall(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = str(tmp_path / "ci")
+    generate_retrieval(data, RetrievalSynthArgs(**RETRIEVAL_PRESETS["ci"]),  # type: ignore
+                       progress=False)
+    proc = run_trainer(repo_root, 2, ["--config", "launch/configs/two_tower_synthetic.toml",
+                                      f"--data.path={data}", "--training.epochs=3",
+                                      f"--training.run_dir={tmp_path / 'run'}"],
+                       timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    final = parse_final(proc.stdout)
+    assert set(final) >= {"recall@50", "oracle_recall@50", "ndcg@10", "eval_users",
+                          "ann_recall@50", "ann_fraction@50", "examples_per_s"}, final
+    assert final["eval_users"] >= 2500, final
+    assert final["recall@50"] >= RATIO_BOUND * final["oracle_recall@50"], final
+    assert 0.0 < final["ndcg@10"] < final["recall@50"], final
+    assert final["ann_fraction@50"] >= 0.95, final
+
+    # Export and serve: the exported towers retrieve what the trainer's evaluation measured.
+    ckpt = sorted(glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*")))[-1]
+    out = str(tmp_path / "export")
+    info = export_retrieval(ckpt, out)
+    assert info["num_items"] == 1001 and info["user_vectors"] == 1
+    server = RetrievalServer(out)
+    reader = ParquetReader(data, "test", 500, prefetch=0, schema=Schema.load(data),
+                           shuffle=False,
+                           transform=RetrievalBatches("item_seq", 1001, 1, 0, "test"))
+    hits_exact = hits_ann = overlap = rows = 0
+    for batch in reader:
+        exact, _ = server.search(batch, 50, exact=True)
+        ann, _ = server.search(batch, 50)
+        hits_exact += int((exact == batch.labels.unsqueeze(1)).any(1).sum())
+        hits_ann += int((ann == batch.labels.unsqueeze(1)).any(1).sum())
+        overlap += sum(len(set(a) & set(e)) for a, e in zip(ann.tolist(), exact.tolist()))
+        rows += batch.batch_size
+    assert rows == 3000
+    # Other rows than the trainer's 2,560 evaluated users: equal within sampling noise.
+    assert abs(hits_exact / rows - final["recall@50"]) < 0.04, (hits_exact / rows, final)
+    assert hits_ann >= 0.95 * hits_exact and overlap >= 0.95 * 50 * rows, (hits_ann, overlap)

@@ -1,0 +1,387 @@
+"""The ``retrieval`` task kind (``two_tower``, ``mind``): sampled softmax over cross-rank
+negatives, exact and ANN full-corpus evaluation.
+
+Data path (:class:`RetrievalBatches`, the reader's background thread): each row's item
+sequence is its history followed by its positive. The sequential kind's transform
+(:class:`trainer.sequential.SequentialBatches` with ``holdout``) moves that last id into
+``labels`` and adds ``num_negatives`` uniform ids as ``<item>_neg``; this one adds the positive
+again as ``<item>_pos`` (one id per row), so positives and negatives are looked up through the
+sharded item table.
+
+Training: :func:`all_gather_rows` (a differentiable, variable-size all-gather) becomes the
+loss's ``gather``, so every rank's softmax sees all ranks' positives and uniform negatives
+(the pool grows with the world size); the logQ term uses each item's frequency among the
+train split's positives (:func:`positive_counts`, counted once at start).
+
+Evaluation: the user vectors of every eval row (``[Q, K, D]``) are all-gathered; every rank
+ranks them against **its own rows** of the item table (the sequential kind's exact merge:
+the target's score summed over ranks, then counts of higher-scoring items summed over ranks,
+history items and the padding row excluded), with the score of an item
+``max_k ⟨u_k, ê_j⟩`` (the union of the K interests' neighbours; ``K = 1`` for two-tower). So
+recall@K (= HR@K: one positive per row), NDCG@K and MRR are identical on every rank and equal
+to a single process. The ANN variant assembles the whole normalised item table (an all-reduce),
+builds a FAISS HNSW inner-product index on rank 0, and ranks the same queries by the union of
+each interest's ``K + history`` nearest neighbours; rank 0 broadcasts its metrics, reported as
+``ann_recall@K`` and ``ann_fraction@K = ann_recall@K / recall@K``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import Batch
+from data.reader import ParquetReader, split_files
+from data.schema import Schema
+from models import get_model_spec
+from models.retrieval import (
+    RetrievalArgs,
+    RetrievalTask,
+    positive_feature,
+    retrieval_item_spec,
+)
+from sharding.dist import DistContext
+from trainer.config import Config
+from trainer.sequential import (
+    RankingMetrics,
+    SequentialBatches,
+    _all_gather,
+    _all_gather_jagged,
+    _all_reduce,
+    _history_pairs,
+    _TrainRunning,
+    local_item_shards,
+    target_scores,
+)
+from trainer.tasks import RunningMetrics, Task, eval_batches, run_eval
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS = (10, 50, 100, 200)
+NDCG_KS = (10, 50)
+ANN_KS = (10, 50, 100)
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+Shards = Sequence[Tuple[int, torch.Tensor]]
+
+
+# -- data path ------------------------------------------------------------------------------
+
+class RetrievalBatches:
+    """The reader transform (see the module docstring); timestamps are dropped (unused)."""
+
+    def __init__(self, item_feature: str, num_items: int, num_negatives: int, seed: int,
+                 split: str) -> None:
+        self.item_feature = item_feature
+        self.pos_feature = positive_feature(item_feature)
+        # Another seed per split, so eval negatives are not the train batches' draws.
+        split_seed = {"train": 0, "valid": 1, "eval": 2, "test": 2}.get(split, 3)
+        self.inner = SequentialBatches(item_feature, num_items, num_negatives,
+                                       seed * 4 + split_seed, holdout=True)
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = self.inner(batch)
+        seq = out.sequence
+        assert seq is not None
+        labels = out.labels.long()
+        sequence = KeyedJaggedTensor(
+            keys=seq.keys() + [self.pos_feature],
+            values=torch.cat([seq.values(), labels]),
+            lengths=torch.cat([seq.lengths().int(),
+                               torch.ones(labels.numel(), dtype=torch.int32)]))
+        return Batch(dense=out.dense, sparse=out.sparse, labels=labels, sequence=sequence,
+                     timestamps=None, sample_ids=out.sample_ids)
+
+
+def positive_counts(dataset_dir: str, split: str, item_feature: str, num_items: int
+                    ) -> torch.Tensor:
+    """``[num_items]`` int64 counts of each item as a row's positive (last id) in ``split``."""
+    counts = np.zeros(num_items, dtype=np.int64)
+    for path in split_files(dataset_dir, split):
+        col = pq.read_table(path, columns=[item_feature]).column(item_feature).combine_chunks()
+        offsets = np.asarray(col.offsets)
+        values = np.asarray(col.values)
+        ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1
+        last = values[ends]
+        if last.size and (last.min() < 0 or last.max() >= num_items):
+            raise ValueError(f"{path}: column {item_feature!r} holds ids outside [0, "
+                             f"{num_items}) (the schema's num_embeddings)")
+        counts += np.bincount(last, minlength=num_items)
+    return torch.from_numpy(counts)
+
+
+# -- cross-rank negatives -------------------------------------------------------------------
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order (sizes may differ per rank).
+    Differentiable for floating tensors: the backward sums each rank's gradient into the rank
+    that owns the rows (``torch.distributed.nn``), so an item embedding gathered by other
+    ranks gets the gradient of every rank's loss, as torchrec sums embedding gradients."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    ws = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(ws)]
+    dist.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    m = max(counts)
+    pad = [0, 0] * (x.dim() - 1) + [0, m - x.shape[0]]
+    padded = F.pad(x, pad) if m > x.shape[0] else x
+    if x.is_floating_point():
+        parts = list(dist_fn.all_gather(padded.contiguous()))
+    else:
+        parts = [torch.empty_like(padded) for _ in range(ws)]
+        dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+# -- exact and ANN ranking ------------------------------------------------------------------
+
+def interest_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.Tensor,
+                   hist_lengths: torch.Tensor, shards: Shards, reduce: Reduce = lambda x: x,
+                   chunk_rows: int = 65_536) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(0-based rank of each target among all items [Q], target scores [Q]), an item's score
+    being ``max_k ⟨query_k, ê_j⟩``.
+
+    Args:
+        query: ``[Q, K, D]`` L2-normalised user vectors (all ranks' rows).
+        targets: ``[Q]`` held-out item ids.
+        hist_ids, hist_lengths: each query's history (jagged), excluded from the ranking.
+        shards: this rank's ``(first row, weight [R, D])`` pieces of the item table.
+        reduce: sum over ranks (identity in one process).
+    """
+    per_k = torch.stack([target_scores(query[:, k], targets, shards, reduce)
+                         for k in range(query.shape[1])], dim=1)
+    t_score = per_k.max(dim=1).values
+    hrow, hid = _history_pairs(targets, hist_ids, hist_lengths)
+    greater = torch.zeros(targets.numel(), dtype=torch.int64, device=query.device)
+    for off, w in shards:
+        for a in range(0, w.shape[0], chunk_rows):
+            lo, hi = off + a, off + min(w.shape[0], a + chunk_rows)
+            e = F.normalize(w[a:hi - off].to(query.dtype), dim=-1)
+            scores = torch.einsum("qkd,rd->qkr", query, e).max(dim=1).values
+            inside = (hid >= lo) & (hid < hi)
+            scores[hrow[inside], hid[inside] - lo] = -math.inf
+            if lo == 0:
+                scores[:, 0] = -math.inf  # padding row
+            # The target is compared through t_score, never with its own column.
+            own = (targets >= lo) & (targets < hi)
+            scores[own.nonzero().squeeze(1), targets[own] - lo] = -math.inf
+            greater += (scores > t_score.unsqueeze(1)).sum(1)
+    return reduce(greater), t_score
+
+
+def full_item_matrix(shards: Shards, num_items: int, dim: int) -> torch.Tensor:
+    """``[num_items, D]`` L2-normalised item table assembled from every rank's shards."""
+    full = torch.zeros(num_items, dim)
+    for off, w in shards:
+        full[off:off + w.shape[0]] = F.normalize(w.detach().float().cpu(), dim=-1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = shards[0][1].device if shards else torch.device("cpu")
+        full_dev = full.to(dev)
+        dist.all_reduce(full_dev)
+        full = full_dev.cpu()
+    return full
+
+
+class AnnIndex:
+    """A FAISS HNSW inner-product index over item rows ``1..N-1`` (row 0 is padding).
+
+    Args:
+        items: ``[N, D]`` L2-normalised item vectors (row = item id).
+        m: HNSW neighbours per node; ``ef_construction`` / ``ef_search``: its beam widths.
+    """
+
+    def __init__(self, items: torch.Tensor, m: int = 32, ef_construction: int = 200,
+                 ef_search: int = 256) -> None:
+        import faiss  # imported here: only ANN evaluation and export need it
+
+        self.dim = items.shape[1]
+        self.index = faiss.IndexHNSWFlat(self.dim, m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = ef_construction
+        self.index.hnsw.efSearch = ef_search
+        t0 = time.perf_counter()
+        self.index.add(np.ascontiguousarray(items[1:].numpy(), dtype=np.float32))
+        self.build_s = time.perf_counter() - t0
+
+    def search(self, query: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(scores, item ids) ``[Q, k]`` of the ``k`` nearest items (ids −1 where fewer)."""
+        scores, idx = self.index.search(np.ascontiguousarray(query, dtype=np.float32), k)
+        return scores, np.where(idx >= 0, idx + 1, -1)
+
+
+def ann_ranks(index: AnnIndex, query: np.ndarray, targets: np.ndarray, hist_ids: np.ndarray,
+              hist_lengths: np.ndarray, k: int) -> np.ndarray:
+    """0-based rank of each target in the ANN top-``k`` (``k`` where it is not there):
+    every interest retrieves ``k + |history|`` neighbours, the union is ranked by score
+    (an item's best interest), history items dropped."""
+    q, kk = query.shape[0], query.shape[1]
+    longest = int(hist_lengths.max()) if hist_lengths.size else 0
+    scores, ids = index.search(query.reshape(q * kk, -1), k + longest)
+    scores = scores.reshape(q, -1)
+    ids = ids.reshape(q, -1)
+    offsets = np.concatenate(([0], np.cumsum(hist_lengths)))
+    out = np.full(q, k, dtype=np.int64)
+    for i in range(q):
+        hist = set(hist_ids[offsets[i]:offsets[i + 1]].tolist())
+        best: Dict[int, float] = {}
+        for s, j in zip(scores[i].tolist(), ids[i].tolist()):
+            if j > 0 and j not in hist and s > best.get(j, -math.inf):
+                best[j] = s
+        ranked = sorted(best, key=lambda j: -best[j])[:k]
+        if int(targets[i]) in ranked:
+            out[i] = ranked.index(int(targets[i]))
+    return out
+
+
+class _RetrievalRun:
+    """``RunningMetrics`` of one evaluation: exact ranks (a collective) and, on rank 0, the
+    ANN ranks of the same queries."""
+
+    def __init__(self, shards: Shards, index: Optional[AnnIndex]) -> None:
+        self.shards = shards
+        self.index = index
+        self.metrics = RankingMetrics()
+        self.ann = RankingMetrics()
+
+    def update(self, output: Tuple[Any, ...]) -> None:
+        _, query, targets, hist_ids, hist_lengths, _, _ = output
+        query = _all_gather(query.float())
+        targets = _all_gather(targets.long())
+        hist_ids, hist_lengths = _all_gather_jagged(hist_ids.long(), hist_lengths.long())
+        valid = targets > 0  # padded eval rows carry no positive
+        ranks, _ = interest_ranks(query, targets, hist_ids, hist_lengths, self.shards,
+                                  _all_reduce)
+        self.metrics.add(ranks[valid], hr_ks=RECALL_KS, ndcg_ks=NDCG_KS)
+        if self.index is not None:
+            v = valid.cpu().numpy()
+            hl = hist_lengths.cpu().numpy()
+            a = ann_ranks(self.index, query.cpu().numpy(), targets.cpu().numpy(),
+                          hist_ids.cpu().numpy(), hl, max(ANN_KS))
+            self.ann.add(torch.from_numpy(a[v]), prefix="ann_", hr_ks=ANN_KS, ndcg_ks=(10,))
+
+    def compute(self) -> Dict[str, float]:
+        exact = {(k.replace("hr@", "recall@")): v for k, v in self.metrics.result().items()}
+        ann_keys = [f"ann_hr@{k}" for k in ANN_KS] + ["ann_ndcg@10"]
+        vals = torch.zeros(len(ann_keys) + 1, dtype=torch.float64)
+        if self.index is not None:
+            res = self.ann.result()
+            vals[:-1] = torch.tensor([res[k] for k in ann_keys], dtype=torch.float64)
+            vals[-1] = 1.0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dev = self.shards[0][1].device if self.shards else torch.device("cpu")
+            v = vals.to(dev)
+            dist.broadcast(v, src=0)
+            vals = v.cpu()
+        if vals[-1] > 0:
+            for key, val in zip(ann_keys, vals[:-1].tolist()):
+                exact[key.replace("hr@", "recall@")] = val
+            for k in ANN_KS:
+                e = exact[f"recall@{k}"]
+                exact[f"ann_fraction@{k}"] = exact[f"ann_recall@{k}"] / e if e > 0 else math.nan
+        return exact
+
+
+# -- the task kind --------------------------------------------------------------------------
+
+class RetrievalTaskKind(Task):
+    """Retrieval: mixed-negative sampled softmax with logQ; exact + ANN full-corpus recall."""
+
+    name = "retrieval"
+
+    def __init__(self, cfg: Config, schema: Schema) -> None:
+        super().__init__(cfg, schema)
+        spec = get_model_spec(cfg.model.name)
+        args = spec.make_args(cfg.model.flavour, cfg.model.args)
+        if not isinstance(args, RetrievalArgs):
+            raise ValueError(f"model {spec.name!r} has task 'retrieval' but its args are not "
+                             f"RetrievalArgs")
+        self.args = args
+        item = retrieval_item_spec(schema, args)
+        self.item_feature = item.name
+        self.item_table = item.table or item.name
+        self.num_items = item.num_embeddings
+        #: build a FAISS index at every evaluation (needs ``faiss-cpu``).
+        self.ann = True
+
+    def batch_transform(self, split: str) -> Callable[[Batch], Batch]:
+        return RetrievalBatches(self.item_feature, self.num_items, self.args.num_negatives,
+                                self.cfg.training.seed, split)
+
+    def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
+        task = RetrievalTask(model, self.args,  # type: ignore[arg-type]
+                             float(getattr(self.args, "attention_sharpness", 0.0)),
+                             self.cfg.training.dense_dtype, device_type)
+        if self.args.logq_correction:
+            task.loss.set_frequencies(positive_counts(
+                self.cfg.data.path, self.cfg.data.train_split, self.item_feature,
+                self.num_items))
+        task.loss.gather = all_gather_rows
+        return task
+
+    def examples(self, output: Tuple[Any, ...]) -> int:
+        return int(output[4].numel())
+
+    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
+        return _TrainRunning(ctx.device)
+
+    def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
+                 reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
+        n = eval_batches(reader, max_batches)
+        shards = local_item_shards(dmp, self.item_table)
+        index = None
+        build_s = math.nan
+        if self.ann:
+            dim = shards[0][1].shape[1] if shards else 0
+            dims = _all_gather(torch.tensor([dim], device=ctx.device))
+            full = full_item_matrix(shards, self.num_items, int(dims.max()))
+            if ctx.rank == 0:
+                index = AnnIndex(full)
+                build_s = index.build_s
+        running = _RetrievalRun(shards, index)
+        run_eval(pipeline, dmp, reader, n, running)
+        out = running.compute()
+        if ctx.rank == 0 and index is not None:
+            out["index_build_s"] = build_s
+        return out
+
+    def summary(self, metrics: Mapping[str, float]) -> str:
+        if "recall@50" in metrics:
+            text = (f"recall@50 {metrics['recall@50']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}")
+            if "ann_recall@50" in metrics:
+                text += f" ann_recall@50 {metrics['ann_recall@50']:.4f}"
+            return text
+        return f"sampled_acc {metrics.get('sampled_acc', float('nan')):.4f}"
+
+    def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
+              ) -> Dict[str, Optional[float]]:
+        # Another kind's oracle (e.g. a next-item set's HR@10) measures another protocol.
+        oracle: Mapping[str, Any] = (meta.get("oracle", {}) if meta.get("task") == "retrieval"
+                                     else {})
+
+        def known(key: str) -> Optional[float]:
+            return float(oracle[key]) if key in oracle else None
+
+        return {
+            "recall@50": metrics.get("recall@50"),
+            "oracle_recall@50": known("recall@50"),
+            "ndcg@10": metrics.get("ndcg@10"),
+            "eval_users": metrics.get("eval_users"),
+            "recall@10": metrics.get("recall@10"),
+            "recall@200": metrics.get("recall@200"),
+            "oracle_ndcg@10": known("ndcg@10"),
+            "ann_recall@50": metrics.get("ann_recall@50"),
+            "ann_fraction@50": metrics.get("ann_fraction@50"),
+        }
