@@ -55,6 +55,9 @@ from models.din import SequenceCTRBase, concat_events, jagged_softmax, segment_i
 from models.spec import ModelSpec
 
 
+ATTENTIONS = ("softmax", "sigmoid")
+
+
 @dataclass
 class DIENArgs:
     """Arguments of :class:`DIEN`."""
@@ -67,10 +70,16 @@ class DIENArgs:
     target_features: List[str] = field(default_factory=list)
     #: weight α of the auxiliary loss (0: off; the paper uses 1).
     aux_loss_weight: float = 1.0
+    #: attention normalisation: ``softmax`` within each history (the paper's) or
+    #: ``sigmoid`` per event (see the module docstring).
+    attention: str = "softmax"
     #: hidden sizes of the MLP over ``[dense ‖ pooled ‖ s'_n]``.
     deep_dims: List[int] = field(default_factory=lambda: [256, 128])
 
     def validate(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"model.args.attention={self.attention!r}; choose one of "
+                             f"{list(ATTENTIONS)}")
         if not self.aux_loss_weight >= 0:
             raise ValueError(f"model.args.aux_loss_weight={self.aux_loss_weight} must be >= 0")
 
@@ -198,6 +207,7 @@ class DIENArch(nn.Module):
         self.extractor = nn.GRU(event_dim, event_dim, batch_first=False)
         self.bilinear = nn.Linear(event_dim, event_dim, bias=False)  # s W t = s · (W t)
         self.evolution = AUGRUCell(event_dim, event_dim)
+        self.softmax = args.attention == "softmax"
         in_dim = pooled_dim + event_dim
         self.mlp = MLP(in_dim, args.deep_dims) if args.deep_dims else nn.Identity()
         self.head = nn.Linear(args.deep_dims[-1] if args.deep_dims else in_dim, 1)
@@ -213,7 +223,7 @@ class DIENArch(nn.Module):
         states = order.unpack(out.data)
         rows = segment_ids(order.lengths)
         scores = (states * self.bilinear(target)[rows]).sum(1)
-        att = jagged_softmax(scores, rows, B)
+        att = jagged_softmax(scores, rows, B) if self.softmax else torch.sigmoid(scores)
         final = augru(self.evolution, order, out.data, att[order.to_packed], self.dim)
         return final, states
 
@@ -270,6 +280,7 @@ def build_dien(schema: Schema, args: DIENArgs, device: str = "meta") -> DIEN:
     args.validate()
     inputs = sequence_ctr_inputs(schema, args.embedding_dim, args.sequence_features,
                                  args.target_features, device, "DIEN")
+    del inputs["max_len"]  # the GRUs see the order; no recency embedding
     model = DIEN(**inputs, args=args)  # type: ignore[arg-type]
     if device != "meta":
         model.to(device)

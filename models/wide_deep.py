@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -51,6 +52,8 @@ class WideDeepArgs:
     deep_dims: List[int] = field(default_factory=lambda: [256, 128])
     #: sparse features used only by the wide part (e.g. crossed-id features).
     wide_only: List[str] = field(default_factory=list)
+    #: factor on the stored deep embeddings (as DeepFM's and AutoInt's ``field_scale``).
+    field_scale: float = 1.0
 
 
 class WideDeep(nn.Module):
@@ -74,6 +77,9 @@ class WideDeep(nn.Module):
         if unknown:
             raise ValueError(f"model.args.wide_only names {unknown}, not sparse features of "
                              f"the schema ({', '.join(feature_names)})")
+        if not (args.field_scale > 0 and math.isfinite(args.field_scale)):
+            raise ValueError(f"model.args.field_scale={args.field_scale} must be > 0")
+        self.field_scale = args.field_scale
         self.ebc = ebc
         self.feature_names = list(feature_names)
         self.deep_names = [f for f in feature_names if f not in set(args.wide_only)]
@@ -94,7 +100,7 @@ class WideDeep(nn.Module):
         emb = stack_fields(self.ebc(batch.sparse), self.feature_names, self.dim + 1)
         wide = emb[:, :, self.dim].sum(dim=1)
         index = [self.feature_names.index(f) for f in self.deep_names]
-        deep_in = emb[:, index, : self.dim].flatten(1)
+        deep_in = emb[:, index, : self.dim].flatten(1) * self.field_scale
         if self.dense_in:
             wide = wide + self.dense_linear(batch.dense).squeeze(1)
             deep_in = torch.cat([batch.dense, deep_in], dim=1)

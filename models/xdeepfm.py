@@ -92,7 +92,8 @@ class CIN(nn.Module):
         for k, conv in enumerate(self.convs):
             # z[b, i·m + j, d] = X^{k-1}_{i,d} · X^0_{j,d}
             z = (xk.unsqueeze(2) * x0.unsqueeze(1)).reshape(B, -1, D)
-            maps = conv(z)  # [B, H_k, D]
+            # The 1×1 convolution as one matmul (conv1d's CPU kernel is ~3x slower here).
+            maps = torch.matmul(conv.weight.squeeze(2), z) + conv.bias.unsqueeze(1)  # [B, H_k, D]
             nxt = self.next_dims[k]
             if self.split_half and k < len(self.convs) - 1:
                 xk, direct = maps[:, :nxt], maps[:, nxt:]

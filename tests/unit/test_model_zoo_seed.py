@@ -16,7 +16,7 @@ from data.schema import Schema
 from models import get_model_spec, list_models
 from models.blocks import CTRTask
 from models.dien import AUGRUCell, PackedOrder, augru, auxiliary_loss
-from models.din import TargetAttention, jagged_softmax
+from models.din import TargetAttention, jagged_softmax, steps_back
 from models.masknet import MaskBlock
 from models.multitask.common import BACKBONES, MultiTaskArgs, build_backbone
 from models.xdeepfm import CIN
@@ -124,17 +124,21 @@ def _jagged(lengths: List[int], dim: int, seed: int = 0):  # type: ignore[no-unt
 
 @pytest.mark.parametrize("softmax", [False, True])
 def test_din_attention_equals_per_sample_loop(softmax: bool) -> None:
-    E = 6
+    E, X = 6, 3
     lens, events, rows = _jagged([3, 0, 5, 1], E)
     target = torch.randn(4, E)
-    att = _perturbed(TargetAttention(E, [8, 4], softmax))
-    u, weights = att(events, target, lens)
+    recency = nn.Embedding(5, X)
+    back = steps_back(lens)
+    assert back.tolist() == [2, 1, 0, 4, 3, 2, 1, 0, 0]
+    att = _perturbed(TargetAttention(E, [8, 4], softmax, X))
+    u, weights = att(events, target, lens, recency(back))
     for r, hist in enumerate(rows):
         if hist.shape[0] == 0:
             assert u[r].abs().max() == 0  # empty history: no interest vector
             continue
         t = target[r].expand_as(hist)
-        a = att.mlp(torch.cat([hist, t, hist - t, hist * t], dim=1)).squeeze(1)
+        rec = recency(torch.arange(len(hist) - 1, -1, -1))  # newest last: 0 steps back
+        a = att.mlp(torch.cat([hist, t, hist - t, hist * t, rec], dim=1)).squeeze(1)
         if softmax:
             a = torch.softmax(a, dim=0)
         torch.testing.assert_close(u[r], (a.unsqueeze(1) * hist).sum(0), rtol=1e-5,
@@ -170,9 +174,12 @@ def _augru_loop(cell: AUGRUCell, x: torch.Tensor, a: torch.Tensor) -> torch.Tens
     return h
 
 
-def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str) -> None:
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
+                                                                  attention: str) -> None:
     spec = get_model_spec("dien")
-    model = _perturbed(spec.build(Schema.load(tiny_seq), spec.make_args("small"), "cpu"))
+    model = _perturbed(spec.build(Schema.load(tiny_seq),
+                                  spec.make_args("small", {"attention": attention}), "cpu"))
     arch = model.arch
     E = arch.dim
     lens, events, rows = _jagged([3, 0, 5, 1, 2], E, seed=2)
@@ -189,7 +196,8 @@ def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str) 
         s = s.squeeze(1)
         torch.testing.assert_close(states[starts[r]:starts[r] + len(hist)], s, rtol=1e-5,
                                    atol=1e-5)
-        a = torch.softmax(s @ arch.bilinear(target[r]), dim=0)
+        scores = s @ arch.bilinear(target[r])
+        a = torch.softmax(scores, dim=0) if attention == "softmax" else torch.sigmoid(scores)
         torch.testing.assert_close(final[r], _augru_loop(arch.evolution, s, a), rtol=1e-5,
                                    atol=1e-5)
         for t in range(len(hist) - 1):
@@ -278,7 +286,8 @@ def test_bad_arguments_name_the_key(tiny_ctr: str, tiny_seq: str) -> None:
              ("din", ctr, {}, "needs sequence features"),
              ("din", seq, {"target_features": ["user"]}, "must pair one pooled feature"),
              ("dien", seq, {"target_features": ["item", "hist_x"]}, "hist_x"),
-             ("din", seq, {"sequence_features": ["item"]}, "not sequence features")]
+             ("din", seq, {"sequence_features": ["item"]}, "not sequence features"),
+             ("dien", seq, {"attention": "tanh"}, "attention='tanh'.*'sigmoid'")]
     for name, schema, overrides, message in cases:
         spec = get_model_spec(name)
         with pytest.raises(ValueError, match=message):
