@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -55,8 +56,12 @@ class DCNArgs:
     structure: str = "parallel"
     #: hidden layer sizes of the deep MLP (empty: no deep network, cross only).
     deep_dims: List[int] = field(default_factory=lambda: [256, 128])
+    #: factor on the stored embeddings in ``x_0`` (as DeepFM's ``field_scale``); 1 = none.
+    field_scale: float = 1.0
 
     def validate(self) -> None:
+        if not (self.field_scale > 0 and math.isfinite(self.field_scale)):
+            raise ValueError(f"model.args.field_scale={self.field_scale} must be > 0")
         if self.structure not in STRUCTURES:
             raise ValueError(f"model.args.structure={self.structure!r}; choose one of "
                              f"{list(STRUCTURES)}")
@@ -88,6 +93,7 @@ class DCN(nn.Module):
         in_features = dense_in + sum(dims[f] for f in self.feature_names)
         self.dense_in = dense_in
         self.structure = args.structure
+        self.field_scale = args.field_scale
         self.cross = VectorCrossNet(in_features, args.cross_layers)
         self.deep = MLP(in_features, args.deep_dims) if args.deep_dims else nn.Identity()
         deep_out = args.deep_dims[-1] if args.deep_dims else in_features
@@ -98,12 +104,10 @@ class DCN(nn.Module):
         self.head = nn.Linear(head_in, 1)
 
     def cross_input(self, batch: Batch) -> torch.Tensor:
-        """``x_0 = [dense ‖ e_1 ‖ … ‖ e_F]`` of shape ``[B, N]``."""
+        """``x_0 = [dense ‖ s·e_1 ‖ … ‖ s·e_F]`` of shape ``[B, N]`` (s = ``field_scale``)."""
         by_name = self.ebc(batch.sparse).to_dict()
-        parts = [by_name[n] for n in self.feature_names]
-        if self.dense_in:
-            parts = [batch.dense] + parts
-        return torch.cat(parts, dim=1)
+        emb = torch.cat([by_name[n] for n in self.feature_names], dim=1) * self.field_scale
+        return torch.cat([batch.dense, emb], dim=1) if self.dense_in else emb
 
     @property
     def representation_dim(self) -> int:
