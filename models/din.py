@@ -16,7 +16,8 @@ its relevance to the target::
 it, giving the paper's unit, flavour ``paper``). The paper's unit is blind to order, so it
 can count matching behaviours but not weigh recent ones more; on the sequence-signal
 synthetic set, whose click logit decays with the steps back, that order-blind unit reached
-AUC 0.698 after one epoch (oracle 0.770) where the recency embedding reached RECENCY_AUC.
+AUC 0.698 after one epoch (oracle 0.770) where the recency embedding reached 0.730 (0.751
+after two; 2 ranks, embedding lr 1.0, batch 256).
 
 Histories stay jagged: the unit runs on the ΣLᵢ events of the batch (every event sees its
 row's target through a repeat by lengths) and ``u`` is a segment sum, so the cost follows

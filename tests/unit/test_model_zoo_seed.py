@@ -245,7 +245,8 @@ def test_every_flavour_trains_and_backbone_representation(name: str, data: str,
     path = tiny_ctr if data == "ctr" else tiny_seq
     schema, batch = Schema.load(path), _batch(path, 24)
     spec = get_model_spec(name)
-    for flavour in spec.flavours:
+    # ``large`` flavours only widen layers another flavour already runs: skipped for time.
+    for flavour in [f for f in spec.flavours if f != "large"]:
         model = spec.build(schema, spec.make_args(flavour), "cpu")
         loss, (_, logits, _) = CTRTask(model)(batch)
         loss.backward()
