@@ -217,7 +217,12 @@ class DIENArch(nn.Module):
         """``(s'_n [B, E], extractor states [N, E] in jagged order)``."""
         B = target.shape[0]
         if events.shape[0] == 0:
-            return target.new_zeros(B, self.dim), events
+            # No events in the batch: zero interest, still connected (with zero gradient)
+            # to every recurrent weight, so that DDP sees all parameters used on every rank.
+            recurrent = [*self.extractor.parameters(), *self.evolution.parameters(),
+                         self.bilinear.weight]
+            touch = sum(p.sum() for p in recurrent) * 0.0
+            return target.new_zeros(B, self.dim) + touch, events
         order = PackedOrder(lengths)
         out, _ = self.extractor(order.pack(events))
         states = order.unpack(out.data)

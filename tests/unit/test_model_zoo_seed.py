@@ -216,6 +216,14 @@ def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
                                    rtol=1e-5, atol=1e-5)
     assert augru(cell, PackedOrder(torch.tensor([0, 0])), torch.zeros(0, E), torch.zeros(0),
                  E).shape == (2, E)
+    # A batch without any event: zero interest, and every weight still gets a gradient
+    # (DDP requires each parameter to take part on every rank).
+    arch.zero_grad()
+    empty = [torch.zeros(0, model.dim)] * len(arch.names)
+    logits, aux = arch(torch.randn(3, model.pooled_dim), torch.randn(3, E), empty,
+                       [torch.zeros(3, dtype=torch.long)] * len(arch.names))
+    (logits.sum() + aux).backward()
+    assert all(p.grad is not None for p in arch.parameters())
 
 
 def test_dien_trains_on_bce_plus_aux_and_evaluates_on_bce(tiny_seq: str) -> None:
