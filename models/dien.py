@@ -12,7 +12,11 @@ Behaviours ``h_1 … h_n`` (``[ΣLᵢ, E]``) and the target ``t`` (``[B, E]``) a
   j of the batch's ΣLᵢ events is event ``(j + ⌊N/2⌋) mod N`` (another row's behaviour, or
   occasionally a positive: a noisy negative, as random sampling also gives), which needs no
   extra lookups and is the same on every world size.
-* Attention: ``a_τ = softmax_τ(s_τ W t)`` within each history.
+* Attention: ``a_τ = softmax_τ(s_τ W t)`` within each history (the paper's), or per event
+  ``a_τ = σ(s_τ W t)`` (``attention = "sigmoid"``). A softmax spreads a total weight of 1
+  over the history, so with 20 events every update gate is small and the final state
+  cannot tell how many behaviours matched; on the sequence-signal synthetic set the
+  sigmoid form scored 0.700 vs 0.671 (one epoch, oracle 0.770).
 * Interest evolving layer, AUGRU: a GRU whose update gate is scaled by the attention,
   ``ũ_τ = a_τ · u_τ``, ``s'_τ = (1 − ũ_τ) ⊙ s'_{τ−1} + ũ_τ ⊙ s̃_τ``; the final state ``s'_n``
   is the evolved interest (zero for an empty history).
