@@ -1,12 +1,11 @@
 """Model zoo throughput and memory: every registered CTR model, 1 and 2 ranks, one run.
 
-``python -m bench.models [--quick] [--models deepfm,dcn_v2,autoint,interformer]
-[--ranks 1,2] [--steps 160] [--batch-size 512] [--data DIR] [--out FILE]``
+``python -m bench.models [--quick] [--models deepfm,dcn_v2,...,din,dien] [--ranks 1,2] [--steps 160] [--batch-size 512] [--data DIR] [--out FILE]``
 
 All models train through the real trainer (``python -m trainer`` for 1 rank, ``torchrun``
 for more) on the same sequence-signal synthetic dataset (``data.synth ctr_seq``), so they
 share tables and inputs: the pooled models read ``user``/``item``/``item_cat`` and the dense
-features, InterFormer also the behaviour sequences. Reported per (model, ranks):
+features, InterFormer, DIN and DIEN also the behaviour sequences. Reported per (model, ranks):
 
 * ``examples_per_s``: the trainer's own training throughput over the whole run (the
   ``final`` line; training time only, all ranks together) — includes warm-up;
@@ -30,7 +29,8 @@ from data.cli import ArgumentParser
 from bench.common import format_table, run_trainer, trainer_command, write_results
 from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
-MODELS = ("deepfm", "dcn_v2", "autoint", "interformer")
+MODELS = ("deepfm", "dcn_v2", "autoint", "interformer", "wide_deep", "dcn", "xdeepfm",
+          "masknet", "din", "dien")
 CONFIGS = {m: f"launch/configs/{m}_synthetic.toml" for m in MODELS}
 
 def train_command(model: str, ranks: int, data: str, steps: int, batch_size: int,

@@ -15,11 +15,15 @@ from models.spec import ModelSpec
 # name → module that defines ``MODEL_SPEC``
 _MODEL_MODULES: Dict[str, str] = {
     "autoint": "models.autoint",
+    "dcn": "models.dcn",
     "dcn_v2": "models.dcn_v2",
     "deepfm": "models.deepfm",
+    "dien": "models.dien",
+    "din": "models.din",
     "esmm": "models.multitask.esmm",
     "hstu": "models.hstu.model",
     "interformer": "models.interformer",
+    "masknet": "models.masknet",
     "mind": "models.mind",
     "mmoe": "models.multitask.mmoe",
     "ple": "models.multitask.ple",
@@ -27,6 +31,8 @@ _MODEL_MODULES: Dict[str, str] = {
     "sasrec": "models.sasrec",
     "shared_bottom": "models.multitask.shared_bottom",
     "two_tower": "models.two_tower",
+    "wide_deep": "models.wide_deep",
+    "xdeepfm": "models.xdeepfm",
 }
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from data.schema import Schema
+from models.blocks import place
 from models.retrieval import (
     RetrievalArgs,
     RetrievalModel,
@@ -114,9 +115,7 @@ def build_mind(schema: Schema, args: MINDArgs, device: str = "meta") -> Retrieva
                      max_len, args.routing_seed)
     model = RetrievalModel(ebc, ec, tower, item.name, item.table or item.name,
                            item.num_embeddings, user_features, max_len)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

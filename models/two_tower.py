@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from data.schema import Schema
+from models.blocks import place
 from models.retrieval import (
     RetrievalArgs,
     RetrievalModel,
@@ -55,9 +56,7 @@ def build_two_tower(schema: Schema, args: TwoTowerArgs, device: str = "meta") ->
     tower = TwoTowerUser(profile, dim, list(args.hidden))
     model = RetrievalModel(ebc, ec, tower, item.name, item.table or item.name,
                            item.num_embeddings, user_features, args.max_len or item.max_len)
-    if device != "meta":
-        model.to(device)
-    return model
+    return place(model, device)
 
 
 MODEL_SPEC = ModelSpec(

@@ -4,7 +4,8 @@ prediction list and the multi-task loss wrapper.
 A head model is ``backbone → representation [B, H] → head → logits [B, P]``:
 
 * the **backbone** is a registered single-task model with a ``representation(batch)``
-  method (DeepFM, DCN-v2, InterFormer): its embeddings (pooled and sequence) and
+  method (DeepFM, DCN-v2, InterFormer, Wide&Deep, DCN, xDeepFM, MaskNet, DIN, DIEN; DIEN's
+  auxiliary loss is not used there): its embeddings (pooled and sequence) and
   interaction layers up to, not including, its final logit layer, which is removed so it
   holds no unused parameters (DDP requires every parameter to get a gradient);
 * the **head** (shared-bottom, MMoE, PLE, ESMM, POSO) maps the representation to one
@@ -48,6 +49,12 @@ BACKBONES: Dict[str, Tuple[str, ...]] = {
     "deepfm": ("deep.1", "bias"),
     "dcn_v2": ("head",),
     "interformer": ("arch.head",),
+    "wide_deep": ("deep.1", "bias"),
+    "dcn": ("head",),
+    "xdeepfm": ("deep.1", "cin_out", "bias"),
+    "masknet": ("head",),
+    "din": ("arch.head",),
+    "dien": ("arch.head",),
 }
 
 
@@ -55,7 +62,7 @@ BACKBONES: Dict[str, Tuple[str, ...]] = {
 class MultiTaskArgs:
     """Arguments of every multi-task head (each head uses the ones it needs)."""
 
-    #: backbone model name (its representation feeds the head): deepfm | dcn_v2 | interformer.
+    #: backbone model name (its representation feeds the head): one of ``BACKBONES``.
     backbone: str = "dcn_v2"
     #: the backbone's flavour and argument overrides (as ``model.flavour`` / ``model.args``
     #: would be for the backbone alone).

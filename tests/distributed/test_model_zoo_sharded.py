@@ -1,5 +1,6 @@
-"""2-rank gloo: every model of the zoo, sharded (EBC and, for InterFormer, EC), computes what
-the unsharded model computes, and trains (forward + backward + fused sparse update)."""
+"""2-rank gloo: every model of the zoo, sharded (EBC and, for InterFormer, DIN and DIEN, EC),
+computes what the unsharded model computes, and trains (forward + backward + fused sparse
+update; DIEN's loss includes its auxiliary loss)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ from sharding.spawn import run_ranks
 CASES: List[Tuple[str, str, str]] = [
     ("dcn_v2", "small", "ctr"), ("dcn_v2", "parallel", "ctr"),
     ("autoint", "small_plus", "ctr"), ("interformer", "small", "seq"),
+    ("wide_deep", "small", "ctr"), ("dcn", "small", "ctr"), ("xdeepfm", "small", "ctr"),
+    ("masknet", "small", "ctr"), ("masknet", "small_serial", "ctr"),
+    ("din", "small", "seq"), ("dien", "small", "seq"),
 ]
+#: models with a sequence EmbeddingCollection sharded beside their EmbeddingBagCollection.
+WITH_EC = ("interformer/small", "din/small", "dien/small")
 
 
 def _parity(ctx: DistContext, dirs: Dict[str, str]) -> Dict[str, Dict[str, object]]:
@@ -74,7 +80,7 @@ def _parity(ctx: DistContext, dirs: Dict[str, str]) -> Dict[str, Dict[str, objec
 
 
 def test_every_model_sharded_equals_unsharded(tiny_ctr: str, tiny_seq: str) -> None:
-    ranks = run_ranks(_parity, 2, {"ctr": tiny_ctr, "seq": tiny_seq}, timeout_s=240)
+    ranks = run_ranks(_parity, 2, {"ctr": tiny_ctr, "seq": tiny_seq}, timeout_s=420)
     for rank, results in enumerate(ranks):
         assert set(results) == {f"{n}/{f}" for n, f, _ in CASES}
         for case, r in results.items():
@@ -82,5 +88,6 @@ def test_every_model_sharded_equals_unsharded(tiny_ctr: str, tiny_seq: str) -> N
             assert r["max_diff"] < 1e-4 * max(1.0, r["scale"]), (rank, case, r)
             assert r["grads_finite"], (rank, case, r)
             assert r["moved"] > 1e-6, (rank, case, "a training step changed nothing")
-        # InterFormer's EmbeddingCollection is sharded beside its EmbeddingBagCollection.
-        assert results["interformer/small"]["modules"] == ["model.ebc", "model.ec"], results
+        # The sequence models' EmbeddingCollection is sharded beside their EBC.
+        for case in WITH_EC:
+            assert results[case]["modules"] == ["model.ebc", "model.ec"], (case, results)
