@@ -38,6 +38,10 @@ Three implementations sit behind :func:`hstu_attention`:
   offsets (see :mod:`models.hstu.triton_attention`); on CPU tensors it needs the Triton
   interpreter (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
 
+``compiled_jagged`` runs the same tiles in a compiled C++ CPU kernel (one fused pass over
+each tile's scores for bias, SiLU, ``1/n`` and the mask, no Python per tile; see
+:mod:`models.hstu.compiled`), falling back to ``pytorch_jagged`` where it cannot be built.
+
 ``semi_local`` is a different attention pattern, not another way to compute this one: query
 ``i`` sees only keys with ``i − j < window`` or ``j < global_tokens`` (see
 :mod:`models.hstu.semi_local`), at cost ``O(ΣLᵢ·(W + G))``. ``pytorch_padded`` with a
@@ -54,7 +58,7 @@ import torch.nn.functional as F
 from models.hstu.jagged import (TIME_BUCKET_DIVISOR, jagged_positions, next_timestamps,
                                time_buckets)
 
-IMPLS = ("auto", "pytorch_padded", "pytorch_jagged", "triton", "semi_local")
+IMPLS = ("auto", "pytorch_padded", "pytorch_jagged", "compiled_jagged", "triton", "semi_local")
 __all__ = ["IMPLS", "TIME_BUCKET_DIVISOR", "hstu_attention", "jagged_positions", "next_timestamps",
            "time_buckets"]
 
@@ -99,7 +103,8 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         rab_pos: ``[n]`` learned bias per relative position ``i - j`` (clamped to ``n - 1``).
         rab_time: ``[num_buckets + 1]`` learned bias per time-gap bucket, or None.
         timestamps: ``[ΣLᵢ]`` int64 event times (needed iff ``rab_time`` is given).
-        impl: ``"pytorch_padded"``, ``"pytorch_jagged"``, ``"triton"``, or ``"auto"``
+        impl: ``"pytorch_padded"``, ``"pytorch_jagged"``, ``"compiled_jagged"``,
+            ``"triton"``, ``"semi_local"`` or ``"auto"``
             (``triton`` for CUDA tensors when Triton imports, else ``pytorch_jagged``).
         query_timestamps: ``[ΣLᵢ]`` the time each query's gaps are measured from, instead of
             ``ts[i + 1]`` (own time for a last token) — e.g. the held-out item's time for the
@@ -134,6 +139,11 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
     if impl == "pytorch_padded":
         return _padded(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
                        query_timestamps, window, global_tokens)
+    if impl == "compiled_jagged":
+        from models.hstu.compiled import compiled_jagged_attention
+
+        return compiled_jagged_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time,
+                                         timestamps, query_timestamps)
     if impl == "semi_local":
         from models.hstu.semi_local import semi_local_attention
 
