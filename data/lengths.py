@@ -19,7 +19,10 @@ length-balanced batches (used by :class:`data.reader.ParquetReader`).
   unchanged, so ranks still agree on the batch count from the parquet footers alone (a rank
   with one more batch would hang the collectives), and batch ``k`` stays a pure function of
   ``(seed, epoch, rank, k)``: a resumed run rebuilds superbatch ``⌊k / M⌋`` and hands out its
-  part ``k mod M``.
+  part ``k mod M``. The parts are handed out heaviest first: a row too long to share its
+  cost (a whale) still makes its batch heavy, and ordering by cost on every rank puts the
+  ranks' heavy batches on the same steps instead of making every rank wait for one rank's
+  whale at a different step.
 
 Shapes: ``lengths [N]`` int64 → ``[N]``; jagged columns are ``offsets [N + 1]`` (from 0) and
 ``values [offsets[-1]]``.
@@ -31,7 +34,7 @@ Example::
     [3, 10, 10]
     >>> order = balanced_batches(np.array([9, 1, 8, 2, 7, 3]), 2)
     >>> [int(np.array([9, 1, 8, 2, 7, 3])[o].sum()) for o in order]
-    [14, 16]
+    [16, 14]
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ def balanced_batches(costs: np.ndarray, parts: int) -> List[np.ndarray]:
     """Split rows ``0 … N−1`` (``N`` a multiple of ``parts``) into ``parts`` sets of exactly
     ``N / parts`` rows with near-equal total cost: rows in decreasing cost go to the cheapest
     set that still has room (greedy LPT with a cardinality limit; ties broken by row index,
-    so the result is deterministic). Each set is returned in increasing row order."""
+    so the result is deterministic). Each set is in increasing row order; the sets come
+    heaviest first (ties: by their first row)."""
     n = costs.size
     if parts < 1 or n % parts:
         raise ValueError(f"{n} rows do not split into {parts} equal batches")
@@ -132,7 +136,9 @@ def balanced_batches(costs: np.ndarray, parts: int) -> List[np.ndarray]:
         if fill[p] < size:
             heapq.heappush(heap, (load + int(c), p))
     sets = np.argsort(owner, kind="stable")
-    return [sets[p * size:(p + 1) * size] for p in range(parts)]
+    out = [sets[p * size:(p + 1) * size] for p in range(parts)]
+    loads = [int(costs[s].sum()) for s in out]
+    return [out[p] for p in sorted(range(parts), key=lambda p: (-loads[p], int(out[p][0])))]
 
 
 def length_options_errors(data: Any) -> List[str]:

@@ -760,9 +760,8 @@ class ParquetReader:
             if self.length_sampling.enabled:
                 rows = self._sample_lengths(rows, first)
             if m > 1:
-                lengths = rows.sequence[0].lengths
-                pieces = [rows.take(p) for p in balanced_batches(
-                    batch_costs(lengths, self.balance_cost), parts)]
+                costs = batch_costs(rows.sequence[0].lengths, self.balance_cost)
+                pieces = [rows.take(p) for p in balanced_batches(costs, parts)]
             else:
                 pieces = [rows]
             for piece in pieces:
