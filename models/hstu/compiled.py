@@ -28,14 +28,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-from models.hstu.jagged import next_timestamps
+from models.hstu.jagged import next_timestamps, time_buckets
 
 __all__ = ["compiled_jagged_attention", "load_kernel"]
 
@@ -48,6 +50,37 @@ _kernel: Any = None
 _tried = False
 
 
+def _cflags() -> List[str]:
+    """-O3 and fast math (the SiLU loops vectorise through glibc's vector exp; infinities
+    stay honoured: a very negative score's exp(-z) overflows to inf and SiLU to 0), plus
+    AVX2/FMA where this x86 CPU has them."""
+    flags = ["-O3", "-ffast-math", "-fno-finite-math-only"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = f.read()
+        except OSError:
+            cpu = ""
+        if " avx2" in cpu and " fma" in cpu:
+            flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+@functools.lru_cache(maxsize=16)
+def bucket_thresholds(num_buckets: int) -> torch.Tensor:
+    """``[num_buckets]`` int64: entry ``b − 1`` is the smallest gap whose
+    :func:`~models.hstu.jagged.time_buckets` bucket is ``≥ b`` (found by a vectorised binary
+    search over that very function, so the kernel's integer comparisons reproduce it
+    exactly); ``2⁶²`` where no gap below it reaches ``b``."""
+    target = torch.arange(1, num_buckets + 1)
+    lo, hi = torch.ones(num_buckets, dtype=torch.int64), torch.full((num_buckets,), 1 << 62)
+    while bool((lo < hi).any()):
+        mid = (lo + hi) // 2
+        ok = time_buckets(mid, num_buckets) >= target
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid + 1)
+    return lo
+
+
 def load_kernel(verbose: bool = False) -> Any:
     """The compiled extension module (built on first use, then cached), or None — with one
     log line saying why — where it cannot be built."""
@@ -58,7 +91,7 @@ def load_kernel(verbose: bool = False) -> Any:
     try:
         from torch.utils.cpp_extension import load
 
-        _kernel = load(name=_NAME, sources=[_SOURCE], extra_cflags=["-O3"], verbose=verbose)
+        _kernel = load(name=_NAME, sources=[_SOURCE], extra_cflags=_cflags(), verbose=verbose)
     except Exception as e:  # noqa: BLE001 — any build failure means: use the fallback
         reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[-400:]
         logger.warning("compiled_jagged: cannot build the C++ attention kernel (%s: %s); "
@@ -74,17 +107,19 @@ class _CompiledAttention(torch.autograd.Function):
                 offsets: torch.Tensor, ts: torch.Tensor, ts_next: torch.Tensor,
                 max_seq_len: int, block: int, kernel: Any) -> torch.Tensor:
         rt = rab_time if rab_time is not None else rab_pos.new_zeros(0)
-        out = kernel.forward(q, k, v, offsets, rab_pos, rt, ts, ts_next, max_seq_len, block)
-        ctx.save_for_backward(q, k, v, rab_pos, rt, offsets, ts, ts_next)
+        thr = bucket_thresholds(rt.numel() - 1) if rab_time is not None else ts
+        out = kernel.forward(q, k, v, offsets, rab_pos, rt, ts, ts_next, thr, max_seq_len,
+                             block)
+        ctx.save_for_backward(q, k, v, rab_pos, rt, offsets, ts, ts_next, thr)
         ctx.has_time, ctx.n, ctx.block, ctx.kernel = rab_time is not None, max_seq_len, \
             block, kernel
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        q, k, v, rab_pos, rt, offsets, ts, ts_next = ctx.saved_tensors
+        q, k, v, rab_pos, rt, offsets, ts, ts_next, thr = ctx.saved_tensors
         dq, dk, dv, d_pos, d_time = ctx.kernel.backward(q, k, v, grad.to(v.dtype).contiguous(),
-                                                        offsets, rab_pos, rt, ts, ts_next,
+                                                        offsets, rab_pos, rt, ts, ts_next, thr,
                                                         ctx.n, ctx.block)
         return (dq, dk, dv, d_pos, d_time if ctx.has_time else None,
                 None, None, None, None, None, None)

@@ -26,13 +26,13 @@
 
 namespace {
 
-// Must match models.hstu.jagged.time_buckets: float32 log, divisor 0.301.
-inline int64_t bucket_of(int64_t dt, int64_t num_buckets) {
-  int64_t gap = dt < 0 ? -dt : dt;
-  if (gap < 1) gap = 1;
-  float b = std::floor(std::log(static_cast<float>(gap)) / 0.301f);
-  int64_t bi = static_cast<int64_t>(b);
-  return bi < 0 ? 0 : (bi > num_buckets ? num_buckets : bi);
+// The time bucket of a gap by integer comparisons: thresholds[b - 1] is the smallest gap
+// whose bucket is >= b, computed in Python by models.hstu.jagged.time_buckets itself, so
+// the buckets match it exactly whatever this file's floating-point flags (it is built with
+// -ffast-math so that the SiLU loops vectorise).
+inline int64_t bucket_of(int64_t dt, const int64_t* thresholds, int64_t num_buckets) {
+  const int64_t gap = dt < 0 ? -dt : dt;
+  return std::upper_bound(thresholds, thresholds + num_buckets, gap) - thresholds;
 }
 
 struct Tile {
@@ -83,13 +83,13 @@ void dynamic_for(int64_t n, Fn fn) {
 // buckets (for the backward pass).
 template <typename scalar_t>
 inline void bias_row(int64_t gi, int64_t keys_on, int64_t n, const scalar_t* rab_pos,
-                     const scalar_t* rab_time, int64_t num_buckets, const int64_t* ts_seq,
-                     int64_t tq, scalar_t* bias, int64_t* bucket) {
+                     const scalar_t* rab_time, const int64_t* thresholds, int64_t num_buckets,
+                     const int64_t* ts_seq, int64_t tq, scalar_t* bias, int64_t* bucket) {
   for (int64_t j = 0; j < keys_on; ++j) {
     int64_t rel = std::min(gi - j, n - 1);
     scalar_t bj = rab_pos[rel];
     if (rab_time != nullptr) {
-      int64_t bk = bucket_of(tq - ts_seq[j], num_buckets);
+      int64_t bk = bucket_of(tq - ts_seq[j], thresholds, num_buckets);
       bj += rab_time[bk];
       if (bucket != nullptr) bucket[j] = bk;
     }
@@ -97,10 +97,33 @@ inline void bias_row(int64_t gi, int64_t keys_on, int64_t n, const scalar_t* rab
   }
 }
 
+// A = SiLU(z + bias) / n over one score row (vectorised: no branches, no gathers).
+template <typename scalar_t>
+inline void silu_row(scalar_t* __restrict__ row, const scalar_t* __restrict__ bias, int64_t on,
+                     scalar_t inv_n) {
+  for (int64_t j = 0; j < on; ++j) {
+    const scalar_t z = row[j] + bias[j];
+    row[j] = z / (scalar_t(1) + std::exp(-z)) * inv_n;
+  }
+}
+
+// A into zr and dZ = dA · SiLU'(z) / n into dr over one row (vectorised likewise).
+template <typename scalar_t>
+inline void silu_grad_row(scalar_t* __restrict__ zr, scalar_t* __restrict__ dr,
+                          const scalar_t* __restrict__ bias, int64_t on, scalar_t inv_n) {
+  for (int64_t j = 0; j < on; ++j) {
+    const scalar_t x = zr[j] + bias[j];
+    const scalar_t sig = scalar_t(1) / (scalar_t(1) + std::exp(-x));
+    zr[j] = x * sig * inv_n;
+    dr[j] = dr[j] * inv_n * sig * (scalar_t(1) + x * (scalar_t(1) - sig));
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& rab_pos, const at::Tensor& rab_time, const at::Tensor& ts,
-                  const at::Tensor& ts_next, int64_t n, const Plan& plan, at::Tensor& out) {
+                  const at::Tensor& ts_next, const at::Tensor& thresholds, int64_t n,
+                  const Plan& plan, at::Tensor& out) {
   const int64_t heads = q.size(1);
   const bool has_time = rab_time.numel() > 0;
   const scalar_t* pos = rab_pos.data_ptr<scalar_t>();
@@ -108,6 +131,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t nb = has_time ? rab_time.numel() - 1 : 0;
   const int64_t* tsp = has_time ? ts.data_ptr<int64_t>() : nullptr;
   const int64_t* tnp = has_time ? ts_next.data_ptr<int64_t>() : nullptr;
+  const int64_t* thr = has_time ? thresholds.data_ptr<int64_t>() : nullptr;
   const scalar_t inv_n = scalar_t(1) / static_cast<scalar_t>(n);
   dynamic_for(static_cast<int64_t>(plan.tiles.size()), [&](int64_t item, int64_t) {
     at::NoGradGuard no_grad;
@@ -121,14 +145,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<scalar_t> bias(keys);
     for (int64_t i = 0; i < t.rows; ++i) {
       const int64_t gi = t.row0 + i, on = gi + 1;
-      bias_row<scalar_t>(gi, on, n, pos, tim, nb, has_time ? tsp + t.start : nullptr,
+      bias_row<scalar_t>(gi, on, n, pos, tim, thr, nb, has_time ? tsp + t.start : nullptr,
                          has_time ? tnp[t.start + gi] : 0, bias.data(), nullptr);
       for (int64_t h = 0; h < heads; ++h) {
         scalar_t* row = sp + (h * t.rows + i) * keys;
-        for (int64_t j = 0; j < on; ++j) {
-          const scalar_t z = row[j] + bias[j];
-          row[j] = z / (scalar_t(1) + std::exp(-z)) * inv_n;
-        }
+        silu_row<scalar_t>(row, bias.data(), on, inv_n);
         std::fill(row + on, row + keys, scalar_t(0));
       }
     }
@@ -139,7 +160,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename scalar_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& g, const at::Tensor& rab_pos, const at::Tensor& rab_time,
-                   const at::Tensor& ts, const at::Tensor& ts_next, int64_t n, int64_t block,
+                   const at::Tensor& ts, const at::Tensor& ts_next,
+                   const at::Tensor& thresholds, int64_t n, int64_t block,
                    const Plan& plan, const at::Tensor& offsets, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv, std::vector<std::vector<double>>& d_pos,
                    std::vector<std::vector<double>>& d_time) {
@@ -151,6 +173,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t* tsp = has_time ? ts.data_ptr<int64_t>() : nullptr;
   const int64_t* tnp = has_time ? ts_next.data_ptr<int64_t>() : nullptr;
   const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* thr = has_time ? thresholds.data_ptr<int64_t>() : nullptr;
   const scalar_t inv_n = scalar_t(1) / static_cast<scalar_t>(n);
   dynamic_for(static_cast<int64_t>(plan.seqs.size()), [&](int64_t item, int64_t worker) {
     at::NoGradGuard no_grad;
@@ -159,6 +182,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     double* dtim = has_time ? d_time[worker].data() : nullptr;
     std::vector<scalar_t> bias(len);
     std::vector<int64_t> bucket(has_time ? len : 0);
+    std::vector<scalar_t> dsum(len);
     for (int64_t row0 = 0; row0 < len; row0 += block) {
       const int64_t rows = std::min(block, len - row0), keys = row0 + rows;
       auto qt = q.narrow(0, start + row0, rows).transpose(0, 1);
@@ -171,24 +195,22 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       scalar_t* dzp = dz.data_ptr<scalar_t>();
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t gi = row0 + i, on = gi + 1;
-        bias_row<scalar_t>(gi, on, n, pos, tim, nb, has_time ? tsp + start : nullptr,
+        bias_row<scalar_t>(gi, on, n, pos, tim, thr, nb, has_time ? tsp + start : nullptr,
                            has_time ? tnp[start + gi] : 0, bias.data(),
                            has_time ? bucket.data() : nullptr);
+        std::fill(dsum.begin(), dsum.begin() + on, scalar_t(0));
         for (int64_t h = 0; h < heads; ++h) {
           scalar_t* zr = zp + (h * rows + i) * keys;
           scalar_t* dr = dzp + (h * rows + i) * keys;
-          for (int64_t j = 0; j < on; ++j) {
-            const scalar_t x = zr[j] + bias[j];
-            const scalar_t sig = scalar_t(1) / (scalar_t(1) + std::exp(-x));
-            zr[j] = x * sig * inv_n;  // A
-            const scalar_t d = dr[j] * inv_n * sig * (scalar_t(1) + x * (scalar_t(1) - sig));
-            dr[j] = d;  // dZ
-            const int64_t rel = std::min(gi - j, n - 1);
-            dpos[rel] += static_cast<double>(d);
-            if (has_time) dtim[bucket[j]] += static_cast<double>(d);
-          }
+          silu_grad_row<scalar_t>(zr, dr, bias.data(), on, inv_n);
+          for (int64_t j = 0; j < on; ++j) dsum[j] += dr[j];
           std::fill(zr + on, zr + keys, scalar_t(0));
           std::fill(dr + on, dr + keys, scalar_t(0));
+        }
+        // The bias is shared by the heads: its gradient is the heads' dZ summed, per (i, j).
+        for (int64_t j = 0; j < on; ++j) {
+          dpos[std::min(gi - j, n - 1)] += static_cast<double>(dsum[j]);
+          if (has_time) dtim[bucket[j]] += static_cast<double>(dsum[j]);
         }
       }
       dv.narrow(0, start, keys).transpose(0, 1).add_(at::bmm(z.transpose(1, 2), gt));
@@ -212,14 +234,15 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::Tensor hstu_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor offsets,
                         at::Tensor rab_pos, at::Tensor rab_time, at::Tensor ts,
-                        at::Tensor ts_next, int64_t n, int64_t block) {
+                        at::Tensor ts_next, at::Tensor thresholds, int64_t n, int64_t block) {
   check(q, k, v, offsets);
   offsets = offsets.contiguous();
   Plan plan = make_plan(offsets, block);
   at::Tensor out = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hstu_forward", [&] {
     forward_impl<scalar_t>(q, k, v, rab_pos.contiguous(), rab_time.contiguous(),
-                           ts.contiguous(), ts_next.contiguous(), n, plan, out);
+                           ts.contiguous(), ts_next.contiguous(), thresholds.contiguous(), n,
+                           plan, out);
   });
   return out;
 }
@@ -227,7 +250,7 @@ at::Tensor hstu_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor off
 std::vector<at::Tensor> hstu_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g,
                                       at::Tensor offsets, at::Tensor rab_pos,
                                       at::Tensor rab_time, at::Tensor ts, at::Tensor ts_next,
-                                      int64_t n, int64_t block) {
+                                      at::Tensor thresholds, int64_t n, int64_t block) {
   check(q, k, v, offsets);
   offsets = offsets.contiguous();
   Plan plan = make_plan(offsets, block);
@@ -238,8 +261,9 @@ std::vector<at::Tensor> hstu_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
   std::vector<std::vector<double>> d_time(workers, std::vector<double>(nt, 0.0));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hstu_backward", [&] {
     backward_impl<scalar_t>(q, k, v, g.contiguous(), rab_pos.contiguous(),
-                            rab_time.contiguous(), ts.contiguous(), ts_next.contiguous(), n,
-                            block, plan, offsets, dq, dk, dv, d_pos, d_time);
+                            rab_time.contiguous(), ts.contiguous(), ts_next.contiguous(),
+                            thresholds.contiguous(), n, block, plan, offsets, dq, dk, dv, d_pos,
+                            d_time);
   });
   auto opts = at::TensorOptions().dtype(at::kDouble);
   at::Tensor gp = at::zeros({n}, opts), gt = at::zeros({nt}, opts);
