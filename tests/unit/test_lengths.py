@@ -128,3 +128,18 @@ def test_reader_balanced_sampled_batches_resume_exactly(long_tailed: str) -> Non
             resumed = reader(rank, **kw)
             resumed.load_state_dict(first.state_dict())
             assert _read(resumed) == balanced[stop_at:], (rank, stop_at)
+
+
+def test_resume_refuses_other_length_settings(long_tailed: str) -> None:
+    """A saved position names rows only under the same balancing and sampling."""
+    from data.reader import DataError
+
+    def reader(**kw: object) -> ParquetReader:
+        return ParquetReader(long_tailed, "train", 10, prefetch=0, **kw)  # type: ignore[arg-type]
+
+    state = reader(balance_batches=4).state_dict()
+    with pytest.raises(DataError, match="balance_batches"):
+        reader().load_state_dict(state)
+    state = reader(length_sampling=LengthSampling("uniform")).state_dict()
+    with pytest.raises(DataError, match="length_sampling"):
+        reader(length_sampling=LengthSampling("hstu")).load_state_dict(state)
