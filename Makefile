@@ -47,6 +47,9 @@ $(STAMP): setup.cfg Makefile
 	@# --no-deps: the stack above is already resolved, and pip would otherwise try to pull the
 	@# CUDA fbgemm-gpu back in through torchrec's metadata.
 	$(PIP) install -q --no-deps -e .
+	@# The compiled_jagged HSTU attention kernel (C++, cached under ~/.cache/torch_extensions);
+	@# without a compiler it logs why and the op falls back to pytorch_jagged.
+	-$(PY) -m models.hstu.compiled --build
 	@$(PY) -c "import torch, torchrec, fbgemm_gpu, pyarrow, torchx; print('stack ok: torch', torch.__version__, '| torchrec', torchrec.__version__, '| torchx', torchx.__version__)"
 	@touch $(STAMP)
 

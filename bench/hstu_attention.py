@@ -1,4 +1,5 @@
-"""One HSTU layer, forward + backward: jagged vs padded vs a per-sequence loop (vs Triton).
+"""One HSTU layer, forward + backward: jagged (Python tiles, compiled C++) vs padded vs a
+per-sequence loop (vs Triton); semi-local vs full at long lengths; length-balanced batches.
 
 ``python -m bench.hstu_attention [--quick] [--json PATH]``
 
@@ -12,10 +13,25 @@ Workloads (D=256, 4 heads, so 64 features per head; ``n`` = 4,096):
 
 Contenders (same layer weights and inputs):
 
-* ``pytorch_jagged`` / ``pytorch_padded``: ``HSTULayer`` with that attention impl;
+* ``pytorch_jagged`` / ``compiled_jagged`` / ``pytorch_padded``: ``HSTULayer`` with that
+  attention impl (``compiled_jagged``: the C++ kernel of :mod:`models.hstu.compiled`);
 * ``loop``: the layer run on each sequence alone at its true length (one dense masked
   ``L × L`` attention per sequence, no padding), one backward for the batch;
 * ``triton``: only on a CUDA device (under ``TRITON_INTERPRET`` it is far too slow to time).
+
+Goals printed per long-tailed workload: ``compiled_jagged``'s attention FLOP/s ≥ 40% of the
+square matmul's, and its layer ≥ 1.5× ``pytorch_jagged``'s speed.
+
+``long-16384`` (B=4, lengths 16,384 / 4,096 / 1,024 / 256, ``n`` = 16,384): ``semi_local``
+(W=256, G=4) against full causal ``pytorch_jagged`` and ``compiled_jagged``: the time and
+peak-memory ratios.
+
+Length-balanced batches (``data.balance_batches``, ``data.length_sampling``): a long-tailed
+dataset (log-normal lengths, mean 256, capped at 4,096) read by 4 simulated ranks, 8 rows a
+batch; each step's layer time is measured per rank and the spread is ``max / mean`` over the
+ranks (the synchronous step waits for the slowest), averaged over the steps: plain batches,
+balanced (``balance_batches=8``, attention cost) and balanced + ``hstu`` length sampling
+(α = 1.6, which also trains on less of the longest histories).
 
 Each contender runs in a fresh subprocess (in ``--quick``, in-process, where the peak-memory
 column means little), so its peak memory is the rise of the process's peak RSS
@@ -51,6 +67,9 @@ from bench.common import format_table, matmul_flops, write_results
 DIM, HEADS, MAX_LEN = 256, 4, 4096
 QUICK = {"dim": 32, "heads": 2, "max_len": 64, "uniform": (2, 16), "mean": 16,
          "tail_batches": (2, 4)}
+# The long workload: lengths, n, window W, global tokens G (full run / --quick).
+LONG = {"lengths": [16384, 4096, 1024, 256], "max_len": 16384, "window": 256, "global": 4}
+LONG_QUICK = {"lengths": [256, 64, 16], "max_len": 256, "window": 16, "global": 2}
 
 
 def longtail_lengths(batch: int, mean: float, cap: int, seed: int) -> List[int]:
@@ -83,7 +102,10 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     device = torch.device("cuda" if spec["impl"] == "triton" else "cpu")
     lengths, dim, heads, max_len = spec["lengths"], spec["dim"], spec["heads"], spec["max_len"]
     impl = "pytorch_padded" if spec["impl"] == "loop" else spec["impl"]
-    layer = HSTULayer(dim, heads, max_len, num_time_buckets=128, impl=impl).to(device)
+    window, glob = spec.get("window", 256), spec.get("global_tokens", 4)
+    layer = HSTULayer(dim, heads, max_len, num_time_buckets=128, impl=impl, window=window,
+                      global_tokens=glob).to(device)
+    local = (window, glob) if impl == "semi_local" else (0, 0)
     offsets = torch.tensor([0, *lengths], device=device).cumsum(0)
     total = int(offsets[-1])
     x = torch.randn(total, dim, device=device, requires_grad=True)
@@ -110,7 +132,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                                             impl=impl) for lo, hi in bounds])
         else:
             out = hstu_attention(q, k, v, offsets, max_len, layer.rab_pos, layer.rab_time, ts,
-                                 impl=impl)
+                                 impl=impl, window=local[0], global_tokens=local[1])
         out.sum().backward()
 
     def timed(step: Any) -> float:
@@ -142,8 +164,102 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         from bench.common import profile_ops
 
         prof = profile_ops(attention_step, 1, top=8)
-        out["profile"] = {"top_ops": prof["top_ops"],
+        out["profile"] = {"impl": spec["impl"], "top_ops": prof["top_ops"],
                           "self_ms_per_step": prof["self_ms_per_step"]}
+    return out
+
+
+def compiled_goals(rows: List[Dict[str, Any]], workloads: Sequence[str]
+                   ) -> List[Dict[str, Any]]:
+    """compiled_jagged's attention FLOP/s share and layer speedup over pytorch_jagged."""
+    out = []
+    for name in workloads:
+        mine = next(r for r in rows if r["workload"] == name and r["impl"] == "compiled_jagged")
+        base = next(r for r in rows if r["workload"] == name and r["impl"] == "pytorch_jagged")
+        speedup = base["layer_s"] / mine["layer_s"]
+        out.append({"workload": name, "attn/matmul": mine["attn/matmul"],
+                    "layer_speedup": speedup,
+                    "goals_met": bool(mine["attn/matmul"] >= 0.40 and speedup >= 1.5)})
+    return out
+
+
+def semi_local_ratios(rows: List[Dict[str, Any]], workload: str) -> List[Dict[str, Any]]:
+    semi = next(r for r in rows if r["workload"] == workload and r["impl"] == "semi_local")
+    out = []
+    for full in ("pytorch_jagged", "compiled_jagged"):
+        them = next(r for r in rows if r["workload"] == workload and r["impl"] == full)
+        out.append({"vs": full, "time_ratio": semi["layer_s"] / them["layer_s"],
+                    "attn_time_ratio": semi["attention_s"] / them["attention_s"],
+                    "memory_ratio": semi["peak_bytes"] / max(them["peak_bytes"], 1.0)})
+    return out
+
+
+def balance_spread(quick: bool, ranks: int = 4) -> List[Dict[str, Any]]:
+    """Step-time spread across simulated ranks for plain vs length-balanced batches (see the
+    module docstring); every rank's step runs here in turn, one thread."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.lengths import LengthSampling
+    from data.reader import ParquetReader
+    from data.schema import FeatureSpec, LabelSpec, Schema
+    from models.hstu.layer import HSTULayer
+
+    dim, heads, cap, mean, rows, batch = (32, 2, 256, 16, 256, 4) if quick else \
+        (DIM, HEADS, MAX_LEN, 256, 1024, 8)
+    lengths = longtail_lengths(rows, mean, cap, seed=3)
+    lengths[int(np.argmax(lengths))] = int(np.sort(lengths)[-2])  # no forced whale here
+    out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one simulated rank at a time, as on one core each
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (root := os.path.join(tmp, "ds"), os.makedirs(os.path.join(tmp, "ds", "train")))
+            Schema(features=[FeatureSpec("item", "sequence", num_embeddings=1000,
+                                         embedding_dim=4, max_len=cap, timestamps="ts")],
+                   labels=[LabelSpec("label")]).save(root)
+            pq.write_table(pa.table({
+                "item": pa.array([[1] * n for n in lengths], pa.list_(pa.int64())),
+                "ts": pa.array([list(range(0, 60 * n, 60)) for n in lengths],
+                               pa.list_(pa.int64())),
+                "label": pa.array(np.zeros(rows, np.float32))}),
+                os.path.join(root, "train", "part-00000.parquet"), row_group_size=16)
+            torch.manual_seed(0)
+            layer = HSTULayer(dim, heads, cap, num_time_buckets=128, impl="pytorch_jagged")
+            settings = [("plain", {}),
+                        ("balanced", {"balance_batches": 8, "balance_cost": "attention"}),
+                        ("balanced+hstu_sampling",
+                         {"balance_batches": 8, "balance_cost": "attention",
+                          "length_sampling": LengthSampling("hstu", alpha=1.6)})]
+            for name, kw in settings:
+                readers = [ParquetReader(root, "train", batch, rank=r, world_size=ranks,
+                                         shuffle=True, seed=0, prefetch=0, **kw)
+                           for r in range(ranks)]
+                spreads, cost_spreads, steps, tokens = [], [], [], 0
+                for batches in zip(*readers):
+                    times, costs = [], []
+                    for b in batches:
+                        lens = b.sequence["item"].lengths().long()
+                        # The attention term dominates a long batch: Σ L² (+ Σ L, linear).
+                        costs.append(float((lens * lens).sum() + lens.sum() * dim))
+                        offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+                        x = torch.randn(int(offsets[-1]), dim, requires_grad=True)
+                        t0 = time.perf_counter()
+                        layer(x, offsets, b.timestamps["item"].values()).sum().backward()
+                        times.append(time.perf_counter() - t0)
+                        tokens += int(offsets[-1])
+                    spreads.append(max(times) / (sum(times) / len(times)))
+                    cost_spreads.append(max(costs) / (sum(costs) / len(costs)))
+                    steps.append(max(times))
+                out.append({"batches": name, "ranks": ranks, "steps": len(steps),
+                            "spread": float(np.mean(spreads)),
+                            "cost_spread": float(np.mean(cost_spreads)),
+                            "step_s": float(np.mean(steps)),
+                            "tokens_per_s": tokens / ranks / float(np.sum(steps))})
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -178,12 +294,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dim, heads, max_len, mean, ub, ul, small, big = DIM, HEADS, MAX_LEN, 256, 64, 256, 8, 64
     gpu = torch.cuda.is_available()
     extra = ["triton"] if gpu else []
+    long = LONG_QUICK if ns.quick else LONG
     workloads = [
-        ("uniform", [ul] * ub, ["pytorch_jagged", "pytorch_padded", "loop"] + extra),
+        ("uniform", [ul] * ub, ["pytorch_jagged", "compiled_jagged", "pytorch_padded", "loop"]
+         + extra),
         (f"longtail-{small}", longtail_lengths(small, mean, max_len, seed=1),
-         ["pytorch_jagged", "pytorch_padded", "loop"] + extra),
+         ["pytorch_jagged", "compiled_jagged", "pytorch_padded", "loop"] + extra),
         (f"longtail-{big}", longtail_lengths(big, mean, max_len, seed=2),
-         ["pytorch_jagged", "loop"] + extra),
+         ["pytorch_jagged", "compiled_jagged", "loop"] + extra),
+        (f"long-{long['max_len']}", long["lengths"],
+         ["pytorch_jagged", "compiled_jagged", "semi_local"]),
     ]
     flops = matmul_flops(256 if ns.quick else 1024)
     rows: List[Dict[str, Any]] = []
@@ -192,15 +312,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jagged_cells = sum(n * n for n in lengths)
         for impl in contenders:
             slow = impl == "pytorch_padded" and name.startswith("longtail") and not ns.quick
+            is_long = name.startswith("long-")
             spec = {"workload": name, "impl": impl, "lengths": lengths, "dim": dim,
-                    "heads": heads, "max_len": max_len, "warmup": 0 if slow else 1,
-                    "repeats": 1 if slow or ns.quick else 3,
-                    "profile": impl == "pytorch_jagged" and name == workloads[-1][0]}
+                    "heads": heads, "max_len": long["max_len"] if is_long else max_len,
+                    "warmup": 0 if slow else 1, "repeats": 1 if slow or ns.quick else 3,
+                    "window": long["window"], "global_tokens": long["global"],
+                    "profile": impl in ("pytorch_jagged", "compiled_jagged")
+                    and name == workloads[2][0]}
             # --quick stays in-process: a fresh interpreter per contender costs seconds on a
             # loaded CI machine, and the smoke test checks only that the numbers are finite.
             res = worker(spec) if ns.quick else run_contender(spec)
             rows.append({"workload": name, "B": len(lengths), "max_L": max(lengths),
-                         "sum_L2/B_maxL2": jagged_cells / padded_cells, "impl": impl, **res,
+                         "sum_L2/B_maxL2": jagged_cells / padded_cells, "impl": impl,
+                         "profile": None, **res,
                          "peak_MB": res["peak_bytes"] / 2**20,
                          "attn_GFLOP/s": res["attention_flops"] / 1e9,
                          "attn/matmul": res["attention_flops"] / flops})
@@ -219,14 +343,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "attention_s", "peak_MB", "attn_GFLOP/s", "attn/matmul"]))
     print("ratios: pytorch_jagged vs the others (>1 = jagged faster / smaller)")
     print(format_table(ratios, ["workload", "vs", "speedup", "attn_speedup", "memory_ratio"]))
-    prof = next((r.pop("profile") for r in rows if "profile" in r), None)
-    if prof:
-        print(f"pytorch_jagged attention op, {workloads[-1][0]}: "
+    profiles = [p for p in (r.pop("profile") for r in rows) if p]
+    for prof in profiles:
+        print(f"{prof['impl']} attention op, {workloads[2][0]}: "
               f"{prof['self_ms_per_step']:.0f} ms of CPU per forward + backward")
         print(format_table(prof["top_ops"], ["op", "self_ms_per_step", "share",
                                              "calls_per_step"]))
+    goals = compiled_goals(rows, [w[0] for w in workloads if w[0].startswith("longtail")])
+    print("compiled_jagged goals (attn/matmul >= 0.40, layer >= 1.5x pytorch_jagged):")
+    print(format_table(goals, ["workload", "attn/matmul", "layer_speedup", "goals_met"]))
+    semi = semi_local_ratios(rows, workloads[3][0])
+    print(f"{workloads[3][0]}: semi_local (W={long['window']}, G={long['global']}) vs full "
+          "causal attention (<1 = semi-local cheaper)")
+    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
+    spread = balance_spread(ns.quick)
+    print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
+    print(format_table(spread, ["batches", "ranks", "steps", "spread", "cost_spread", "step_s",
+                                "tokens_per_s"]))
     payload = {"quick": ns.quick, "matmul_flops": flops, "results": rows, "ratios": ratios,
-               "jagged_profile": prof}
+               "profiles": profiles, "compiled_goals": goals, "semi_local": semi,
+               "balance_spread": spread}
     write_results("hstu_attention_quick" if ns.quick else "hstu_attention", payload, ns.json)
     return 0
 

@@ -25,6 +25,12 @@ check runs even with ``validate=False``), and the split's row count equal to ``m
 ``ParquetReader.validate_labels`` checks the labels of a whole split up front. Errors name
 the file, row group, row, column and value.
 
+Long histories (:mod:`data.lengths`): ``length_sampling`` cuts long training histories to a
+random recent suffix, seeded by ``(seed, epoch, rank, batch)``; ``balance_batches = M`` deals
+the rows of ``M`` consecutive batches back into ``M`` batches of ``B`` rows with near-equal
+token (or attention) cost. Neither changes the batch size or the batch count, so ranks stay
+balanced and batch ``k`` stays a pure function of ``(seed, epoch, rank, k)`` (exact resume).
+
 Batches are built from Arrow list offsets without per-row Python: a KJT's ``lengths`` are
 offset differences and its ``values`` one slice of the flat child array per feature. A
 background thread decodes and builds the next batches while the trainer computes.
@@ -56,6 +62,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
+from data.lengths import LengthSampling, balanced_batches, batch_costs, keep_suffix
 from data.schema import FeatureSpec, LabelSpec, Schema, SchemaError, load_meta
 
 REMAINDERS = ("drop", "pad")
@@ -587,6 +594,11 @@ class ParquetReader:
         transform: applied to every built batch in the background thread (a task kind's
             data-path step, e.g. sampling negatives into the sequence KJT); it must be a pure
             function of the batch so a resumed run rebuilds the same batches.
+        length_sampling: cut long histories to a random suffix (:mod:`data.lengths`; all
+            sequence features of a row by the same suffix length, drawn from the first one).
+        balance_batches: ``M > 1`` deals each ``M`` consecutive batches' rows into ``M``
+            batches of near-equal ``balance_cost`` (``tokens`` or ``attention``) of the
+            first sequence feature; 0 or 1: off.
     """
 
     def __init__(self, dataset_dir: str, split: str, batch_size: int, rank: int = 0,
@@ -594,7 +606,9 @@ class ParquetReader:
                  schema: Optional[Schema] = None, remainder: str = "drop",
                  columns: Optional[Sequence[str]] = None, shuffle_buffer_rows: int = 0,
                  validate: bool = True,
-                 transform: Optional[Callable[[Batch], Batch]] = None) -> None:
+                 transform: Optional[Callable[[Batch], Batch]] = None,
+                 length_sampling: Optional[LengthSampling] = None, balance_batches: int = 0,
+                 balance_cost: str = "tokens") -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -620,6 +634,14 @@ class ParquetReader:
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.validate = validate
         self.transform = transform
+        self.length_sampling = length_sampling or LengthSampling()
+        self.balance_batches = max(1, balance_batches)
+        self.balance_cost = balance_cost
+        batch_costs(np.zeros(0, dtype=np.int64), balance_cost)  # validates the name
+        if (self.length_sampling.enabled or self.balance_batches > 1) and \
+                not self.schema.sequence_features:
+            raise DataError(f"{dataset_dir}: length sampling and length-balanced batches "
+                            f"need a sequence feature; the schema has none")
         self.epoch = 0
         self._start_batch = 0  # first batch of the next iteration (set by load_state_dict)
         self._next_batch = 0  # batches of this epoch handed out so far
@@ -723,13 +745,18 @@ class ParquetReader:
             "shuffle_buffer_rows": self.shuffle_buffer_rows,
             "remainder": self.remainder,
             "num_rows": self.num_rows,
+            "length_sampling": [self.length_sampling.mode, self.length_sampling.alpha,
+                                self.length_sampling.min_len],
+            "balance_batches": self.balance_batches,
+            "balance_cost": self.balance_cost,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from ``state``: the next iteration starts at its epoch and batch."""
         mine = self.state_dict()
         for key in ("batch_size", "world_size", "seed", "shuffle", "shuffle_buffer_rows",
-                    "remainder", "num_rows"):
+                    "remainder", "num_rows", "length_sampling", "balance_batches",
+                    "balance_cost"):
             if key in state and state[key] != mine[key]:
                 raise DataError(
                     f"cannot resume the {self.split} reader: saved {key}={state[key]!r} but this "
@@ -765,9 +792,46 @@ class ParquetReader:
 
     def _batches(self, plan: EpochPlan, start_batch: int, stop: threading.Event
                  ) -> Iterator[Batch]:
+        m, b = self.balance_batches, self.batch_size
+        first = start_batch // m  # the superbatch holding the first batch to hand out
+        k = first * m
+        for rows in self._row_blocks(plan, first * m * b, m * b, stop):
+            parts = rows.num_rows // b
+            if self.length_sampling.enabled:
+                rows = self._sample_lengths(rows, first)
+            if m > 1:
+                costs = batch_costs(rows.sequence[0].lengths, self.balance_cost)
+                pieces = [rows.take(p) for p in balanced_batches(costs, parts)]
+            else:
+                pieces = [rows]
+            for piece in pieces:
+                if k >= start_batch:
+                    batch = chunk_to_batch(piece, self.schema)
+                    yield batch if self.transform is None else self.transform(batch)
+                k += 1
+            first += 1
+
+    def _sample_lengths(self, rows: Chunk, block: int) -> Chunk:
+        """``rows`` with every sequence cut to a random suffix, seeded by the block (batch,
+        or superbatch when balancing) so the same rows get the same cut on a resume."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, block, 1])
+        spec = self.schema.sequence_features[0]
+        keep = self.length_sampling.sample(rows.sequence[0].lengths, spec.max_len, rng)
+
+        def cut(j: Jagged) -> Jagged:
+            return Jagged(*keep_suffix(j.offsets, j.values, keep))
+
+        return Chunk(rows.ids, rows.dense, rows.labels, rows.sparse,
+                     [cut(j) for j in rows.sequence],
+                     [None if j is None else cut(j) for j in rows.timestamps], rows.single_ids)
+
+    def _row_blocks(self, plan: EpochPlan, start_row: int, size: int, stop: threading.Event
+                    ) -> Iterator[Chunk]:
+        """Consecutive ``size``-row blocks of this rank's row stream from ``start_row`` up
+        to ``num_batches · B`` rows (the last block may be shorter)."""
         files: Dict[str, pq.ParquetFile] = {}
-        b = self.batch_size
-        pos, end = start_batch * b, plan.num_batches * b
+        b = size
+        pos, end = start_row, plan.num_batches * self.batch_size
         cached: Tuple[int, Optional[Chunk], Optional[np.ndarray]] = (-1, None, None)
         pieces: List[Chunk] = []
         have = 0
@@ -784,9 +848,8 @@ class ParquetReader:
                           else chunk.take(perm[offset:offset + take]))
             have += take
             pos += take
-            if have == b:
-                batch = chunk_to_batch(Chunk.concat(pieces), self.schema)
-                yield batch if self.transform is None else self.transform(batch)
+            if have == b or pos == end:
+                yield Chunk.concat(pieces)
                 pieces, have = [], 0
 
     def __iter__(self) -> Iterator[Batch]:

@@ -25,6 +25,13 @@ that sees when the next event happens (HSTU's time-gap bias, with the query carr
 next event's time) can tell the two apart; a model that sees only the item order (SASRec)
 cannot and must hedge between them. ``session_break = 0`` gives the plain chain.
 
+``time_signal`` chooses that: ``sessions`` (the above), ``none`` (every step follows the
+chain; the timestamps still have session-like gaps, drawn independently of the items, so
+they carry no information about the next item) or ``line_order`` (the chain, timestamps
+0, 1, 2, … per user: what a converter writes for a dataset without times, such as the
+SASRec-format Amazon sets). Without a time signal the time-blind oracle is the oracle. The
+presets ``ci_notime`` and ``ci_lineorder`` are ``ci`` with these.
+
 Oracle: at a user's last step the true next-item distribution is known; its 10 most likely
 unseen items are the oracle's top-10. ``meta.json`` stores ``oracle.hr@10`` (the fraction of
 eval rows whose held-out item is in that top-10: the best HR@10 any model can expect under
@@ -81,14 +88,24 @@ class NextItemSynthArgs:
     rows_per_file: int = 100_000
     row_group_rows: int = 512
     seed: int = 0
+    #: what time tells: sessions (a session break returns to the previous cluster), none
+    #: (uninformative gaps) or line_order (timestamps 0, 1, 2, ...).
+    time_signal: str = "sessions"
 
 
 NEXT_ITEM_PRESETS: Dict[str, Dict[str, object]] = {
     "ci": dict(num_users=6000, num_items=1000, num_clusters=50, min_len=10, max_seq=40,
                max_len=40, row_group_rows=256),
+    "ci_notime": dict(num_users=6000, num_items=1000, num_clusters=50, min_len=10, max_seq=40,
+                      max_len=40, row_group_rows=256, time_signal="none"),
+    "ci_lineorder": dict(num_users=6000, num_items=1000, num_clusters=50, min_len=10,
+                         max_seq=40, max_len=40, row_group_rows=256, time_signal="line_order"),
     "tiny": dict(num_users=256, num_items=120, num_clusters=12, min_len=3, max_seq=12,
                  max_len=10, embedding_dim=16, row_group_rows=32),
 }
+
+
+TIME_SIGNALS = ("sessions", "none", "line_order")
 
 
 def _check(args: NextItemSynthArgs) -> None:
@@ -109,6 +126,9 @@ def _check(args: NextItemSynthArgs) -> None:
     if not 2 <= args.min_len <= args.max_seq or args.max_seq >= args.num_items:
         raise ValueError(f"need 2 <= --min-len ({args.min_len}) <= --max-seq ({args.max_seq}) "
                          f"< num_items ({args.num_items})")
+    if args.time_signal not in TIME_SIGNALS:
+        raise ValueError(f"--time-signal {args.time_signal!r} is not one of "
+                         f"{', '.join(TIME_SIGNALS)}")
     if args.max_len < 2 or args.num_users < 1:
         raise ValueError("--max-len must be >= 2 and --num-users >= 1")
 
@@ -197,6 +217,10 @@ def generate_histories(args: NextItemSynthArgs
     # breaks[u, t]: step t starts a new session (never the first step).
     breaks = rng.random((u_n, args.max_seq)) < args.session_break
     breaks[:, 0] = False
+    # The session breaks the items follow: none when time carries no signal (the gaps below
+    # still use `breaks`, so "none" keeps realistic but uninformative timestamps).
+    returns = breaks if args.time_signal == "sessions" else np.zeros_like(breaks)
+    b = args.session_break if args.time_signal == "sessions" else 0.0
     aware = np.zeros((len(_ORACLE_KEYS), u_n))
     blind = np.zeros((len(_ORACLE_KEYS), u_n))
     for t in range(args.max_seq):
@@ -205,7 +229,7 @@ def generate_histories(args: NextItemSynthArgs
             p = chain.in_cluster[start[active]].copy()
         else:
             prev = chain.cluster[items[active, t - 1]]
-            p = np.where(breaks[active, t, None], chain.return_given[prev],
+            p = np.where(returns[active, t, None], chain.return_given[prev],
                          chain.next_given[prev])
         p = _unseen(p, seen[active], chain.global_pop)
         nxt = _draw(p, rng)
@@ -217,7 +241,6 @@ def generate_histories(args: NextItemSynthArgs
             aware[:, ended] = _top10(pl, pl, nxt[last])
             guess = pl
             if t > 0:
-                b = args.session_break
                 guess = _unseen(b * chain.return_given[prev[last]]
                                 + (1.0 - b) * chain.next_given[prev[last]],
                                 seen[ended], chain.global_pop)
@@ -232,6 +255,8 @@ def generate_histories(args: NextItemSynthArgs
     offsets = np.concatenate(([0], np.cumsum(lengths)))
     csum = np.cumsum(gaps)
     ts = 1_600_000_000 + csum - np.repeat(csum[offsets[:-1]] - gaps[offsets[:-1]], lengths)
+    if args.time_signal == "line_order":
+        ts = np.arange(item.size) - np.repeat(offsets[:-1], lengths)
     oracle = {**{k: float(v) for k, v in zip(_ORACLE_KEYS, aware.mean(1))},
               **{f"time_blind_{k}": float(v) for k, v in zip(_ORACLE_KEYS, blind.mean(1))}}
     return user, item, ts.astype(np.int64), oracle

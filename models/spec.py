@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 from torch import nn
 
@@ -46,3 +48,36 @@ class ModelSpec:
             raise KeyError(f"model.args: unknown key(s) {unknown} for model {self.name!r}; "
                            f"valid keys: {', '.join(sorted(valid))}")
         return dataclasses.replace(self.flavours[flavour], **overrides)
+
+    def args_help(self) -> List[str]:
+        """One line per ``[model.args]`` key: type, default-flavour value and the field's
+        ``#:`` comment (read from the args dataclasses' source, base classes included), for
+        ``python -m trainer --help --model.name=NAME``."""
+        docs: Dict[str, str] = {}
+        for cls in reversed(self.args_cls.__mro__):
+            if not dataclasses.is_dataclass(cls):
+                continue
+            try:
+                lines = inspect.getsource(cls).splitlines()
+            except (OSError, TypeError):  # no source (frozen app): keys without comments
+                continue
+            pending: List[str] = []
+            last = ""  # a comment above consecutive fields documents all of them
+            for line in lines:
+                stripped = line.strip()
+                if stripped.startswith("#:"):
+                    pending.append(stripped[2:].strip())
+                    continue
+                m = re.match(r"(\w+)\s*:", stripped)
+                last = (" ".join(pending) if pending else last) if m else ""
+                if m and last:
+                    docs[m.group(1)] = last
+                pending = []
+        default = self.flavours.get("default")
+        out = []
+        for f in dataclasses.fields(self.args_cls):
+            value = getattr(default, f.name) if default is not None else f.default
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type)
+            out.append(f"  --model.args.{f.name} ({kind}, default {value!r}): "
+                       f"{docs.get(f.name, '')}".rstrip())
+        return out

@@ -36,6 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if "-h" in argv or "--help" in argv:
         print_help()
+        print_model_args_help(argv)
         return 0
     if "--list-models" in argv:
         from models import get_model_spec, list_models
@@ -101,6 +102,24 @@ def is_user_error(error: BaseException) -> bool:
     from data.schema import SchemaError
 
     return isinstance(error, (DataError, SchemaError, ConfigError))
+
+
+def print_model_args_help(argv: List[str]) -> None:
+    """The ``[model.args]`` keys of the model named by ``--model.name=NAME`` (or a hint)."""
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--model.name=")), None)
+    if name is None:
+        print("\n[model.args] keys of a model: python -m trainer --help --model.name=NAME")
+        return
+    from models import get_model_spec
+
+    try:
+        spec = get_model_spec(name)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return
+    print(f"\n[model.args] of {name!r} (defaults of its 'default' flavour; flavours: "
+          f"{', '.join(sorted(spec.flavours))}):")
+    print("\n".join(spec.args_help()))
 
 
 def report_failure(rank: int, error: BaseException) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import tomli_w
 
 from data.io import write_text_atomic
+from data.lengths import length_options_errors
 
 if TYPE_CHECKING:  # the sharding layer pulls torchrec in; config parsing stays light
     from sharding.constraints import SparseOptimizerDefaults
@@ -84,6 +85,18 @@ class DataConfig:
                                 "pad by wrapping around to the rank's first rows",
                         choices=("drop", "pad"))
     validate: bool = _f(True, "check ids, dense values, labels and timestamps while reading")
+    length_sampling: str = _f("off", "train on a random recent suffix of long histories "
+                                     "(docs/hstu-long.md): hstu keeps rows up to max_len^(alpha/2) "
+                                     "and cuts longer ones to that with probability "
+                                     "1 - max_len^alpha / L^2; uniform keeps U{min_len..L}",
+                              choices=("off", "hstu", "uniform"))
+    length_sampling_alpha: float = _f(1.6, "alpha of length_sampling=hstu, in (0, 2]")
+    length_sampling_min_len: int = _f(64, "shortest suffix of length_sampling=uniform")
+    balance_batches: int = _f(0, "deal the rows of every M consecutive training batches into M "
+                                 "batches of near-equal cost (same batch size and count; 0: off)")
+    balance_cost: str = _f("tokens", "cost balance_batches equalises: tokens (sum of lengths) "
+                                     "or attention (sum of squared lengths)",
+                           choices=("tokens", "attention"))
 
 
 @dataclass
@@ -472,6 +485,7 @@ def validate(cfg: Config) -> List[str]:
         errors.append(f"data.batch_size must be > 0, got {cfg.data.batch_size}")
     if cfg.data.eval_batch_size < 0:
         errors.append("data.eval_batch_size must be >= 0")
+    errors += length_options_errors(cfg.data)
     if cfg.training.steps < 0:
         errors.append("training.steps must be >= 0")
     if cfg.training.steps == 0 and cfg.training.epochs <= 0:

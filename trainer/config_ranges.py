@@ -71,6 +71,8 @@ CHECKED_ELSEWHERE: FrozenSet[str] = frozenset({
     "sharding.hbm_gb", "sharding.ddr_gb", "sharding.storage_reservation",
     "sharding.intra_host_bw_gbps", "sharding.inter_host_bw_gbps",
     "sharding.cache_load_factor", "sharding.pooling_factor", "sharding.min_partition",
+    # data.lengths.length_options_errors
+    "data.length_sampling_alpha", "data.length_sampling_min_len", "data.balance_batches",
 })
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -446,6 +446,7 @@ class SequentialTaskKind(Task):
             "hr@50": metrics.get("hr@50"),
             "hr@200": metrics.get("hr@200"),
             "sampled_hr@10": metrics.get("sampled_hr@10"),
+            "sampled_ndcg@10": metrics.get("sampled_ndcg@10"),
             "eval_users": metrics.get("eval_users"),
         }
 

@@ -29,6 +29,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
+from data.lengths import train_reader_options
 from data.reader import ParquetReader
 from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
@@ -163,7 +164,7 @@ def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
                           seed=cfg.training.seed, remainder=d.remainder,
                           shuffle_buffer_rows=d.shuffle_buffer_rows,
                           transform=task.batch_transform("train"),
-                          **common)  # type: ignore[arg-type]
+                          **train_reader_options(d), **common)  # type: ignore[arg-type]
     valid_split, test_split = resolve_splits(d.path, d.valid_split, d.eval_split)
 
     def evaluation(split: str) -> ParquetReader:

@@ -37,6 +37,15 @@ Three implementations sit behind :func:`hstu_attention`:
 * ``triton`` runs fused forward and backward Triton kernels over the jagged values and the
   offsets (see :mod:`models.hstu.triton_attention`); on CPU tensors it needs the Triton
   interpreter (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
+
+``compiled_jagged`` runs the same tiles in a compiled C++ CPU kernel (one fused pass over
+each tile's scores for bias, SiLU, ``1/n`` and the mask, no Python per tile; see
+:mod:`models.hstu.compiled`), falling back to ``pytorch_jagged`` where it cannot be built.
+
+``semi_local`` is a different attention pattern, not another way to compute this one: query
+``i`` sees only keys with ``i − j < window`` or ``j < global_tokens`` (see
+:mod:`models.hstu.semi_local`), at cost ``O(ΣLᵢ·(W + G))``. ``pytorch_padded`` with a
+``window`` applies the same mask to the dense scores and is its test reference.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ import torch.nn.functional as F
 from models.hstu.jagged import (TIME_BUCKET_DIVISOR, jagged_positions, next_timestamps,
                                time_buckets)
 
-IMPLS = ("auto", "pytorch_padded", "pytorch_jagged", "triton")
+IMPLS = ("auto", "pytorch_padded", "pytorch_jagged", "compiled_jagged", "triton", "semi_local")
 __all__ = ["IMPLS", "TIME_BUCKET_DIVISOR", "hstu_attention", "jagged_positions", "next_timestamps",
            "time_buckets"]
 
@@ -80,7 +89,8 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
                    rab_time: Optional[torch.Tensor] = None,
                    timestamps: Optional[torch.Tensor] = None,
                    impl: str = "auto",
-                   query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   query_timestamps: Optional[torch.Tensor] = None,
+                   window: int = 0, global_tokens: int = 0) -> torch.Tensor:
     """Causal HSTU pointwise attention over jagged sequences (see the module docstring).
 
     Args:
@@ -93,12 +103,16 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         rab_pos: ``[n]`` learned bias per relative position ``i - j`` (clamped to ``n - 1``).
         rab_time: ``[num_buckets + 1]`` learned bias per time-gap bucket, or None.
         timestamps: ``[ΣLᵢ]`` int64 event times (needed iff ``rab_time`` is given).
-        impl: ``"pytorch_padded"``, ``"pytorch_jagged"``, ``"triton"``, or ``"auto"``
+        impl: ``"pytorch_padded"``, ``"pytorch_jagged"``, ``"compiled_jagged"``,
+            ``"triton"``, ``"semi_local"`` or ``"auto"``
             (``triton`` for CUDA tensors when Triton imports, else ``pytorch_jagged``).
         query_timestamps: ``[ΣLᵢ]`` the time each query's gaps are measured from, instead of
             ``ts[i + 1]`` (own time for a last token) — e.g. the held-out item's time for the
             last token at evaluation, so it sees the gap it was trained with. Only with
             ``timestamps``.
+        window, global_tokens: the semi-local pattern (``semi_local``, or ``pytorch_padded``
+            as its masked dense reference): keys with ``i − j < window`` or
+            ``j < global_tokens``. ``window = 0`` is full causal attention.
 
     Returns:
         ``[ΣLᵢ, H, d_v]``, jagged like ``q``.
@@ -114,11 +128,28 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
                                          or query_timestamps.shape != timestamps.shape):
         raise ValueError("query_timestamps must come with timestamps and have their shape "
                          f"[ΣL={q.shape[0]}]")
+    if (impl == "semi_local" and window < 1) or window < 0 or global_tokens < 0 or (
+            window > 0 and impl not in ("semi_local", "pytorch_padded")):
+        raise ValueError(f"hstu_attention: impl 'semi_local' needs window >= 1 (and "
+                         f"global_tokens >= 0); a window only goes with 'semi_local' or its "
+                         f"reference 'pytorch_padded'; got impl={impl!r}, window={window}, "
+                         f"global_tokens={global_tokens}")
     if impl == "auto":
         impl = "triton" if q.is_cuda and _triton_available() else "pytorch_jagged"
     if impl == "pytorch_padded":
         return _padded(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
-                       query_timestamps)
+                       query_timestamps, window, global_tokens)
+    if impl == "compiled_jagged":
+        from models.hstu.compiled import compiled_jagged_attention
+
+        return compiled_jagged_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time,
+                                         timestamps, query_timestamps)
+    if impl == "semi_local":
+        from models.hstu.semi_local import semi_local_attention
+
+        return semi_local_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time,
+                                    timestamps, query_timestamps, window=window,
+                                    global_tokens=global_tokens)
     if impl == "pytorch_jagged":
         return _jagged(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
                        query_timestamps=query_timestamps)
@@ -152,8 +183,10 @@ def _bias(q_pos: torch.Tensor, k_pos: torch.Tensor, max_seq_len: int, rab_pos: t
 def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
             max_seq_len: int, rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
             timestamps: Optional[torch.Tensor],
-            query_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: pad to ``[B, max(L), H, d]``, mask, attend, unpad."""
+            query_timestamps: Optional[torch.Tensor] = None, window: int = 0,
+            global_tokens: int = 0) -> torch.Tensor:
+    """Reference: pad to ``[B, max(L), H, d]``, mask, attend, unpad; with ``window > 0`` the
+    mask is the semi-local one (``i − j < window`` or ``j < global_tokens``)."""
     total, heads, _ = q.shape
     batch = offsets.numel() - 1
     # Exported programs (trainer.inference) pad to max_seq_len: a width that depends on the
@@ -180,6 +213,9 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Te
     bias = _bias(steps.expand(batch, -1), steps.expand(batch, -1), max_seq_len, rab_pos,
                  rab_time, ts_next, ts)
     causal = steps[None, :] <= steps[:, None]  # [i, j]: j ≤ i
+    if window > 0:
+        i, j = steps[:, None], steps[None, :]
+        causal = causal & ((i - j < window) | (j < global_tokens))
     attn = F.silu(scores + bias.unsqueeze(1)) * (causal.to(q.dtype) / max_seq_len)
     out = torch.einsum("bhij,bjhd->bihd", attn, vp)
     return out[seq, pos]

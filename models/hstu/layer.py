@@ -34,6 +34,8 @@ class HSTULayer(nn.Module):
             collects every larger gap); None for datasets without timestamps.
         dropout: dropout on ``U ⊙ LN(A V)`` before the output projection.
         impl: the attention implementation (see ``hstu_attention``).
+        window, global_tokens: the local window ``W`` and global tokens ``G`` of
+            ``impl="semi_local"`` (ignored otherwise).
 
     Example:
         >>> layer = HSTULayer(dim=32, num_heads=2, max_seq_len=16, num_time_buckets=8)
@@ -46,7 +48,7 @@ class HSTULayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, max_seq_len: int,
                  attn_dim: Optional[int] = None, linear_dim: Optional[int] = None,
                  num_time_buckets: Optional[int] = 128, dropout: float = 0.0,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", window: int = 256, global_tokens: int = 4) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"unknown HSTULayer impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -58,6 +60,8 @@ class HSTULayer(nn.Module):
         self.attn_dim = attn_dim or dim // num_heads
         self.linear_dim = linear_dim or dim // num_heads
         self.impl = impl
+        self.window, self.global_tokens = (window, global_tokens) if impl == "semi_local" \
+            else (0, 0)
         self.input_norm = nn.LayerNorm(dim)
         self.uvqk = nn.Linear(dim, num_heads * 2 * (self.linear_dim + self.attn_dim))
         self.attn_norm = nn.LayerNorm(num_heads * self.linear_dim)
@@ -83,5 +87,6 @@ class HSTULayer(nn.Module):
         av = hstu_attention(q.reshape(total, heads, dqk), k.reshape(total, heads, dqk),
                             v.reshape(total, heads, duv), offsets, self.max_seq_len,
                             self.rab_pos, self.rab_time, timestamps, impl=self.impl,
-                            query_timestamps=query_timestamps)
+                            query_timestamps=query_timestamps, window=self.window,
+                            global_tokens=self.global_tokens)
         return x + self.out(self.dropout(u * self.attn_norm(av.reshape(total, heads * duv))))

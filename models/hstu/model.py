@@ -58,8 +58,14 @@ class HSTUArgs(SequentialArgs):
     #: time-gap buckets of that bias.
     num_time_buckets: int = 128
     #: attention implementation: auto (triton on CUDA, pytorch_jagged on CPU),
-    #: pytorch_jagged, pytorch_padded or triton.
+    #: pytorch_jagged, pytorch_padded, triton, or semi_local (a local window plus global
+    #: tokens instead of full causal attention: cost O(ΣLᵢ·(W + G)) instead of O(ΣLᵢ²)).
     attention_impl: str = "auto"
+    #: semi_local only: each query sees the last ``semi_local_window`` positions (itself
+    #: included) ...
+    semi_local_window: int = 256
+    #: ... and its sequence's first ``semi_local_global_tokens`` positions.
+    semi_local_global_tokens: int = 4
 
 
 class HSTUEncoder(SequentialEncoder):
@@ -73,7 +79,9 @@ class HSTUEncoder(SequentialEncoder):
             HSTULayer(dim, args.num_heads, max_len, attn_dim=args.attn_dim or None,
                       linear_dim=args.linear_dim or None,
                       num_time_buckets=args.num_time_buckets if use_time else None,
-                      dropout=args.dropout, impl=args.attention_impl)
+                      dropout=args.dropout, impl=args.attention_impl,
+                      window=args.semi_local_window,
+                      global_tokens=args.semi_local_global_tokens)
             for _ in range(args.num_layers)])
 
     def encode(self, x: torch.Tensor, offsets: torch.Tensor,
@@ -92,6 +100,11 @@ def build_hstu(schema: Schema, args: HSTUArgs, device: str = "meta") -> Sequenti
     if args.attention_impl not in IMPLS:
         raise ValueError(f"model.args.attention_impl {args.attention_impl!r} is not one of "
                          f"{', '.join(IMPLS)}")
+    if args.attention_impl == "semi_local" and (args.semi_local_window < 1
+                                                 or args.semi_local_global_tokens < 0):
+        raise ValueError(f"model.args.semi_local_window must be >= 1 and "
+                         f"model.args.semi_local_global_tokens >= 0; got "
+                         f"{args.semi_local_window} and {args.semi_local_global_tokens}")
     ec, item, dim = build_sequence_ec(schema, args, device)
     if dim % args.num_heads and not (args.attn_dim and args.linear_dim):
         raise ValueError(f"model.args.num_heads {args.num_heads} does not divide D={dim}; set "

@@ -42,7 +42,9 @@ def _train(repo_root: str, config: str, data: str, run_dir: str) -> Dict[str, fl
     assert proc.returncode == 0, proc.stderr[-5000:]
     final = parse_final(proc.stdout)
     assert set(final) >= {"hr@10", "ndcg@10", "mrr", "examples_per_s", "oracle_hr@10",
-                          "oracle_ndcg@10", "time_blind_oracle_hr@10"}, final
+                          "oracle_ndcg@10", "time_blind_oracle_hr@10", "sampled_hr@10",
+                          "sampled_ndcg@10"}, final
+    assert 0.0 < final["sampled_ndcg@10"] <= final["sampled_hr@10"] <= 1.0, final
     assert final["steps"] == 352, final  # the shipped 16 epochs
     return final
 

@@ -29,3 +29,13 @@ def test_hstu_bench_quick(tmp_path) -> None:
         assert math.isfinite(r["peak_bytes"]) and r["peak_bytes"] >= 0, r
     for r in payload["ratios"]:
         assert all(math.isfinite(r[key]) for key in ("speedup", "attn_speedup", "memory_ratio"))
+    # The compiled kernel, semi-local at the long workload, and the balanced-batch spreads.
+    assert ("longtail-4", "compiled_jagged") in impls and ("long-256", "semi_local") in impls
+    assert [g["workload"] for g in payload["compiled_goals"]] == ["longtail-2", "longtail-4"]
+    assert {r["vs"] for r in payload["semi_local"]} == {"pytorch_jagged", "compiled_jagged"}
+    spread = {r["batches"]: r for r in payload["balance_spread"]}
+    assert set(spread) == {"plain", "balanced", "balanced+hstu_sampling"}
+    for r in spread.values():
+        assert r["steps"] > 0 and 1.0 <= r["spread"] and 1.0 <= r["cost_spread"], r
+    # The cost model is deterministic: balancing must lower the cross-rank spread.
+    assert spread["balanced"]["cost_spread"] < spread["plain"]["cost_spread"], spread

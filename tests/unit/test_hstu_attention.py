@@ -80,18 +80,39 @@ def assert_all_close(got: List[torch.Tensor], want: List[torch.Tensor], tol: flo
 JAGGED_LENGTHS = [5, 0, 1, 48, 0, 25, 33, 1, MAX_LEN]
 
 
+# Both CPU jagged implementations: the Python tiles and the compiled C++ kernel.
+JAGGED_IMPLS = ["pytorch_jagged", "compiled_jagged"]
+
+
+@pytest.mark.parametrize("impl", JAGGED_IMPLS)
 @pytest.mark.parametrize("with_time", [False, True])
-def test_jagged_matches_padded(with_time: bool) -> None:
+def test_jagged_matches_padded(with_time: bool, impl: str) -> None:
     batch = make_batch(JAGGED_LENGTHS, heads=2, dim=4, dtype=torch.float64, seed=0,
                        with_time=with_time)
-    assert_all_close(run(batch, "pytorch_jagged"), run(batch, "pytorch_padded"), 1e-10)
+    assert_all_close(run(batch, impl), run(batch, "pytorch_padded"), 1e-10)
 
 
-def test_jagged_tiles_more_than_one_block() -> None:
+@pytest.mark.parametrize("impl", JAGGED_IMPLS)
+def test_jagged_tiles_more_than_one_block(impl: str) -> None:
     """Lengths above the 64-row tile exercise the multi-tile path (rel clamped at MAX_LEN)."""
     batch = make_batch([150, 3, 64, 65, 0], heads=1, dim=3, dtype=torch.float64, seed=1,
                        with_time=True)
-    assert_all_close(run(batch, "pytorch_jagged"), run(batch, "pytorch_padded"), 1e-10)
+    assert_all_close(run(batch, impl), run(batch, "pytorch_padded"), 1e-10)
+
+
+def test_compiled_kernel_is_built_and_fp32_matches() -> None:
+    """The compiled kernel really runs here (no silent fallback), in fp32 too, and with a
+    32-row block (several tiles per sequence)."""
+    from models.hstu.compiled import compiled_jagged_attention, load_kernel
+
+    assert load_kernel() is not None, "the C++ kernel did not build (see the log)"
+    batch = make_batch([40, 3, 0, 33, 48, 1, 32, 7], heads=3, dim=4, dtype=torch.float32,
+                       seed=4, with_time=True)
+    args = (batch["q"], batch["k"], batch["v"], batch["offsets"], MAX_LEN, batch["rab_pos"],
+            batch["rab_time"], batch["timestamps"])
+    got = compiled_jagged_attention(*args, block=32)  # type: ignore[arg-type]
+    want = hstu_attention(*args, impl="pytorch_padded")  # type: ignore[arg-type]
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
 
 
 def test_jagged_chunks_and_tile_groups_match_padded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,7 +136,7 @@ def test_triton_matches_padded(with_time: bool, triton_interpreter) -> None:
     assert_all_close(run(batch, "triton"), run(batch, "pytorch_padded"), 1e-4)
 
 
-@pytest.mark.parametrize("impl", ["pytorch_padded", "pytorch_jagged"])
+@pytest.mark.parametrize("impl", ["pytorch_padded", *JAGGED_IMPLS])
 def test_padding_never_leaks(impl: str) -> None:
     """A sequence's output and input gradients do not depend on the other sequences."""
     batch = make_batch([7, 0, 30, 1], heads=2, dim=4, dtype=torch.float64, seed=3,
@@ -176,7 +197,7 @@ def test_time_buckets() -> None:
     assert time_buckets(dt, 8).tolist() == [0, 0, 0, 2, 3, 4, 8, 8]
 
 
-@pytest.mark.parametrize("impl", ["pytorch_padded", "pytorch_jagged"])
+@pytest.mark.parametrize("impl", ["pytorch_padded", *JAGGED_IMPLS])
 def test_empty_batches(impl: str) -> None:
     for lengths in ([], [0, 0]):
         batch = make_batch(lengths, heads=2, dim=4, dtype=torch.float32, seed=6,
@@ -196,7 +217,7 @@ def test_bad_arguments_name_the_offender() -> None:
         hstu_attention(*args, rab_time=torch.zeros(3))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("impl", ["pytorch_jagged", "triton"])
+@pytest.mark.parametrize("impl", [*JAGGED_IMPLS, "triton"])
 def test_query_timestamps_match_padded(impl: str, request) -> None:  # type: ignore[no-untyped-def]
     """Explicit query times (e.g. the held-out event's at evaluation) replace ts[i + 1]."""
     if impl == "triton":
