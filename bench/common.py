@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.io import write_json_atomic
 from data.schema import FeatureSpec, LabelSpec, Schema
-from data.synth import ZipfSampler
+from data.synth.common import ZipfSampler
 from trainer.metrics import parse_final
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

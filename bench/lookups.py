@@ -31,7 +31,7 @@ from data.cli import ArgumentParser
 from bench.common import (criteo_like_schema, format_table, pipeline_step, profile_ops,
                           time_repeated, write_results)
 from data.batch import Batch
-from data.synth import ZipfSampler
+from data.synth.common import ZipfSampler
 
 NUM_TABLES = 26
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from data.cli import ArgumentParser
 from bench.common import format_table, run_trainer, trainer_command, write_results
-from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
+from data.synth.ctr_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
 MODELS = ("deepfm", "dcn_v2", "autoint", "interformer", "wide_deep", "dcn", "xdeepfm",
           "masknet", "din", "dien")

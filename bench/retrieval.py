@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from data.cli import ArgumentParser
 from bench.common import format_table, run_trainer, write_results
-from data.synth_retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
+from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from trainer.retrieval import AnnIndex
 
 CONFIG = "launch/configs/two_tower_synthetic.toml"

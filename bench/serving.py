@@ -161,7 +161,7 @@ def bench_topk(items: int, queries: int, dim: int = 64, seed: int = 0) -> Dict[s
 def bench_quantisation(preset: str, steps: int, work: str) -> Dict[str, Any]:
     from data.reader import ParquetReader
     from data.schema import Schema, load_meta
-    from data.synth import PRESETS, CTRSynthArgs, generate_ctr
+    from data.synth.ctr import PRESETS, CTRSynthArgs, generate_ctr
     from models import get_model_spec
     from models.blocks import CTRTask
     from trainer.export import quantisation_auc

@@ -50,7 +50,7 @@ from data.cli import ArgumentParser
 from bench.common import (RESULTS_DIR, criteo_like_schema, format_table, make_batches,
                           matmul_flops, run_trainer, time_pipeline, time_repeated, write_results)
 from data.batch import Batch
-from data.synth import PRESETS, CTRSynthArgs, generate_ctr
+from data.synth.ctr import PRESETS, CTRSynthArgs, generate_ctr
 from data.schema import Schema
 
 DEEP_DIMS = [512, 256]

@@ -8,10 +8,10 @@ from typing import Callable
 
 import pytest
 
-from data.synth import PRESETS, CTRSynthArgs, generate_ctr
-from data.synth_multitask import MultiTaskSynthArgs, ctr2_preset, generate_ctr2
-from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
-from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
+from data.synth.ctr import PRESETS, CTRSynthArgs, generate_ctr
+from data.synth.ctr2 import MultiTaskSynthArgs, ctr2_preset, generate_ctr2
+from data.synth.next_item import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
+from data.synth.ctr_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

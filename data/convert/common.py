@@ -200,6 +200,18 @@ class ShardWriter:
             self._writer = None
             self._file_rows = 0
 
+    def write_file(self, table: pa.Table) -> str:
+        """``table`` as a file of its own, after anything pending: row groups of
+        ``row_group_rows`` from its first row (the last may be shorter). Generators that draw
+        one part at a time use it, so each part keeps its own row groups. Returns the file
+        name (the last one, if ``table`` outgrew ``rows_per_file``)."""
+        self._flush(final=True)
+        self._close_file()
+        for start in range(0, table.num_rows, self.row_group_rows):
+            self._write_group(table.slice(start, self.row_group_rows))
+        self._close_file()
+        return self.files[-1]
+
     def close(self) -> None:
         self._flush(final=True)
         self._close_file()

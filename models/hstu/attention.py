@@ -140,10 +140,12 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         return _padded(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
                        query_timestamps, window, global_tokens)
     if impl == "compiled_jagged":
-        from models.hstu.compiled import compiled_jagged_attention
+        from models.hstu.compiled import compiled_jagged_attention, kernel_for
 
-        return compiled_jagged_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time,
-                                         timestamps, query_timestamps)
+        if kernel_for(q) is not None:
+            return compiled_jagged_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time,
+                                             timestamps, query_timestamps)
+        impl = "pytorch_jagged"  # off the CPU, or no compiler here: the same tiles, eagerly
     if impl == "semi_local":
         from models.hstu.semi_local import semi_local_attention
 

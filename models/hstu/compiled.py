@@ -39,7 +39,7 @@ import torch
 
 from models.hstu.jagged import next_timestamps, time_buckets
 
-__all__ = ["compiled_jagged_attention", "load_kernel"]
+__all__ = ["compiled_jagged_attention", "kernel_for", "load_kernel"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,20 +125,26 @@ class _CompiledAttention(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def kernel_for(q: torch.Tensor) -> Optional[Any]:
+    """The compiled kernel for ``q``'s device: None off the CPU or where it cannot be built
+    (logged once by :func:`load_kernel`)."""
+    return load_kernel() if q.device.type == "cpu" else None
+
+
 def compiled_jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               offsets: torch.Tensor, max_seq_len: int, rab_pos: torch.Tensor,
                               rab_time: Optional[torch.Tensor] = None,
                               timestamps: Optional[torch.Tensor] = None,
                               query_timestamps: Optional[torch.Tensor] = None,
                               block: int = 64) -> torch.Tensor:
-    """The compiled kernel (arguments as :func:`models.hstu.attention.hstu_attention`), or
-    ``pytorch_jagged`` where the kernel cannot be built or the tensors are not on the CPU."""
-    kernel = load_kernel() if not q.is_cuda else None
-    if kernel is None or q.device.type != "cpu":
-        from models.hstu.attention import _jagged
-
-        return _jagged(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
-                       query_timestamps=query_timestamps)
+    """The compiled kernel (arguments as :func:`models.hstu.attention.hstu_attention`).
+    CPU tensors only, on a machine where the kernel builds (:func:`kernel_for`); ``impl=
+    "compiled_jagged"`` of :func:`models.hstu.attention.hstu_attention` checks that and falls
+    back to ``pytorch_jagged`` otherwise."""
+    kernel = kernel_for(q)
+    if kernel is None:
+        raise RuntimeError("compiled_jagged needs CPU tensors and a kernel that builds here "
+                           "(see the log); use impl='pytorch_jagged'")
     if q.shape[0] == 0:
         return v * 0  # keeps the (empty) result connected to the graph
     empty = torch.zeros(0, dtype=torch.int64)

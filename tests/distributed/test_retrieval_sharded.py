@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth_retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
+from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from models import get_model_spec
 from models.retrieval import RetrievalTask
 from sharding.dist import DistContext

@@ -515,7 +515,7 @@ def test_convert_overwrite_refuses_a_foreign_directory(tmp_path: Path,
 
 def test_synth_overwrite_refuses_a_foreign_directory(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from data.synth import main as synth_main
+    from data.synth.__main__ import main as synth_main
 
     foreign = tmp_path / "home"
     foreign.mkdir()

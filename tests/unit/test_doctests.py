@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["data.io", "data.metrics", "models.hstu.jagged"])
+@pytest.mark.parametrize("module", ["data.io", "data.metrics", "data.synth.common", "models.hstu.jagged"])
 def test_module_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0, f"{module} has no examples"

@@ -13,8 +13,8 @@ import pytest
 from data.convert.__main__ import main as convert_main
 from data.reader import ParquetReader
 from data.schema import FeatureSpec, LabelSpec, Schema, SchemaError
-from data.synth import PRESETS
-from data.synth_multitask import MultiTaskSynthArgs, PlantedCTCVR, ctr2_preset, generate_ctr2
+from data.synth.ctr import PRESETS
+from data.synth.ctr2 import MultiTaskSynthArgs, PlantedCTCVR, ctr2_preset, generate_ctr2
 
 
 def test_ctr2_conversion_only_after_click_and_oracles(tmp_path) -> None:  # type: ignore[no-untyped-def]

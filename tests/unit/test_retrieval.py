@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth_retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
+from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from models.mind import MINDUser, squash
 from models.retrieval import RetrievalEncoding, RetrievalLoss, positive_feature
 from models.sequential import negatives_feature

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
-from data.synth_nextitem import (
+from data.synth.next_item import (
     NEXT_ITEM_PRESETS,
     NextItemSynthArgs,
     PlantedChain,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.metrics import log_loss, roc_auc
-from data.synth import PRESETS, CTRSynthArgs, generate_ctr
+from data.synth.ctr import PRESETS, CTRSynthArgs, generate_ctr
 
 
 def test_roc_auc_matches_bruteforce() -> None:

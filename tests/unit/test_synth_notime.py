@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.synth_nextitem import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_histories
+from data.synth.next_item import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_histories
 
 
 def _args(**kw: object) -> NextItemSynthArgs:

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.schema import Schema
-from data.synth import main
-from data.synth_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
+from data.synth.__main__ import main
+from data.synth.ctr_seq import SEQ_PRESETS, SeqCTRSynthArgs, generate_ctr_seq
 
 
 def test_sequences_are_well_formed_and_carry_the_signal(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 from data.schema import LabelSpec, Schema
-from data.synth import CTRSynthArgs, PlantedCTR, _part_table, _segment_sum, ctr_schema, \
-    write_planted_dataset
+from data.synth.common import segment_sum, write_planted_dataset
+from data.synth.ctr import PRESETS, CTRSynthArgs, PlantedCTR, ctr_schema, part_table
 
 TASKS = ("click", "conversion", "would_convert")
 
@@ -78,9 +78,7 @@ CTR2_PRESETS: Dict[str, Dict[str, object]] = {
 
 def ctr2_preset(name: str) -> Dict[str, object]:
     """The keyword arguments of :class:`MultiTaskSynthArgs` for a named preset (a size of
-    :data:`data.synth.PRESETS` or a two-task setting of :data:`CTR2_PRESETS`)."""
-    from data.synth import PRESETS
-
+    :data:`data.synth.ctr.PRESETS` or a two-task setting of :data:`CTR2_PRESETS`)."""
     presets = {**PRESETS, **CTR2_PRESETS}
     if name not in presets:
         raise ValueError(f"unknown ctr2 preset {name!r}; choose one of {sorted(presets)}")
@@ -123,10 +121,10 @@ class PlantedCTCVR:
         cvr_logit = np.full(rows, a.cvr_bias)
         pooled_v: List[np.ndarray] = []
         for i, (offsets, ids) in enumerate(sparse):
-            click_first += _segment_sum(self.click.w[i][ids], offsets)
-            cvr_logit += _segment_sum(self.u[i][ids], offsets)
+            click_first += segment_sum(self.click.w[i][ids], offsets)
+            cvr_logit += segment_sum(self.u[i][ids], offsets)
             if a.cvr_click_interaction and self.click.v[i] is not None:
-                pooled_v.append(_segment_sum(self.click.v[i][ids], offsets))
+                pooled_v.append(segment_sum(self.click.v[i][ids], offsets))
         cvr_logit += a.cvr_click_correlation * click_first
         for x in range(len(pooled_v)):
             for y in range(x + 1, len(pooled_v)):
@@ -152,7 +150,7 @@ def generate_ctr2(out: str, args: MultiTaskSynthArgs, overwrite: bool = False,
 
     def sample(n: int, rng: np.random.Generator) -> Tuple[pa.Table, np.ndarray, np.ndarray]:
         dense, sparse, probs, labels = planted.sample(n, rng)
-        table = _part_table(schema, dense, sparse, labels[:, 0])
+        table = part_table(schema, dense, sparse, labels[:, 0])
         for k, name in enumerate(TASKS[1:], start=1):
             table = table.append_column(name, pa.array(labels[:, k]))
         return table, probs, labels

@@ -35,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 
 from data.schema import FeatureSpec, LabelSpec, Schema
-from data.synth import ZipfSampler, list_array, write_planted_dataset
+from data.convert.common import list_column
+from data.synth.common import ZipfSampler, write_planted_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +158,9 @@ class PlantedSeqCTR:
         labels = (rng.random(rows) < probs).astype(np.float32)
         one = np.arange(rows + 1, dtype=np.int64)
         cols: Dict[str, pa.Array] = {f"d{j}": pa.array(dense[:, j]) for j in range(a.num_dense)}
-        cols.update(user=list_array(one, user), item=list_array(one, item),
-                    item_cat=list_array(one, cand_cat), hist_item=list_array(offsets, hist_item),
-                    hist_cat=list_array(offsets, hist_cat), hist_ts=list_array(offsets, ts),
+        cols.update(user=list_column(one, user), item=list_column(one, item),
+                    item_cat=list_column(one, cand_cat), hist_item=list_column(offsets, hist_item),
+                    hist_cat=list_column(offsets, hist_cat), hist_ts=list_column(offsets, ts),
                     label=pa.array(labels))
         return cols, probs, labels
 
