@@ -50,7 +50,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
 from models.blocks import autocast_dtype, autocast_forward, build_ebc
-from models.sequential import negatives_feature
+from models.sequential import item_spec, negatives_feature
 
 POSITIVE_SUFFIX = "_pos"
 
@@ -96,18 +96,10 @@ def check_retrieval_args(args: RetrievalArgs) -> None:
 
 def retrieval_item_spec(schema: Schema, args: RetrievalArgs) -> FeatureSpec:
     """The item sequence feature named by ``args.item_feature`` (or the first sequence one)."""
-    seqs = schema.sequence_features
-    if not seqs:
-        raise ValueError("retrieval models need a sequence feature of item ids (history then "
-                         "the positive); the schema has none (make data with `python -m "
-                         "data.synth retrieval` or `python -m data.convert movielens --task "
-                         "retrieval`)")
-    name = args.item_feature or seqs[0].name
-    for f in seqs:
-        if f.name == name:
-            return f
-    raise ValueError(f"model.args.item_feature {name!r} is not a sequence feature; sequence "
-                     f"features: {', '.join(f.name for f in seqs)}")
+    return item_spec(schema, args, "retrieval models need a sequence feature of item ids "
+                                   "(history then the positive); the schema has none (make data "
+                                   "with `python -m data.synth retrieval` or `python -m "
+                                   "data.convert movielens --task retrieval`)")
 
 
 class RetrievalEncoding(NamedTuple):

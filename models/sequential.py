@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +93,16 @@ def check_sequential_args(args: SequentialArgs) -> None:
         raise ValueError("model.args.embedding_dim and model.args.max_len must be >= 0")
 
 
-def item_spec(schema: Schema, args: SequentialArgs) -> FeatureSpec:
-    """The item sequence feature named by ``args.item_feature`` (or the first sequence one)."""
+def item_spec(schema: Schema, args: Any,
+              missing: str = "sequential models need a sequence feature of item ids; the "
+                             "schema has none (make data with `python -m data.synth seq` or "
+                             "`python -m data.convert movielens --task sequential`)"
+              ) -> FeatureSpec:
+    """The item sequence feature named by ``args.item_feature`` (or the first sequence one);
+    ``missing`` is the error when the schema has no sequence feature at all."""
     seqs = schema.sequence_features
     if not seqs:
-        raise ValueError("sequential models need a sequence feature of item ids; the schema has "
-                         "none (make data with `python -m data.synth seq` or `python -m "
-                         "data.convert movielens --task sequential`)")
+        raise ValueError(missing)
     name = args.item_feature or seqs[0].name
     for f in seqs:
         if f.name == name:

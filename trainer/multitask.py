@@ -27,7 +27,6 @@ from torchrec.metrics.mse import MSEMetric
 from torchrec.metrics.ne import NEMetric
 
 from data.schema import Schema
-from models import get_model_spec
 from models.multitask.common import MultiTaskLoss, MultiTaskModel, Prediction
 from sharding.dist import DistContext
 from trainer.config import Config
@@ -130,18 +129,26 @@ class MultiTaskKind(LogitsLabelsTask):
 
     def __init__(self, cfg: Config, schema: Schema) -> None:
         super().__init__(cfg, schema)
-        spec = get_model_spec(cfg.model.name)
-        args = spec.make_args(cfg.model.flavour, cfg.model.args)
-        # Built on the meta device (no memory, no init cost) only to read its outputs; this
-        # also validates every multi-task argument before any work.
-        model = spec.build(schema, args, "meta")
-        if not isinstance(model, MultiTaskModel):
-            raise ValueError(f"model {cfg.model.name!r} is not a multi-task head")
-        self.predictions: List[Prediction] = list(model.predictions)
+        self._predictions: Optional[List[Prediction]] = None
         self.label_names = [lab.name for lab in schema.labels]
 
+    @property
+    def predictions(self) -> List[Prediction]:
+        """The head's outputs, read from the model this kind wrapped (the trainer builds it
+        once); asked before any model was built, the head is built on the meta device (no
+        memory, no init cost) to read them."""
+        if self._predictions is None:
+            self._set_predictions(self.spec.build(self.schema, self.args, "meta"))
+        assert self._predictions is not None
+        return self._predictions
+
+    def _set_predictions(self, model: nn.Module) -> None:
+        if not isinstance(model, MultiTaskModel):
+            raise ValueError(f"model {self.cfg.model.name!r} is not a multi-task head")
+        self._predictions = list(model.predictions)
+
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
-        assert isinstance(model, MultiTaskModel), type(model)
+        self._set_predictions(model)
         return MultiTaskLoss(model, self.cfg.training.dense_dtype, device_type)
 
     def metrics(self, ctx: DistContext, batch_size: int, window_examples: int

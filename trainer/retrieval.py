@@ -45,7 +45,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader, split_files
 from data.schema import Schema
-from models import get_model_spec
 from models.retrieval import (
     RetrievalArgs,
     RetrievalTask,
@@ -303,12 +302,10 @@ class RetrievalTaskKind(Task):
 
     def __init__(self, cfg: Config, schema: Schema) -> None:
         super().__init__(cfg, schema)
-        spec = get_model_spec(cfg.model.name)
-        args = spec.make_args(cfg.model.flavour, cfg.model.args)
+        args = self.args
         if not isinstance(args, RetrievalArgs):
-            raise ValueError(f"model {spec.name!r} has task 'retrieval' but its args are not "
-                             f"RetrievalArgs")
-        self.args = args
+            raise ValueError(f"model {self.spec.name!r} has task 'retrieval' but its args are "
+                             f"not RetrievalArgs")
         item = retrieval_item_spec(schema, args)
         self.item_feature = item.name
         self.item_table = item.table or item.name

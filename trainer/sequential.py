@@ -45,7 +45,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
-from models import get_model_spec
 from models.sequential import (
     SequentialArgs,
     SequentialTask,
@@ -387,12 +386,10 @@ class SequentialTaskKind(Task):
 
     def __init__(self, cfg: Config, schema: Schema) -> None:
         super().__init__(cfg, schema)
-        spec = get_model_spec(cfg.model.name)
-        args = spec.make_args(cfg.model.flavour, cfg.model.args)
+        args = self.args
         if not isinstance(args, SequentialArgs):
-            raise ValueError(f"model {spec.name!r} has task 'sequential' but its args are not "
-                             f"SequentialArgs")
-        self.args = args
+            raise ValueError(f"model {self.spec.name!r} has task 'sequential' but its args are "
+                             f"not SequentialArgs")
         item = item_spec(schema, args)
         self.item_feature = item.name
         self.item_table = item.table or item.name

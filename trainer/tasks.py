@@ -29,7 +29,9 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema, SchemaError
+from models import get_model_spec
 from models.blocks import CTRTask
+from models.spec import ModelSpec
 from sharding.dist import DistContext
 from trainer.config import Config
 from trainer.metrics import CTRMetrics
@@ -47,13 +49,24 @@ class RunningMetrics(Protocol):
 
 
 class Task(abc.ABC):
-    """Base class of a task kind. Subclasses set ``name`` and implement the abstract methods."""
+    """Base class of a task kind. Subclasses set ``name`` and implement the abstract methods.
+
+    The model is resolved here once — its spec (``self.spec``) and its arguments (flavour +
+    ``[model.args]``, ``self.args``) — and :func:`trainer.trainer.build_model` builds it from
+    these; a kind never looks the model up or builds it again."""
 
     name: str = ""
 
     def __init__(self, cfg: Config, schema: Schema) -> None:
         self.cfg = cfg
         self.schema = schema
+        self.spec: ModelSpec = get_model_spec(cfg.model.name)
+        self.args: Any = self.spec.make_args(cfg.model.flavour, cfg.model.args)
+
+    def build(self, device_type: str) -> nn.Module:
+        """The unsharded model (embedding collections on the meta device) in this kind's
+        task wrapper."""
+        return self.wrap(self.spec.build(self.schema, self.args, "meta"), device_type)
 
     @abc.abstractmethod
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:

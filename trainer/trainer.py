@@ -75,15 +75,16 @@ def seed_everything(seed: int) -> None:
 
 
 def model_task(cfg: Config, schema: Schema) -> Task:
-    """The task kind of ``model.name`` (its loss, metrics, evaluation, final line)."""
+    """The task kind of ``model.name`` (its loss, metrics, evaluation, final line), with the
+    model's spec and arguments resolved once."""
     return get_task(get_model_spec(cfg.model.name).task, cfg, schema)
 
 
-def build_model(cfg: Config, schema: Schema, device_type: str = "cpu") -> nn.Module:
-    """The unsharded model in its task wrapper, embedding collections on the meta device."""
-    spec = get_model_spec(cfg.model.name)
-    args = spec.make_args(cfg.model.flavour, cfg.model.args)
-    return model_task(cfg, schema).wrap(spec.build(schema, args, "meta"), device_type)
+def build_model(cfg: Config, schema: Schema, device_type: str = "cpu",
+                task: Optional[Task] = None) -> nn.Module:
+    """The unsharded model in its task wrapper, embedding collections on the meta device
+    (built by ``task`` when the caller has one, so the model is built once)."""
+    return (task or model_task(cfg, schema)).build(device_type)
 
 
 def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.Module
@@ -290,7 +291,7 @@ def train(cfg: Config) -> Dict[str, Any]:
         task = model_task(cfg, schema)
         train_reader, valid_reader, test_reader = build_readers(cfg, ctx, schema, task)
         dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
-                                            build_model(cfg, schema, ctx.device.type))
+                                            build_model(cfg, schema, ctx.device.type, task))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
                                     ctx.rank, ctx.world_size, cfg.checkpoint.keep_last)
         c = cfg.checkpoint
