@@ -365,15 +365,24 @@ class Checkpointer:
             failed verification is never counted, so it never pushes a good one out).
     """
 
-    def __init__(self, root: str, rank: int, world_size: int, keep_last: int) -> None:
+    def __init__(self, root: str, rank: int, world_size: int, keep_last: int,
+                 every_steps: int = 0, save_at_end: bool = False) -> None:
         self.root = root
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
+        self.every_steps = every_steps  # checkpoint.every_steps (0: none by step count)
+        self.save_at_end = save_at_end  # checkpoint.save_at_end
         self.bad: Dict[str, str] = {}  # path -> why it failed verification in this run
         self.verified: set = set()  # verified and not loaded since
         self.last_good: Optional[str] = None  # newest checkpoint written or loaded by this run
         self.data: Optional[Dict[str, Any]] = None  # data_fingerprint saved in trainer.json
+
+    def should_save(self, step: int, done: bool) -> bool:
+        """Whether the run saves after ``step`` by its step cadence or because it is done
+        (a timed save, ``checkpoint.every_minutes``, is a vote of the ranks in the loop)."""
+        return (self.every_steps > 0 and step % self.every_steps == 0) or (
+            done and self.save_at_end)
 
     def ensure_writable(self) -> None:
         """Fail at start-up, not at the first save, when the checkpoint directory cannot be

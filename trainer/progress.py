@@ -81,7 +81,7 @@ def parse_log_line(line: str) -> Dict[str, Any]:
 def _optimizer_name(i: int, opt: Any) -> str:
     """The name of the ``i``-th optimizer of the trainer's ``CombinedOptimizer``: it is built
     as ``[fused sparse, dense, *one per data-parallel table]``
-    (``trainer.trainer.build_optimizer``); a data-parallel table's is named by its table."""
+    (``trainer.optim.build_optimizer``); a data-parallel table's is named by its table."""
     if i == 0:
         return "sparse"
     if i == 1:

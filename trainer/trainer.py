@@ -9,7 +9,6 @@ once the training batches in flight have drained.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import os
@@ -17,7 +16,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,8 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.keyed import CombinedOptimizer
 
 from data.batch import Batch
 from data.lengths import train_reader_options
@@ -34,12 +32,7 @@ from data.reader import ParquetReader
 from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
 from sharding.dist import DistContext, destroy_distributed, init_distributed
-from sharding.constraints import (
-    TableSettings,
-    apply_table_optimizers,
-    data_parallel_table_optimizers,
-    resolve_table_settings,
-)
+from sharding.constraints import apply_table_optimizers, resolve_table_settings
 from sharding.parallel import shard_model_from_config
 from trainer.checkpoint import (
     Checkpointer,
@@ -48,8 +41,9 @@ from trainer.checkpoint import (
     model_changes,
     set_rng_state,
 )
-from trainer.config import Config, ConfigError, save_config, sparse_optimizer_defaults
+from trainer.config import Config, save_config, sparse_optimizer_defaults
 from trainer.metrics import format_final
+from trainer.optim import build_optimizer
 from trainer.preempt import Preempted, StepGuard, StopSignals, wait_for_stop_signal
 from trainer.progress import TrainLogger
 from trainer.runlock import lock_run_dir
@@ -60,12 +54,6 @@ from trainer.tboard import RunRecords
 
 logger = logging.getLogger(__name__)
 
-DENSE_OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adagrad": torch.optim.Adagrad,
-    "sgd": torch.optim.SGD,
-}
 
 
 def seed_everything(seed: int) -> None:
@@ -97,57 +85,6 @@ def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.
     apply_table_optimizers(model, tables)
     dmp, _ = shard_model_from_config(model, ctx, cfg.sharding, tables, cfg.data.batch_size)
     return dmp, build_optimizer(cfg, dmp, tables)
-
-
-def build_optimizer(cfg: Config, dmp: DistributedModelParallel,
-                    tables: Dict[str, TableSettings]) -> CombinedOptimizer:
-    """Fused embedding optimizer (already in DMP) + each data-parallel table's own optimizer
-    + the dense optimizer over the rest."""
-    t = cfg.training
-    opt_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
-    dp_tables, dp_params = data_parallel_table_optimizers(dmp, tables)
-    dense_params = {k: v for k, v in in_backward_optimizer_filter(dmp.named_parameters())
-                    if k not in dp_params}
-    dense = KeyedOptimizerWrapper(
-        dense_params,
-        lambda params: opt_cls(dense_param_groups(params, t.dense_lr, t.dense_lr_scale),
-                               lr=t.dense_lr, weight_decay=t.dense_weight_decay),
-        pass_params_dict=True,
-    )
-    return CombinedOptimizer([dmp.fused_optimizer, dense, *dp_tables])
-
-
-def dense_param_groups(params: Mapping[str, torch.Tensor], lr: float,
-                       scales: Mapping[str, float]) -> List[Dict[str, Any]]:
-    """The dense optimizer's parameter groups: one at ``lr`` for every parameter no pattern
-    of ``[training.dense_lr_scale]`` matches, and one per pattern at ``lr × multiplier``.
-
-    A pattern matches a parameter's own name (the last part of its dotted name, shell
-    wildcards). Why: a few parameters can need a larger step than the rest — e.g. HSTU's
-    relative attention bias, scalars that Adam moves by about ``lr`` per step while they
-    must travel O(1) before the time-gap signal switches attention on and off.
-    Raises ``ConfigError`` for a pattern that matches nothing (naming the parameter names
-    there are) and for a parameter two patterns match."""
-    owner: Dict[str, str] = {}
-    for name in params:
-        leaf = name.rsplit(".", 1)[-1]
-        hits = [p for p in scales if fnmatch.fnmatchcase(leaf, p)]
-        if len(hits) > 1:
-            raise ConfigError(f"training.dense_lr_scale: parameter {name} matches several "
-                              f"patterns ({', '.join(hits)}); make them disjoint")
-        if hits:
-            owner[name] = hits[0]
-    unused = [p for p in scales if p not in owner.values()]
-    if unused:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in params})
-        raise ConfigError(f"training.dense_lr_scale.{unused[0]}: matches no dense parameter "
-                          f"of this model; their names are {', '.join(leaves)} (embedding "
-                          "tables set their lr in [sharding.tables.NAME])")
-    groups: List[Dict[str, Any]] = [
-        {"params": [v for k, v in params.items() if k not in owner]}]
-    groups += [{"params": [v for k, v in params.items() if owner.get(k) == p],
-                "lr": lr * scales[p]} for p in scales]
-    return [g for g in groups if g["params"]]
 
 
 def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
@@ -293,7 +230,8 @@ def train(cfg: Config) -> Dict[str, Any]:
         dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
                                             build_model(cfg, schema, ctx.device.type, task))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
-                                    ctx.rank, ctx.world_size, cfg.checkpoint.keep_last)
+                                    ctx.rank, ctx.world_size, cfg.checkpoint.keep_last,
+                                    cfg.checkpoint.every_steps, cfg.checkpoint.save_at_end)
         c = cfg.checkpoint
         if c.every_steps > 0 or c.every_minutes > 0 or c.save_at_end or c.keep_best:
             checkpointer.ensure_writable()
@@ -544,8 +482,7 @@ def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipel
                                     stopper.best_step)
                     done = True
                     steps = state.step
-        if timed_save or (c.every_steps > 0 and state.step % c.every_steps == 0) or (
-                done and c.save_at_end):
+        if timed_save or checkpointer.should_save(state.step, done):
             save()
     return state
 

@@ -15,7 +15,8 @@ from sharding.dist import DistContext
 from sharding.spawn import run_ranks
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError, load_config
-from trainer.trainer import build_model, dense_param_groups, model_task, shard_and_optimize
+from trainer.optim import dense_param_groups
+from trainer.trainer import build_model, model_task, shard_and_optimize
 
 LR = 1e-2
 SCALE = 30.0
