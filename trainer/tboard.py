@@ -88,7 +88,8 @@ class RunRecords:
         self.tb.close()
 
     def overhead(self, train_seconds: float) -> Optional[float]:
-        """TensorBoard seconds / training seconds (None when TensorBoard is off)."""
-        if not self.tb.enabled and self.tb.seconds == 0.0:
+        """TensorBoard seconds / training seconds (None when TensorBoard is off, or when this
+        process trained no step: a rerun of a finished run only evaluates)."""
+        if (not self.tb.enabled and self.tb.seconds == 0.0) or train_seconds <= 0.0:
             return None
         return self.tb.seconds / max(train_seconds, 1e-9)
