@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             res = Funnel(ns.retrieval, ns.ranker).evaluate(ns.data, ns.split, ns.k,
                                                            max_users=ns.max_users)
             print("final " + " ".join(f"{k}={v:.6g}" for k, v in res.items()), flush=True)
-    except (FileExistsError, ValueError, KeyError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -60,6 +60,11 @@ def load_exported(model_dir: str) -> Tuple[nn.Module, Schema]:
                          f"trainer.predict scores task kinds {sorted(WRAPPERS)}")
     model = WRAPPERS[spec.task](spec.build(schema, spec.make_args(cfg.model.flavour,
                                                                   cfg.model.args), "cpu"))
+    if not os.path.isfile(os.path.join(model_dir, MODEL_FILE)):
+        raise FileNotFoundError(
+            f"{model_dir}: no {MODEL_FILE}, so not a weights export; write one with "
+            f"`python -m trainer.export --format weights` (an inference package, the export's "
+            f"default format, is scored with `trainer.predict --package {model_dir}`)")
     weights = torch.load(os.path.join(model_dir, MODEL_FILE), weights_only=True)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -255,12 +255,17 @@ class _RetrievalRun:
         self.metrics = RankingMetrics()
         self.ann = RankingMetrics()
 
-    def update(self, output: Tuple[Any, ...]) -> None:
+    def update(self, output: Tuple[Any, ...], mask: Optional[torch.Tensor] = None) -> None:
+        """``mask`` (bool ``[B]``): the batch's real rows; the rows that pad the last batches
+        (``remainder="pad"``) must not count."""
         _, query, targets, hist_ids, hist_lengths, _, _ = output
+        if mask is None:
+            mask = torch.ones(targets.shape[0], dtype=torch.bool, device=targets.device)
         query = _all_gather(query.float())
         targets = _all_gather(targets.long())
+        real = _all_gather(mask.to(targets.device, torch.int64)) > 0
         hist_ids, hist_lengths = _all_gather_jagged(hist_ids.long(), hist_lengths.long())
-        valid = targets > 0  # padded eval rows carry no positive
+        valid = (targets > 0) & real  # a query needs a positive; padding rows never count
         ranks, _ = interest_ranks(query, targets, hist_ids, hist_lengths, self.shards,
                                   _all_reduce)
         self.metrics.add(ranks[valid], hr_ks=RECALL_KS, ndcg_ks=NDCG_KS)

@@ -37,7 +37,7 @@ def test_funnel_smoke(repo_root: str, tmp_path) -> None:  # type: ignore[no-unty
     ckpt = {n: sorted(glob.glob(str(tmp_path / n / "checkpoints" / "step_*")))[-1]
             for n in ("ranker", "retrieval")}
     _py(repo_root, "-m", "trainer.export", "--checkpoint", ckpt["ranker"], "--out",
-        str(tmp_path / "ranker_export"))
+        str(tmp_path / "ranker_export"), "--format", "weights")
     _py(repo_root, "-m", "trainer.retrieval_export", "--checkpoint", ckpt["retrieval"],
         "--out", str(tmp_path / "retrieval_export"))
     common = ["-m", "trainer.funnel", "evaluate", "--data", data, "--retrieval",
