@@ -504,7 +504,6 @@ def validate(cfg: Config) -> List[str]:
                           f"got {scale!r}")
     errors += range_errors(cfg)  # every numeric key's range, naming the key
     errors += _validate_sharding(cfg.sharding)
-    errors += _validate_tables(cfg)
     from models import get_model_spec
 
     try:
@@ -566,24 +565,6 @@ def _validate_sharding(s: ShardingConfig) -> List[str]:
             errors.append(f"{prefix}sharding_types is empty: list at least one type or "
                           f"remove the key")
     return errors
-
-
-def _validate_tables(cfg: Config) -> List[str]:
-    """Per-table settings against the schema's tables, when the schema is at hand (the
-    dataset may not exist yet when a config is checked; the trainer repeats the check)."""
-    path = cfg.data.schema or os.path.join(cfg.data.path, "schema.json")
-    if not cfg.sharding.tables and not cfg.sharding.sharding_types:
-        return []
-    if not os.path.isfile(path):
-        return []
-    from data.schema import SchemaError, load_schema
-    from sharding.constraints import table_settings_errors
-
-    try:
-        schema = load_schema(path)
-    except SchemaError as e:
-        return [f"data: {e}"]
-    return table_settings_errors(schema, cfg.sharding, sparse_optimizer_defaults(cfg.training))
 
 
 # -- output ----------------------------------------------------------------------------------

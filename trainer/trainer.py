@@ -51,6 +51,7 @@ from trainer.selection import (EarlyStopping, best_root, drop_stale_best, find_b
                                resolve_splits)
 from trainer.tasks import Task, get_task
 from trainer.tboard import RunRecords
+from trainer.validation import check_against_data
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def train(cfg: Config) -> Dict[str, Any]:
             _log_to_file(os.path.join(t.run_dir, "train.log"))
         seed_everything(t.seed)
         schema = load_schema(cfg.data.schema or cfg.data.path)
+        check_against_data(cfg, schema, cfg.data.schema or cfg.data.path)
         meta = load_meta(cfg.data.path)
         task = model_task(cfg, schema)
         train_reader, valid_reader, test_reader = build_readers(cfg, ctx, schema, task)

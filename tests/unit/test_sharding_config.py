@@ -237,18 +237,24 @@ def test_topology_takes_caps_and_bandwidths_from_config() -> None:
             topology_from_config(ShardingConfig(), 2, 2, "cuda")
 
 
-def test_config_check_reports_unknown_tables_with_the_other_errors(tmp_path: Any) -> None:
-    """With the schema at hand, table names are checked when the config loads."""
+def test_config_checks_against_the_dataset_run_before_work_not_at_parse(tmp_path: Any) -> None:
+    """Parsing reads no dataset (a config with an unknown table loads, next to a schema); the
+    trainer's check before any work names every table problem."""
+    from trainer.validation import check_against_data
+
     schema().save(str(tmp_path))
     path = write(tmp_path, f"""
 [data]
 path = "{tmp_path}"
-[training]
-steps = -1
 [sharding.tables.usr]
 lr = 0.1
+[sharding.tables.item]
+sharding_types = ["data_parallel"]
 """)
+    cfg = load_config(path)
     with pytest.raises(ConfigError) as e:
-        load_config(path)
-    assert "training.steps must be >= 0" in str(e.value)
-    assert "the model has no table 'usr'; its tables are: user, ad, item" in str(e.value)
+        check_against_data(cfg, schema(), str(tmp_path))
+    msg = str(e.value)
+    assert f"the config does not fit the dataset {tmp_path}: " in msg
+    assert "the model has no table 'usr'; its tables are: user, ad, item" in msg
+    assert "sequence table 'item' cannot use data_parallel" in msg
