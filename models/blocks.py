@@ -11,8 +11,8 @@ from typing import Any, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from data.batch import Batch
@@ -45,6 +45,40 @@ def build_ebc(schema: Schema, device: str = "meta",
     """Unsharded ``EmbeddingBagCollection`` over the schema's pooled tables on ``device``."""
     return EmbeddingBagCollection(
         tables=pooled_table_configs(schema, embedding_dim),
+        device=torch.device(device),
+    )
+
+
+def uniform_width(schema: Schema, embedding_dim: Optional[int], model: str,
+                  kind: Optional[str] = None, min_width: int = 4) -> int:
+    """The one table width a model that stacks its fields needs: ``embedding_dim`` if set,
+    else the schema's tables' (``kind="sparse"``: the pooled tables only), which must agree;
+    a multiple of 4 (fbgemm's kernels) and at least ``min_width``. Errors name ``model`` and
+    ``model.args.embedding_dim``."""
+    if embedding_dim:
+        width = embedding_dim
+    else:
+        dims = {t.embedding_dim for t in schema.tables(kind).values()}
+        if len(dims) != 1:
+            which = "pooled tables" if kind == "sparse" else "tables"
+            raise ValueError(f"{model} needs one embedding_dim for all {which}; the schema "
+                             f"has {sorted(dims)}: set model.args.embedding_dim")
+        width = dims.pop()
+    if width % 4 or width < min_width:
+        floor = f" and >= {min_width}" if min_width > 4 else ""
+        raise ValueError(f"{model} table width {width} must be a multiple of 4{floor} (fbgemm "
+                         f"kernels need multiples of 4); set model.args.embedding_dim")
+    return width
+
+
+def build_sequence_collection(schema: Schema, width: int, device: str = "meta"
+                              ) -> EmbeddingCollection:
+    """Unsharded ``EmbeddingCollection`` over every sequence table of the schema, each
+    ``width`` wide, on ``device`` (the batch carries every sequence key)."""
+    return EmbeddingCollection(
+        tables=[EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings,
+                                embedding_dim=width, feature_names=list(t.features))
+                for t in schema.tables("sequence").values()],
         device=torch.device(device),
     )
 

@@ -42,7 +42,8 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import FactorizationMachine, build_ebc, place, stack_fields
+from models.blocks import (FactorizationMachine, build_ebc, place, stack_fields,
+                           uniform_width)
 from models.spec import ModelSpec
 
 
@@ -63,19 +64,8 @@ class DeepFMArgs:
 
 def table_width(schema: Schema, args: DeepFMArgs, model: str = "DeepFM") -> int:
     """The one table width ``model`` needs, from ``args.embedding_dim`` or the (uniform)
-    schema; the last column is the first-order weight (also used by AutoInt)."""
-    if args.embedding_dim:
-        width = args.embedding_dim
-    else:
-        dims = {t.embedding_dim for t in schema.tables("sparse").values()}
-        if len(dims) != 1:
-            raise ValueError(f"{model} needs one embedding_dim for all pooled tables; the "
-                             f"schema has {sorted(dims)}: set model.args.embedding_dim")
-        width = dims.pop()
-    if width % 4 or width < 8:
-        raise ValueError(f"{model} table width {width} must be a multiple of 4 and >= 8 "
-                         f"(fbgemm kernels need multiples of 4); set model.args.embedding_dim")
-    return width
+    schema; the last column is the first-order weight (also used by AutoInt), hence >= 8."""
+    return uniform_width(schema, args.embedding_dim, model, "sparse", min_width=8)
 
 
 class DeepFM(nn.Module):

@@ -41,13 +41,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place
+from models.blocks import build_ebc, build_sequence_collection, place, uniform_width
 from models.spec import ModelSpec
 
 
@@ -306,34 +305,14 @@ def sequence_pairs(schema: Schema, sequence_features: List[str], target_features
     return seqs, targets
 
 
-def _width(schema: Schema, embedding_dim: Optional[int], model: str) -> int:
-    if embedding_dim:
-        width = embedding_dim
-    else:
-        dims = {t.embedding_dim for t in schema.tables().values()}
-        if len(dims) != 1:
-            raise ValueError(f"{model} needs one embedding_dim for all tables; the schema has "
-                             f"{sorted(dims)}: set model.args.embedding_dim")
-        width = dims.pop()
-    if width % 4:
-        raise ValueError(f"{model} table width {width} must be a multiple of 4 (fbgemm "
-                         f"kernels); set model.args.embedding_dim")
-    return width
-
-
 def sequence_ctr_inputs(schema: Schema, embedding_dim: Optional[int],
                         sequence_features: List[str], target_features: List[str],
                         device: str, model: str) -> Dict[str, object]:
     """The constructor arguments DIN and DIEN share, built from ``schema``."""
     seqs, targets = sequence_pairs(schema, sequence_features, target_features, model)
-    width = _width(schema, embedding_dim, model)
+    width = uniform_width(schema, embedding_dim, model)
     # Every sequence table, attended or not: the batch carries every sequence key.
-    ec = EmbeddingCollection(
-        tables=[EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings,
-                                embedding_dim=width, feature_names=list(t.features))
-                for t in schema.tables("sequence").values()],
-        device=torch.device(device),
-    )
+    ec = build_sequence_collection(schema, width, device)
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     return dict(ebc=build_ebc(schema, device, embedding_dim=width), ec=ec,
                 feature_names=names, sequence_names=seqs, target_names=targets,

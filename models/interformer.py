@@ -56,13 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
-from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place, stack_fields
+from models.blocks import (build_ebc, build_sequence_collection, place, stack_fields,
+                           uniform_width)
 from models.spec import ModelSpec
 
 
@@ -390,33 +390,13 @@ class InterFormer(nn.Module):
         return self.arch(x, seqs, lengths)
 
 
-def _uniform_width(schema: Schema, args: InterFormerArgs) -> int:
-    if args.embedding_dim:
-        width = args.embedding_dim
-    else:
-        dims = {t.embedding_dim for t in schema.tables().values()}
-        if len(dims) != 1:
-            raise ValueError(f"InterFormer needs one embedding_dim for all tables; the schema "
-                             f"has {sorted(dims)}: set model.args.embedding_dim")
-        width = dims.pop()
-    if width % 4:
-        raise ValueError(f"InterFormer table width {width} must be a multiple of 4 (fbgemm "
-                         f"kernels); set model.args.embedding_dim")
-    return width
-
-
 def build_interformer(schema: Schema, args: InterFormerArgs, device: str = "meta"
                       ) -> InterFormer:
     if not schema.sequence_features:
         raise ValueError("InterFormer needs sequence features; the schema has none (make "
                          "sequence data with `python -m data.synth ctr_seq`)")
-    width = _uniform_width(schema, args)
-    ec = EmbeddingCollection(
-        tables=[EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings,
-                                embedding_dim=width, feature_names=list(t.features))
-                for t in schema.tables("sequence").values()],
-        device=torch.device(device),
-    )
+    width = uniform_width(schema, args.embedding_dim, "InterFormer")
+    ec = build_sequence_collection(schema, width, device)
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     seq_names = [f.name for f in schema.sequence_features]
     max_len = max(f.max_len for f in schema.sequence_features)

@@ -38,7 +38,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place, stack_fields
+from models.blocks import build_ebc, place, stack_fields, uniform_width
 from models.spec import ModelSpec
 
 MODES = ("serial", "parallel")
@@ -176,20 +176,11 @@ class MaskNet(nn.Module):
         return self.head(self.representation(batch)).squeeze(1)
 
 
-def _width(schema: Schema, args: MaskNetArgs) -> int:
-    if args.embedding_dim:
-        return args.embedding_dim
-    dims = {t.embedding_dim for t in schema.tables("sparse").values()}
-    if len(dims) != 1:
-        raise ValueError(f"MaskNet needs one embedding_dim for all pooled tables; the schema "
-                         f"has {sorted(dims)}: set model.args.embedding_dim")
-    return dims.pop()
-
-
 def build_masknet(schema: Schema, args: MaskNetArgs, device: str = "meta") -> MaskNet:
     args.validate()
     names = [f for t in schema.tables("sparse").values() for f in t.features]
-    ebc = build_ebc(schema, device, embedding_dim=_width(schema, args))
+    ebc = build_ebc(schema, device, embedding_dim=uniform_width(schema, args.embedding_dim,
+                                                             "MaskNet", "sparse"))
     model = MaskNet(ebc, names, schema.dense_dim, args)
     return place(model, device)
 

@@ -44,7 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
 from data.reader import ParquetReader, split_files
-from data.schema import Schema
+from data.schema import FeatureSpec, Schema
 from models.retrieval import (
     RetrievalArgs,
     RetrievalTask,
@@ -54,6 +54,7 @@ from models.retrieval import (
 from sharding.dist import DistContext
 from trainer.config import Config
 from trainer.sequential import (
+    ItemTableKind,
     RankingMetrics,
     SequentialBatches,
     _all_gather,
@@ -64,7 +65,7 @@ from trainer.sequential import (
     local_item_shards,
     target_scores,
 )
-from trainer.tasks import RunningMetrics, Task, eval_batches, run_eval
+from trainer.tasks import RunningMetrics, eval_batches, run_eval
 
 logger = logging.getLogger(__name__)
 
@@ -300,23 +301,19 @@ class _RetrievalRun:
 
 # -- the task kind --------------------------------------------------------------------------
 
-class RetrievalTaskKind(Task):
+class RetrievalTaskKind(ItemTableKind):
     """Retrieval: mixed-negative sampled softmax with logQ; exact + ANN full-corpus recall."""
 
     name = "retrieval"
+    args_type = RetrievalArgs
 
     def __init__(self, cfg: Config, schema: Schema) -> None:
         super().__init__(cfg, schema)
-        args = self.args
-        if not isinstance(args, RetrievalArgs):
-            raise ValueError(f"model {self.spec.name!r} has task 'retrieval' but its args are "
-                             f"not RetrievalArgs")
-        item = retrieval_item_spec(schema, args)
-        self.item_feature = item.name
-        self.item_table = item.table or item.name
-        self.num_items = item.num_embeddings
         #: build a FAISS index at every evaluation (needs ``faiss-cpu``).
         self.ann = True
+
+    def item_spec(self, schema: Schema) -> FeatureSpec:
+        return retrieval_item_spec(schema, self.args)
 
     def batch_transform(self, split: str) -> Callable[[Batch], Batch]:
         return RetrievalBatches(self.item_feature, self.num_items, self.args.num_negatives,

@@ -44,7 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
 from data.reader import ParquetReader
-from data.schema import Schema
+from data.schema import FeatureSpec, Schema
 from models.sequential import (
     SequentialArgs,
     SequentialTask,
@@ -379,21 +379,31 @@ class _TrainRunning:
         return {"sampled_acc": float(s[0] / s[1].clamp(min=1)), "positions": float(s[1])}
 
 
-class SequentialTaskKind(Task):
-    """Next-item prediction with sampled softmax; full-ranking leave-one-out evaluation."""
+class ItemTableKind(Task):
+    """A task kind over one item table (sequential, retrieval): checks the model's argument
+    type and finds the item feature, its table and the item count."""
 
-    name = "sequential"
+    args_type: type = SequentialArgs
 
     def __init__(self, cfg: Config, schema: Schema) -> None:
         super().__init__(cfg, schema)
-        args = self.args
-        if not isinstance(args, SequentialArgs):
-            raise ValueError(f"model {self.spec.name!r} has task 'sequential' but its args are "
-                             f"not SequentialArgs")
-        item = item_spec(schema, args)
+        if not isinstance(self.args, self.args_type):
+            raise ValueError(f"model {self.spec.name!r} has task {self.name!r} but its args are "
+                             f"not {self.args_type.__name__}")
+        item = self.item_spec(schema)
         self.item_feature = item.name
         self.item_table = item.table or item.name
         self.num_items = item.num_embeddings
+
+    def item_spec(self, schema: Schema) -> FeatureSpec:
+        """The sequence feature of item ids."""
+        return item_spec(schema, self.args)
+
+
+class SequentialTaskKind(ItemTableKind):
+    """Next-item prediction with sampled softmax; full-ranking leave-one-out evaluation."""
+
+    name = "sequential"
 
     def batch_transform(self, split: str) -> Callable[[Batch], Batch]:
         """The reader transform of ``split`` (``train`` or ``eval``)."""
