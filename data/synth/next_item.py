@@ -106,6 +106,9 @@ class NextItemSynthArgs:
     revisit_lags: Tuple[int, ...] = (48, 200, 800)
     #: history lengths: uniform or log_uniform in [min_len, max_seq].
     length_dist: str = "uniform"
+    #: with revisits, meta.json also has the oracle of a model that sees only the last W
+    #: events, for each W here (``oracle.window{W}_hr@10`` ...).
+    oracle_windows: Tuple[int, ...] = (64, 256, 1024)
 
 
 NEXT_ITEM_PRESETS: Dict[str, Dict[str, object]] = {
@@ -272,6 +275,8 @@ def generate_histories(args: NextItemSynthArgs
     b = args.session_break if args.time_signal == "sessions" else 0.0
     aware = np.zeros((len(_ORACLE_KEYS), u_n))
     blind = np.zeros((len(_ORACLE_KEYS), u_n))
+    windows = tuple(args.oracle_windows) if lags.size else ()
+    local = np.zeros((len(windows), len(_ORACLE_KEYS), u_n))
     for t in range(args.max_seq):
         active = np.flatnonzero(lengths > t)
         if t == 0:
@@ -296,6 +301,25 @@ def generate_histories(args: NextItemSynthArgs
                                        items[ended], t, lags, args.revisit)
                 guess = _unseen(guess, seen[ended], chain.global_pop)
             blind[:, ended] = _top10(guess, pl, nxt[last])
+            for w_i, w in enumerate(windows):
+                # A model that sees the last w events (and the next event's time) knows
+                # the revisits of the lags below w; for the others its best simple guess is
+                # the global popularity (the clusters that far back are unknown to it), so
+                # this is about, not exactly, its ceiling. History stays excluded: the
+                # evaluation protocol excludes the whole history from the ranking.
+                guess = pl
+                if t > 0:
+                    wt = args.revisit / lags.size
+                    valid = lags[lags <= t]
+                    base = np.where(returns[ended, t, None], chain.return_given[prev[last]],
+                                    chain.next_given[prev[last]])
+                    guess = (1.0 - wt * valid.size) * base \
+                        + wt * int((valid >= w).sum()) * chain.global_pop[None, :]
+                    for d in valid[valid < w]:
+                        guess = guess + wt * chain.return_given[chain.cluster[items[ended,
+                                                                                   t - d]]]
+                local[w_i][:, ended] = _top10(_unseen(guess, seen[ended], chain.global_pop),
+                                              pl, nxt[last])
         items[active, t] = nxt
         seen[active, nxt] = True
     user = np.repeat(np.arange(u_n, dtype=np.int64), lengths)
@@ -309,7 +333,9 @@ def generate_histories(args: NextItemSynthArgs
     if args.time_signal == "line_order":
         ts = np.arange(item.size) - np.repeat(offsets[:-1], lengths)
     oracle = {**{k: float(v) for k, v in zip(_ORACLE_KEYS, aware.mean(1))},
-              **{f"time_blind_{k}": float(v) for k, v in zip(_ORACLE_KEYS, blind.mean(1))}}
+              **{f"time_blind_{k}": float(v) for k, v in zip(_ORACLE_KEYS, blind.mean(1))},
+              **{f"window{w}_{k}": float(v) for w_i, w in enumerate(windows)
+                 for k, v in zip(_ORACLE_KEYS, local[w_i].mean(1))}}
     return user, item, ts.astype(np.int64), oracle
 
 

@@ -1,6 +1,7 @@
 """The long-range revisit signal of the synthetic next-item data (``--revisit``,
 ``--revisit-lags``, preset ``long``) and log-uniform history lengths: off by default (the
-other presets' data unchanged), planted at exactly the given lags, known to the oracle."""
+other presets' data unchanged), planted at exactly the given lags, known to the oracle, and
+the oracle of a model that sees only the last W events."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ LAGS = (7, 20)
 
 
 def _args(**kw: object) -> NextItemSynthArgs:
-    return NextItemSynthArgs(**{"num_users": 200, "num_items": 800, "num_clusters": 40,  # type: ignore[arg-type]
-                                "min_len": 30, "max_seq": 80, "max_len": 80,
-                                "time_signal": "none", **kw})
+    base: dict = {"num_users": 200, "num_items": 800, "num_clusters": 40, "min_len": 30,
+                  "max_seq": 80, "max_len": 80, "time_signal": "none"}
+    return NextItemSynthArgs(**{**base, **kw})
 
 
 def _same_cluster_rate(user: np.ndarray, item: np.ndarray, clusters: np.ndarray,
@@ -28,7 +29,8 @@ def _same_cluster_rate(user: np.ndarray, item: np.ndarray, clusters: np.ndarray,
 
 def test_revisits_planted_at_the_lags_and_known_to_the_oracle() -> None:
     plain_user, plain_item, _, plain = generate_histories(_args())
-    user, item, _, oracle = generate_histories(_args(revisit=0.6, revisit_lags=LAGS))
+    user, item, _, oracle = generate_histories(_args(revisit=0.6, revisit_lags=LAGS,
+                                                     oracle_windows=(4, 10, 30)))
     # Off by default, and the revisits draw no random numbers: same lengths as without.
     assert np.array_equal(user, plain_user)
     clusters = PlantedChain(_args(), np.random.default_rng(0)).cluster
@@ -42,6 +44,12 @@ def test_revisits_planted_at_the_lags_and_known_to_the_oracle() -> None:
     # signal, so the time-blind oracle is the oracle.
     assert 0.3 < oracle["expected_hr@10"] < plain["expected_hr@10"] - 0.05
     assert oracle["time_blind_hr@10"] == oracle["hr@10"]
+    # A model that sees the last W events: blind to the lags >= W (measured 0.28 / 0.42 /
+    # 0.49 for W = 4 / 10 / 30), the whole oracle once W passes every lag.
+    window = [oracle[f"window{w}_expected_hr@10"] for w in (4, 10, 30)]
+    assert window[0] < window[1] - 0.05 < window[2] - 0.1
+    assert window[2] == pytest.approx(oracle["expected_hr@10"])
+    assert "window4_hr@10" not in plain
 
 
 def test_log_uniform_lengths_and_bad_arguments() -> None:
