@@ -123,6 +123,10 @@ NEXT_ITEM_PRESETS: Dict[str, Dict[str, object]] = {
     "long": dict(num_users=300, num_items=20_000, num_clusters=200, min_len=512,
                  max_seq=8192, max_len=8192, length_dist="log_uniform", revisit=0.5,
                  revisit_lags=(48, 200, 800), time_signal="none", row_group_rows=16),
+    # The same at a fourth of the length and a fourth of the items (a CPU-sized table).
+    "long_small": dict(num_users=300, num_items=5000, num_clusters=100, min_len=256,
+                       max_seq=2048, max_len=2048, length_dist="log_uniform", revisit=0.5,
+                       revisit_lags=(48, 200, 800), time_signal="none", row_group_rows=16),
     "tiny": dict(num_users=256, num_items=120, num_clusters=12, min_len=3, max_seq=12,
                  max_len=10, embedding_dim=16, row_group_rows=32),
 }
