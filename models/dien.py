@@ -61,6 +61,7 @@ from models.spec import ModelSpec
 
 
 ATTENTIONS = ("softmax", "sigmoid")
+EVOLUTIONS = ("augru", "aigru")
 
 
 @dataclass
@@ -78,6 +79,10 @@ class DIENArgs:
     #: attention normalisation: ``softmax`` within each history (the paper's) or
     #: ``sigmoid`` per event (see the module docstring).
     attention: str = "softmax"
+    #: interest evolving layer: ``augru`` (attention scales the update gate, the paper's
+    #: choice) or ``aigru`` (attention scales the GRU's input, the paper's AIGRU; see the
+    #: module docstring).
+    evolution: str = "augru"
     #: hidden sizes of the MLP over ``[dense ‖ pooled ‖ s'_n]``.
     deep_dims: List[int] = field(default_factory=lambda: [256, 128])
 
@@ -85,6 +90,9 @@ class DIENArgs:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"model.args.attention={self.attention!r}; choose one of "
                              f"{list(ATTENTIONS)}")
+        if self.evolution not in EVOLUTIONS:
+            raise ValueError(f"model.args.evolution={self.evolution!r}; choose one of "
+                             f"{list(EVOLUTIONS)}")
         if not self.aux_loss_weight >= 0:
             raise ValueError(f"model.args.aux_loss_weight={self.aux_loss_weight} must be >= 0")
 
@@ -181,6 +189,17 @@ def augru(cell: AUGRUCell, order: PackedOrder, states: torch.Tensor, attention: 
     return final_sorted[order.rank]
 
 
+def aigru(gru: nn.GRU, order: PackedOrder, states: torch.Tensor, attention: torch.Tensor
+          ) -> torch.Tensor:
+    """AIGRU: a plain GRU over packed ``states [N, H]`` scaled by packed ``attention [N]``
+    (``i'_τ = a_τ · s_τ``); the final state of every row ``[B, H]`` (zero for empty rows)."""
+    B = order.order.numel()
+    _, h_n = gru(PackedSequence(states * attention.unsqueeze(1), order.batch_sizes))
+    h = h_n[0]  # [active rows, H], longest first (the packed order)
+    final_sorted = torch.cat([h, h.new_zeros(B - h.shape[0], h.shape[1])], dim=0)
+    return final_sorted[order.rank]
+
+
 def auxiliary_loss(states: torch.Tensor, events: torch.Tensor, lengths: torch.Tensor
                    ) -> torch.Tensor:
     """DIEN's auxiliary loss on jagged ``states [N, H]`` and ``events [N, H]`` (see the
@@ -211,7 +230,9 @@ class DIENArch(nn.Module):
         self.names, self.dim = names, event_dim
         self.extractor = nn.GRU(event_dim, event_dim, batch_first=False)
         self.bilinear = nn.Linear(event_dim, event_dim, bias=False)  # s W t = s · (W t)
-        self.evolution = AUGRUCell(event_dim, event_dim)
+        self.evolution_kind = args.evolution
+        self.evolution: nn.Module = (AUGRUCell(event_dim, event_dim) if args.evolution == "augru"
+                                     else nn.GRU(event_dim, event_dim))
         self.softmax = args.attention == "softmax"
         in_dim = pooled_dim + event_dim
         self.mlp = MLP(in_dim, args.deep_dims) if args.deep_dims else nn.Identity()
@@ -234,7 +255,10 @@ class DIENArch(nn.Module):
         rows = segment_ids(order.lengths)
         scores = (states * self.bilinear(target)[rows]).sum(1)
         att = jagged_softmax(scores, rows, B) if self.softmax else torch.sigmoid(scores)
-        final = augru(self.evolution, order, out.data, att[order.to_packed], self.dim)
+        if self.evolution_kind == "augru":
+            final = augru(self.evolution, order, out.data, att[order.to_packed], self.dim)
+        else:
+            final = aigru(self.evolution, order, out.data, att[order.to_packed])
         return final, states
 
     def representation(self, pooled: torch.Tensor, target: torch.Tensor,
