@@ -81,7 +81,7 @@ class DLRMBaseline(nn.Module):
 def build_contender(name: str, schema: Schema, dim: int, device_type: str) -> nn.Module:
     """The unsharded (meta-device embeddings) task model of a pipeline contender."""
     from models import get_model_spec
-    from models.blocks import CTRTask
+    from trainer.tasks.ctr import CTRTrain
 
     if name == "torchrec_dlrm":
         return DLRMBaseline(schema, dim, "meta")
@@ -94,7 +94,7 @@ def build_contender(name: str, schema: Schema, dim: int, device_type: str) -> nn
     if "dense_dims" in fields:
         overrides["dense_dims"] = DENSE_DIMS
     args = spec.make_args("default", overrides)
-    return CTRTask(spec.build(schema, args, "meta"), "bf16" if dtype else "fp32", device_type)
+    return CTRTrain(spec.build(schema, args, "meta"), "bf16" if dtype else "fp32", device_type)
 
 
 def _pipeline_worker(ctx: Any, names: Sequence[str], rows: int, dim: int, big: Optional[int],

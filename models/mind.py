@@ -15,7 +15,7 @@ Training: label-aware attention mixes the K interests towards the positive (``Re
 user_vectors``; ``β = attention_sharpness``, ``1/τ`` by default — the paper's ``pow(·, p)``
 on unnormalised dots becomes a sharpness on cosines here, and large β approaches the hard
 max that serving uses). Serving: each of the K vectors retrieves its neighbours and a query
-returns the union, ranked by ``max_k ⟨u_k, ê_j⟩`` (``trainer.retrieval``).
+returns the union, ranked by ``max_k ⟨u_k, ê_j⟩`` (``trainer.tasks.retrieval``).
 
 Shapes: ``profile [B, P]``, ``hist [ΣLᵢ, D]`` → ``[B, K, D]``.
 

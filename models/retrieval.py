@@ -3,7 +3,7 @@ tables, the sampled-softmax loss with logQ correction, and the task wrapper.
 
 Data: a retrieval row is one user and one positive item. The item sequence feature
 (``item_seq`` by default, table ``item``) holds the user's history **followed by** the
-positive; the ``retrieval`` task kind's data path (``trainer.retrieval``) strips that last id
+positive; the ``retrieval`` task kind's data path (``trainer.tasks.retrieval``) strips that last id
 into ``Batch.labels`` and into the extra sequence feature ``<item>_pos`` (one id per row), and
 adds ``num_negatives`` uniform item ids as ``<item>_neg`` (see
 :func:`models.sequential.negatives_feature`). History, positives and negatives are thus looked
@@ -29,7 +29,7 @@ in-batch columns (``P(j)`` the item's frequency as a positive, from the train sp
 negative column whose id equals the row's positive is masked (accidental hits). The loss is the
 mean over rows of ``logsumexp_j s_ij − s_i,pos``.
 
-Only modules that hold a sharded module (:class:`RetrievalModel`, :class:`RetrievalTask`) are
+Only modules that hold a sharded module (:class:`RetrievalModel`, :class:`RetrievalTrain`) are
 traced by torchrec's pipeline; their forwards only route ``batch`` attributes, and every
 data-dependent step lives in leaf modules (the user tower, the loss).
 """
@@ -49,7 +49,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
-from models.blocks import autocast_dtype, autocast_forward, build_ebc
+from models.blocks import build_ebc
 from models.sequential import item_spec, negatives_feature
 
 POSITIVE_SUFFIX = "_pos"
@@ -347,22 +347,3 @@ class RetrievalLoss(nn.Module):
                torch.tensor(rows, device=logits.device))
         return loss, out
 
-
-class RetrievalTask(nn.Module):
-    """Loss owner of a :class:`RetrievalModel`: ``forward(batch)`` → ``(loss, output)`` (see
-    :class:`RetrievalLoss`); ``batch.labels`` holds the positive ids (int64 ``[B]``).
-    ``dense_dtype`` autocasts the user tower; the loss stays fp32 (as ``CTRTask``)."""
-
-    def __init__(self, model: RetrievalModel, args: RetrievalArgs,
-                 attention_sharpness: float = 0.0, dense_dtype: str = "fp32",
-                 device_type: str = "cpu") -> None:
-        super().__init__()
-        self.model = model
-        self.loss = RetrievalLoss(args.temperature, args.in_batch_negatives,
-                                  args.logq_correction, model.num_items, attention_sharpness)
-        self.autocast_dtype = autocast_dtype(dense_dtype)
-        self.device_type = device_type
-
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
-                                          self.device_type), batch.labels)

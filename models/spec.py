@@ -23,7 +23,7 @@ class ModelSpec:
         flavours: named argument presets (``model.flavour``); ``default`` must exist.
         build: ``build(schema, args, device)`` → the unsharded model (a ``Batch`` → logits
             module) with its embedding collections on ``device`` (``meta`` for sharding).
-        task: the task kind (``trainer.tasks.TASKS``): the loss wrapper, metrics,
+        task: the task kind (``trainer.tasks.TASK_KINDS``): the loss wrapper, metrics,
             evaluation and ``final`` line the trainer uses for it (``ctr``).
         description: one line for ``--help`` and error messages.
     """

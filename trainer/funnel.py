@@ -40,7 +40,7 @@ from data.convert.common import DatasetWriter, single_id_column
 from data.reader import ParquetReader, split_files
 from data.schema import FeatureSpec, LabelSpec, Schema
 from trainer.predict import load_exported
-from trainer.retrieval import RetrievalBatches
+from trainer.tasks.retrieval import RetrievalBatches
 from trainer.retrieval_export import RetrievalServer
 
 

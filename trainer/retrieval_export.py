@@ -37,10 +37,11 @@ from data.cli import ArgumentParser
 from data.batch import Batch
 from data.schema import load_schema
 from models import get_model_spec
-from models.retrieval import RetrievalTask, retrieval_item_spec
+from models.retrieval import retrieval_item_spec
+from trainer.tasks.retrieval import RetrievalTrain
 from trainer.config import ConfigError, load_config
 from trainer.export import MODEL_FILE, export_checkpoint
-from trainer.retrieval import AnnIndex
+from trainer.tasks.retrieval import AnnIndex
 
 EMBEDDINGS_FILE = "item_embeddings.npy"
 INDEX_FILE = "item_index.faiss"
@@ -98,7 +99,7 @@ class RetrievalServer:
     Example::
 
         server = RetrievalServer("exports/two_tower")
-        ids, scores = server.search(batch, k=200)   # batch from trainer.retrieval's data path
+        ids, scores = server.search(batch, k=200)   # batch from trainer.tasks.retrieval's data path
     """
 
     def __init__(self, export_dir: str) -> None:
@@ -110,7 +111,7 @@ class RetrievalServer:
         spec = get_model_spec(cfg.model.name)
         args = spec.make_args(cfg.model.flavour, cfg.model.args)
         schema = load_schema(export_dir)
-        self.task = RetrievalTask(spec.build(schema, args, "cpu"), args)
+        self.task = RetrievalTrain(spec.build(schema, args, "cpu"), args)
         weights = torch.load(os.path.join(export_dir, MODEL_FILE), weights_only=True)
         self.task.load_state_dict(weights)
         self.task.eval()

@@ -49,7 +49,7 @@ from trainer.progress import TrainLogger
 from trainer.runlock import lock_run_dir
 from trainer.selection import (EarlyStopping, best_root, drop_stale_best, find_best,
                                resolve_splits)
-from trainer.tasks import Task, get_task
+from trainer.tasks import TaskKind, get_task_kind
 from trainer.tboard import RunRecords
 from trainer.validation import check_against_data
 
@@ -63,14 +63,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_task(cfg: Config, schema: Schema) -> Task:
+def model_task(cfg: Config, schema: Schema) -> TaskKind:
     """The task kind of ``model.name`` (its loss, metrics, evaluation, final line), with the
     model's spec and arguments resolved once."""
-    return get_task(get_model_spec(cfg.model.name).task, cfg, schema)
+    return get_task_kind(get_model_spec(cfg.model.name).task, cfg, schema)
 
 
 def build_model(cfg: Config, schema: Schema, device_type: str = "cpu",
-                task: Optional[Task] = None) -> nn.Module:
+                task: Optional[TaskKind] = None) -> nn.Module:
     """The unsharded model in its task wrapper, embedding collections on the meta device
     (built by ``task`` when the caller has one, so the model is built once)."""
     return (task or model_task(cfg, schema)).build(device_type)
@@ -88,7 +88,7 @@ def shard_and_optimize(cfg: Config, ctx: DistContext, schema: Schema, model: nn.
     return dmp, build_optimizer(cfg, dmp, tables)
 
 
-def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: Task
+def build_readers(cfg: Config, ctx: DistContext, schema: Schema, task: TaskKind
                   ) -> Tuple[ParquetReader, ParquetReader, ParquetReader]:
     """This rank's train, valid and test readers, each with the task kind's data-path step
     (valid is the test reader when the dataset has no valid split, see
@@ -387,7 +387,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def run_training(cfg: Config, ctx: DistContext, task: Task, pipeline: TrainPipelineSparseDist,
+def run_training(cfg: Config, ctx: DistContext, task: TaskKind, pipeline: TrainPipelineSparseDist,
                  dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                  train_reader: ParquetReader, eval_reader: ParquetReader, steps: int,
                  metrics_file: RunRecords, checkpointer: Checkpointer,

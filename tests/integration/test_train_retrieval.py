@@ -20,7 +20,7 @@ from data.reader import ParquetReader
 from data.schema import Schema
 from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from tests.integration.runner import parse_final, run_trainer
-from trainer.retrieval import RetrievalBatches
+from trainer.tasks.retrieval import RetrievalBatches
 from trainer.retrieval_export import RetrievalServer, export_retrieval
 
 pytestmark = pytest.mark.slow

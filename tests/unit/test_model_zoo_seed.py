@@ -14,7 +14,7 @@ from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec, list_models
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 from models.dien import AUGRUCell, PackedOrder, augru, auxiliary_loss
 from models.din import TargetAttention, jagged_softmax, steps_back
 from models.masknet import MaskBlock
@@ -236,7 +236,7 @@ def test_dien_trains_on_bce_plus_aux_and_evaluates_on_bce(tiny_seq: str) -> None
     spec = get_model_spec("dien")
     schema, batch = Schema.load(tiny_seq), _batch(tiny_seq)
     model = _perturbed(spec.build(schema, spec.make_args("small"), "cpu"))
-    task = CTRTask(model)
+    task = CTRTrain(model)
     logits, aux = model.forward_with_aux(batch)
     bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
     loss, _ = task(batch)
@@ -262,7 +262,7 @@ def test_every_flavour_trains_and_backbone_representation(name: str, data: str,
     # ``large`` flavours only widen layers another flavour already runs: skipped for time.
     for flavour in [f for f in spec.flavours if f != "large"]:
         model = spec.build(schema, spec.make_args(flavour), "cpu")
-        loss, (_, logits, _) = CTRTask(model)(batch)
+        loss, (_, logits, _) = CTRTrain(model)(batch)
         loss.backward()
         assert logits.shape == (24,) and torch.isfinite(loss)
         missing = [n for n, p in model.named_parameters()

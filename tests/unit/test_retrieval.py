@@ -19,7 +19,7 @@ from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate
 from models.mind import MINDUser, squash
 from models.retrieval import RetrievalEncoding, RetrievalLoss, positive_feature
 from models.sequential import negatives_feature
-from trainer.retrieval import (
+from trainer.tasks.retrieval import (
     AnnIndex,
     RetrievalBatches,
     ann_ranks,
