@@ -339,6 +339,6 @@ MODEL_SPEC = ModelSpec(
         "aigru": DIENArgs(evolution="aigru"),
     },
     task="ctr",
-    description="DIEN: GRU interest extractor with auxiliary loss and AUGRU interest "
-                "evolution over jagged behaviour sequences (sharded EC)",
+    description="DIEN: GRU interest extractor with auxiliary loss and AUGRU (or AIGRU) "
+                "interest evolution over jagged behaviour sequences (sharded EC)",
 )
