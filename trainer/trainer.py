@@ -51,7 +51,7 @@ from trainer.selection import (EarlyStopping, best_root, drop_stale_best, find_b
                                resolve_splits)
 from trainer.tasks import TaskKind, get_task_kind
 from trainer.tboard import RunRecords
-from trainer.validation import check_against_data
+from trainer.validation import check_against_data, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ def train(cfg: Config) -> Dict[str, Any]:
     ``sharding.spawn.run_ranks``) keeps it for its next ``train()`` and tears it down itself.
     """
     t = cfg.training
+    check_model(cfg)  # [model] against the registry, before any work (no-op once checked)
     owns_group = not dist.is_initialized()
     ctx = init_distributed(cfg.dist.backend, cfg.dist.device, cfg.dist.cpu_threads or None,
                            cfg.dist.timeout_s)
