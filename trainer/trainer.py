@@ -209,7 +209,7 @@ def train(cfg: Config) -> Dict[str, Any]:
     its end only if it created it: a process launched for one run (``python -m trainer``,
     under ``torchrun`` or not) ends with no group left, while a caller that owns the group
     (a test or a driver running several trainings on the same ranks, e.g.
-    ``sharding.spawn.run_ranks``) keeps it for its next ``train()`` and tears it down itself.
+    ``launch.spawn.run_ranks``) keeps it for its next ``train()`` and tears it down itself.
     """
     t = cfg.training
     check_model(cfg)  # [model] against the registry, before any work (no-op once checked)
