@@ -32,6 +32,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
+from models.blocks import kept_head
 
 STRUCTURES = ("parallel", "stacked")
 
@@ -61,11 +62,14 @@ class CrossDeep(nn.Module):
         field_scale: factor on the stored embeddings in ``x_0`` (1 = none).
         parallel_keeps_input: a parallel model without a deep network feeds its head
             ``[Cross(x_0) ‖ x_0]`` (True) or ``Cross(x_0)`` (False).
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the logit
+            layer); only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
                  cross: nn.Module, structure: str, deep_dims: List[int],
-                 field_scale: float = 1.0, parallel_keeps_input: bool = True) -> None:
+                 field_scale: float = 1.0, parallel_keeps_input: bool = True,
+                 with_head: bool = True) -> None:
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"model.args.structure={structure!r}; choose one of "
@@ -81,7 +85,8 @@ class CrossDeep(nn.Module):
         # The one difference between the two models: what a parallel model without a deep
         # network concatenates (see the module docstring).
         self.concat = structure == "parallel" and (bool(deep_dims) or parallel_keeps_input)
-        self.head = nn.Linear(in_features + deep_out if self.concat else deep_out, 1)
+        self.head_in = in_features + deep_out if self.concat else deep_out
+        self.head = kept_head(nn.Linear(self.head_in, 1), with_head)
 
     def cross_input(self, batch: Batch) -> torch.Tensor:
         """``x_0 = [dense ‖ s·e_1 ‖ … ‖ s·e_F]`` of shape ``[B, N]`` (s = ``field_scale``;
@@ -96,7 +101,7 @@ class CrossDeep(nn.Module):
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation` (the head's input)."""
-        return self.head.in_features
+        return self.head_in
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H]``: the cross/deep output the head maps to the logit (for multi-task

@@ -86,10 +86,12 @@ class DCN(CrossDeep):
         feature_names: the pooled features, in the order they are concatenated into ``x_0``.
         dense_in: number of dense features ``Dd``.
         args: :class:`DCNArgs`.
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the logit
+            layer); only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: DCNArgs) -> None:
+                 args: DCNArgs, with_head: bool = True) -> None:
         args.validate()
         cross = VectorCrossNet(cross_input_width(ebc, feature_names, dense_in),
                                args.cross_layers)
@@ -102,14 +104,16 @@ class DCN(CrossDeep):
             nn.init.zeros_(kernel)
         # Without a deep network the parallel model's head sees the cross output alone.
         super().__init__(ebc, feature_names, dense_in, cross, args.structure,
-                         list(args.deep_dims), args.field_scale, parallel_keeps_input=False)
+                         list(args.deep_dims), args.field_scale, parallel_keeps_input=False,
+                         with_head=with_head)
         self.structure = args.structure
 
 
-def build_dcn(schema: Schema, args: DCNArgs, device: str = "meta") -> DCN:
+def build_dcn(schema: Schema, args: DCNArgs, device: str = "meta",
+              with_head: bool = True) -> DCN:
     args.validate()
     ebc = build_ebc(schema, device, embedding_dim=args.embedding_dim)
-    model = DCN(ebc, pooled_feature_names(schema), schema.dense_dim, args)
+    model = DCN(ebc, pooled_feature_names(schema), schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -126,4 +130,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="DCN (v1): vector cross layers x0·(w·xl) + b + xl with a deep MLP, parallel "
                 "or stacked, over dense inputs and pooled embeddings",
+    backbone=True,
 )

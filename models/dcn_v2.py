@@ -95,24 +95,28 @@ class DCNv2(CrossDeep):
         feature_names: the pooled features, in the order they are concatenated into ``x_0``.
         dense_in: number of dense features ``Dd``.
         args: :class:`DCNv2Args`.
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the logit
+            layer); only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: DCNv2Args) -> None:
+                 args: DCNv2Args, with_head: bool = True) -> None:
         args.validate()
         cross = build_cross_net(cross_input_width(ebc, feature_names, dense_in), args)
         # Without a deep network the parallel model's head sees [Cross(x_0) ‖ x_0].
         super().__init__(ebc, feature_names, dense_in, cross, args.structure,
-                         list(args.deep_dims), parallel_keeps_input=True)
+                         list(args.deep_dims), parallel_keeps_input=True,
+                         with_head=with_head)
         self.structure = args.structure
 
 
-def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta") -> DCNv2:
+def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta",
+                 with_head: bool = True) -> DCNv2:
     if args.embedding_dim is not None and args.embedding_dim % 4:
         raise ValueError(f"model.args.embedding_dim={args.embedding_dim} must be a multiple "
                          f"of 4 (fbgemm kernels)")
     ebc = build_ebc(schema, device, embedding_dim=args.embedding_dim)
-    model = DCNv2(ebc, pooled_feature_names(schema), schema.dense_dim, args)
+    model = DCNv2(ebc, pooled_feature_names(schema), schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -131,4 +135,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="DCN-v2: cross network (full / low-rank / mixture of experts) with a deep "
                 "MLP, stacked or parallel, over dense inputs and pooled embeddings",
+    backbone=True,
 )

@@ -39,9 +39,10 @@ from data.schema import load_schema
 from models import get_model_spec
 from models.retrieval import retrieval_item_spec
 from trainer.tasks.retrieval import RetrievalTrain
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
 from trainer.export import MODEL_FILE, export_checkpoint
 from trainer.tasks.retrieval import AnnIndex
+from trainer.validation import load_checked_config
 
 EMBEDDINGS_FILE = "item_embeddings.npy"
 INDEX_FILE = "item_index.faiss"
@@ -58,7 +59,7 @@ def export_retrieval(checkpoint: str, out: str, overwrite: bool = False) -> Dict
 
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    cfg = load_config(os.path.join(checkpoint, "config.toml"))
+    cfg = load_checked_config(os.path.join(checkpoint, "config.toml"))
     spec = get_model_spec(cfg.model.name)
     if spec.task != "retrieval":
         raise ValueError(f"{checkpoint} holds model {cfg.model.name!r} (task {spec.task!r}); "
@@ -107,7 +108,7 @@ class RetrievalServer:
 
         with open(os.path.join(export_dir, INFO_FILE)) as fh:
             self.info = json.load(fh)
-        cfg = load_config(os.path.join(export_dir, "config.toml"))
+        cfg = load_checked_config(os.path.join(export_dir, "config.toml"))
         spec = get_model_spec(cfg.model.name)
         args = spec.make_args(cfg.model.flavour, cfg.model.args)
         schema = load_schema(export_dir)
