@@ -1,13 +1,14 @@
 """End to end under torchrun (2 gloo ranks): ``two_tower`` with the shipped config (3 of its
 5 epochs) on the CI-sized synthetic retrieval set (``data.synth retrieval --preset ci``:
 planted user/item vectors, oracle recall@50 0.538) ends with the retrieval ``final`` line,
-learns a good part of the oracle's recall, and the FAISS index keeps the exact recall; the
+reaches 0.85 of the oracle's recall@50, and the FAISS index keeps the exact recall; the
 run's last checkpoint exported (``trainer.retrieval_export``) and served retrieves the test
 positives as the trainer measured, exactly and through the exported index.
 
-Measured on the loaded 2-core machine (2026-12-02): recall@50 0.34 at 5 epochs on 2 ranks
-(0.64 of the oracle; 0.68 in one process), ANN fraction 1.00. The test asserts 0.55 of the
-oracle after 3 epochs (measured: see ``RATIO_BOUND``) and an ANN fraction of at least 0.95.
+The user tower sees the ``segment`` cohort feature and the history (the config leaves the
+memorising ``user_id`` out). Measured 2026-12-02, 2 ranks, 3 epochs: recall@50 0.469 of
+oracle 0.538 (0.872) with data seed 0, 0.468 of 0.526 (0.890) with seed 1; ANN fraction
+1.00. The test asserts 0.85 of the oracle and an ANN fraction of at least 0.95.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from trainer.retrieval_export import RetrievalServer, export_retrieval
 
 pytestmark = pytest.mark.slow
 
-RATIO_BOUND = 0.55  # recall@50 / oracle recall@50 after 3 epochs on 2 ranks, measured 0.60
+RATIO_BOUND = 0.85  # recall@50 / oracle recall@50 after 3 epochs on 2 ranks: 0.872, 0.890
 
 
 def test_two_tower_learns_and_ann_keeps_recall(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]

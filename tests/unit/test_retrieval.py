@@ -82,7 +82,7 @@ def _routing_loop(tower: MINDUser, hist: torch.Tensor, lengths: torch.Tensor) ->
     """MIND's B2I routing one user at a time, as the paper writes it."""
     out, start = [], 0
     for n in lengths.tolist():
-        e = tower.bilinear(hist[start:start + n])  # [n, D]
+        e = tower.bilinear(F.normalize(hist[start:start + n], dim=-1))  # [n, D]
         start += n
         b = tower.routing_init[:, :n].clone()  # [K, n]
         caps = torch.zeros(tower.num_interests, hist.shape[1])
