@@ -80,12 +80,15 @@ class MINDUser(UserTower):
         g = torch.Generator().manual_seed(routing_seed)
         self.register_buffer("routing_init", torch.randn(num_interests, max_len, generator=g))
         self.mlp = mlp([dim + profile_dim, *hidden, dim])
+        #: pad histories to this width instead of the batch's longest (an exported program
+        #: sets ``max_len``: a width read from the data cannot be exported); same capsules.
+        self.pad_to = 0
 
     def routing(self, hist: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``[ΣLᵢ, D]`` jagged history → ``[B, K, D]`` interest capsules (batched)."""
         offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-        t = int(lengths.max()) if lengths.numel() else 0
         b, k = lengths.numel(), self.num_interests
+        t = self.pad_to or (int(lengths.max()) if lengths.numel() else 0)
         if t == 0:
             return hist.new_zeros(b, k, hist.shape[1])
         # Routing sees the history's directions (the item tower's L2-normalised rows): raw rows

@@ -200,14 +200,18 @@ class RetrievalEncoder(nn.Module):
         self.item_feature = item_feature
         self.user_features = user_features
         self.max_len = max_len
+        #: keep each history's ``max_len`` most recent ids; an exported program (whose
+        #: callers truncate) sets it False: the check reads the data.
+        self.truncate = True
 
     def forward(self, pooled: Optional[object], dense: torch.Tensor,
                 embeddings: Dict[str, JaggedTensor], sequence: KeyedJaggedTensor
                 ) -> RetrievalEncoding:
         hist = embeddings[self.item_feature]
         hist_ids = sequence[self.item_feature].values()
-        values, ids, lengths = truncate_recent_jagged(hist.values(), hist_ids, hist.lengths(),
-                                                      self.max_len)
+        values, ids, lengths = hist.values(), hist_ids, hist.lengths()
+        if self.truncate:
+            values, ids, lengths = truncate_recent_jagged(values, ids, lengths, self.max_len)
         parts = [dense] if dense.numel() else []
         if pooled is not None:
             by_name = pooled.to_dict()  # type: ignore[attr-defined]
