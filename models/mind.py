@@ -3,7 +3,8 @@ dynamic (capsule) routing over the history.
 
 User tower, per row with history embeddings ``e_1..e_L`` (most recent ``max_len``):
 
-* behaviour-to-interest routing: ``ê_i = S e_i / ‖e_i‖`` with one shared bilinear map ``S [D, D]``;
+* behaviour-to-interest routing: ``ê_i = S e_i / ‖e_i‖`` with one shared bilinear map
+  ``S [D, D]``;
   routing logits ``b [K, L]`` start from a fixed random draw (a buffer, so that the K capsules
   differ although ``S`` is shared, as in the paper); for ``routing_iters`` rounds:
   ``w = softmax_k(b)``, ``z_k = Σ_i w_ki ê_i``, ``c_k = squash(z_k)``, ``b_ki += ⟨c_k, ê_i⟩``;

@@ -181,7 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e = sub.add_parser("evaluate", help="retrieve top-k, re-rank, compare with the ranker "
                                         "over all items")
     e.add_argument("--data", required=True)
-    e.add_argument("--retrieval", required=True, help="retrieval package (python -m trainer.export of a two_tower / mind checkpoint)")
+    e.add_argument("--retrieval", required=True,
+                   help="retrieval package (python -m trainer.export of a two_tower or mind "
+                        "checkpoint)")
     e.add_argument("--ranker", required=True, help="python -m trainer.export dir of a ranker")
     e.add_argument("--split", default="test")
     e.add_argument("--k", type=int, default=200)

@@ -184,6 +184,16 @@ def test_generator_and_data_path(tmp_path) -> None:  # type: ignore[no-untyped-d
     # The positive is never in the user's history (drawn from the unseen items).
     rows = hist.values().view(16, -1)
     assert not (rows == batch.labels.unsqueeze(1)).any()
+    # The cohort feature: each user's interests' prototype ids (1-based), pooled by mean.
+    seg = batch.sparse["segment"]  # type: ignore[index]
+    assert schema.feature("segment").pooling == "mean"
+    assert seg.lengths().tolist() == [args.interests] * 16
+    assert 1 <= int(seg.values().min()) and int(seg.values().max()) <= args.prototypes
+    from models import get_model_spec
+
+    spec = get_model_spec("two_tower")
+    with pytest.raises(ValueError, match="model.args.user_features"):
+        spec.build(schema, spec.make_args("default", {"user_features": ["age"]}), "cpu")
 
 
 def test_bench_search_smoke() -> None:
