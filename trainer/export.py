@@ -39,7 +39,8 @@ from data.cli import ArgumentParser
 from data.io import AtomicDirectory, write_json_atomic
 from data.marker import EXPORT_MARKER, replace_refusal
 from data.schema import SCHEMA_FILE, Schema, load_schema
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError
+from trainer.validation import load_checked_config
 
 MODEL_FILE = "model.pt"
 EXPORT_FILE = "export.json"
@@ -59,7 +60,7 @@ def checkpoint_weights(checkpoint: str) -> Tuple[Config, Schema, Dict[str, torch
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MARKER} "
                               f"marker); pass a step_* directory that training finished")
     Checkpointer(os.path.dirname(os.path.abspath(checkpoint)), 0, 1, 0).verify(checkpoint)
-    cfg = load_config(os.path.join(checkpoint, "config.toml"))
+    cfg = load_checked_config(os.path.join(checkpoint, "config.toml"))
     schema = load_schema(cfg.data.schema or cfg.data.path)
     state = load_full_state_dict(checkpoint)
     weights = {k: v.contiguous() for k, v in state["model"].items()}
