@@ -185,6 +185,13 @@ def export_package(checkpoint: str, out: str, quant: str = "fp32", compile: str 
         check = quantisation_auc(model, task, schema, cfg.data.path, quant, eval_rows)
     with open(os.path.join(checkpoint, "config.toml")) as fh:
         config_toml = fh.read()
+    if task == "retrieval":  # the user tower + item embeddings + index (issue 19)
+        from trainer.package_retrieval import write_retrieval_package
+
+        return write_retrieval_package(
+            model, schema, config_toml, out, model_name=cfg.model.name,  # type: ignore[arg-type]
+            step=step, preprocess=dataset_preprocess_state(cfg.data.path), quant=quant,
+            compile=compile, index=index, index_params=index_params, overwrite=overwrite)
     info = write_package(model, task, schema, config_toml, out, model_name=cfg.model.name,
                          step=step, preprocess=dataset_preprocess_state(cfg.data.path),
                          quant=quant, compile=compile, index=index, index_params=index_params,
