@@ -172,8 +172,10 @@ struct Buckets {
 
 template <typename T>
 struct Ctx {
-  int64_t H, d, dv, DP, DVP, TP, n, blk;
-  const int64_t* off;
+  int64_t H, d, dv, DP, DVP, TP, n, blk;  // blk: the largest tile
+  const int64_t* off;   // [B + 1] the inputs' offsets
+  const int64_t* poff;  // [B + 1] the packed buffers' offsets (each sequence padded to its tile)
+  const int64_t* sblk;  // [B] each sequence's tile size
   const T* qr;  // [H, TP, DP]
   const T* kr;  // [H, TP, DP]
   const T* kt;  // [H, DP, TP]
@@ -193,15 +195,15 @@ struct Ctx {
 // `start` (len rows), its row limits lim[i] (valid keys of row i: the causal mask and the
 // sequence's end) and, when wanted, the time buckets.
 template <typename T>
-void bias_tile(const Ctx<T>& c, int64_t start, int64_t len, int64_t r0, int64_t j0, T* bias,
-               int32_t* lim, uint8_t* bucket) {
-  const int64_t blk = c.blk, nk = std::min(blk, len - j0);
+void bias_tile(const Ctx<T>& c, int64_t start, int64_t len, int64_t blk, int64_t r0, int64_t j0,
+               T* bias, int32_t* lim, uint8_t* bucket) {
+  const int64_t nk = std::min(blk, len - j0);
   for (int64_t i = 0; i < blk; ++i) {
     const int64_t gi = r0 + i;
     lim[i] = gi < len ? static_cast<int32_t>(std::max<int64_t>(0, std::min(nk, gi - j0 + 1)))
                       : 0;
     T* row = bias + i * blk;
-    const T* p = c.pos_ext + (c.M + blk - gi + j0);
+    const T* p = c.pos_ext + (c.M + c.blk - gi + j0);
     for (int64_t j = 0; j < blk; ++j) row[j] = p[j];
     if (c.tim != nullptr && lim[i] > 0) {
       const int64_t t = c.tq[start + gi];
@@ -258,10 +260,11 @@ struct Item {
   int64_t seq, tile, cost;
 };
 
-std::vector<Item> make_items(const int64_t* off, int64_t batch, int64_t blk, bool backward) {
+std::vector<Item> make_items(const int64_t* off, const int64_t* sblk, int64_t batch,
+                             bool backward) {
   std::vector<Item> items;
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = off[b + 1] - off[b];
+    const int64_t len = off[b + 1] - off[b], blk = sblk[b];
     const int64_t tiles = (len + blk - 1) / blk;
     for (int64_t t = 0; t < tiles; ++t) {
       // forward: query tile t sees t + 1 key blocks; backward: key block t is seen by
@@ -289,22 +292,22 @@ void dynamic_for(int64_t n, int64_t workers, Fn fn) {
 template <typename T>
 void forward_impl(const Ctx<T>& c, const std::vector<Item>& items, int64_t workers,
                   T* out /* [ΣL, H, dv] */) {
-  const int64_t blk = c.blk, H = c.H;
+  const int64_t H = c.H;
   dynamic_for(static_cast<int64_t>(items.size()), workers, [&](int64_t it, int64_t) {
     const Item& item = items[it];
     const int64_t start = c.off[item.seq], len = c.off[item.seq + 1] - start;
-    const int64_t r0 = item.tile * blk;
+    const int64_t ps = c.poff[item.seq], blk = c.sblk[item.seq], r0 = item.tile * blk;
     std::vector<T> bias(blk * blk), s(blk * blk), o(H * blk * c.DVP, T(0));
     std::vector<int32_t> lim(blk);
     for (int64_t j0 = 0; j0 <= r0; j0 += blk) {
-      bias_tile<T>(c, start, len, r0, j0, bias.data(), lim.data(), nullptr);
+      bias_tile<T>(c, start, len, blk, r0, j0, bias.data(), lim.data(), nullptr);
       const int64_t nk = std::min(blk, len - j0);
       for (int64_t h = 0; h < H; ++h) {
-        gemm<T, false>(s.data(), blk, blk, blk, c.qr + (h * c.TP + start + r0) * c.DP, c.DP, 1,
-                       c.kt + h * c.DP * c.TP + start + j0, c.TP, c.d);
+        gemm<T, false>(s.data(), blk, blk, blk, c.qr + (h * c.TP + ps + r0) * c.DP, c.DP, 1,
+                       c.kt + h * c.DP * c.TP + ps + j0, c.TP, c.d);
         silu_tile<T>(s.data(), bias.data(), lim.data(), blk, c.inv_n);
         gemm<T, true>(o.data() + h * blk * c.DVP, c.DVP, blk, c.DVP, s.data(), blk, 1,
-                      c.vr + (h * c.TP + start + j0) * c.DVP, c.DVP, nk);
+                      c.vr + (h * c.TP + ps + j0) * c.DVP, c.DVP, nk);
       }
     }
     const int64_t rows = std::min(blk, len - r0);
@@ -332,13 +335,13 @@ void backward_impl(const Ctx<T>& c, const std::vector<Item>& items, int64_t work
                    T* dq_acc /* [H, TP, DP] */, T* dk /* [ΣL, H, d] */, T* dv /* [ΣL, H, dv] */,
                    std::vector<std::vector<double>>& d_pos,
                    std::vector<std::vector<double>>& d_time) {
-  const int64_t blk = c.blk, H = c.H, DP = c.DP, DVP = c.DVP;
-  const int64_t ntiles_total = (c.TP + blk - 1) / blk + 1;
-  std::vector<SpinLock> locks(static_cast<size_t>(ntiles_total));
+  const int64_t H = c.H, DP = c.DP, DVP = c.DVP;
+  std::vector<SpinLock> locks(static_cast<size_t>(c.TP / 16 + 1));
   const int64_t nt = c.tim != nullptr ? static_cast<int64_t>(d_time[0].size()) : 0;
   dynamic_for(static_cast<int64_t>(items.size()), workers, [&](int64_t it, int64_t worker) {
     const Item& item = items[it];
     const int64_t start = c.off[item.seq], len = c.off[item.seq + 1] - start;
+    const int64_t ps = c.poff[item.seq], blk = c.sblk[item.seq];
     const int64_t j0 = item.tile * blk, nk = std::min(blk, len - j0);
     std::vector<T> bias(blk * blk), s(blk * blk), ds(blk * blk), dsum(blk * blk);
     std::vector<T> dka(H * blk * DP, T(0)), dva(H * blk * DVP, T(0)), dql(H * blk * DP);
@@ -349,16 +352,16 @@ void backward_impl(const Ctx<T>& c, const std::vector<Item>& items, int64_t work
     double* dtim = nt > 0 ? d_time[worker].data() : nullptr;
     for (int64_t r0 = j0; r0 < len; r0 += blk) {
       const int64_t nr = std::min(blk, len - r0);
-      bias_tile<T>(c, start, len, r0, j0, bias.data(), lim.data(),
+      bias_tile<T>(c, start, len, blk, r0, j0, bias.data(), lim.data(),
                    c.tim != nullptr ? bucket.data() : nullptr);
       std::fill(dsum.begin(), dsum.end(), T(0));
       for (int64_t h = 0; h < H; ++h) {
-        const T* qh = c.qr + (h * c.TP + start + r0) * DP;
-        const T* gh = c.gr + (h * c.TP + start + r0) * DVP;
-        gemm<T, false>(s.data(), blk, blk, blk, qh, DP, 1, c.kt + h * DP * c.TP + start + j0,
+        const T* qh = c.qr + (h * c.TP + ps + r0) * DP;
+        const T* gh = c.gr + (h * c.TP + ps + r0) * DVP;
+        gemm<T, false>(s.data(), blk, blk, blk, qh, DP, 1, c.kt + h * DP * c.TP + ps + j0,
                        c.TP, c.d);
         gemm<T, false>(ds.data(), blk, blk, blk, gh, DVP, 1,
-                       c.vt + h * DVP * c.TP + start + j0, c.TP, c.dv);
+                       c.vt + h * DVP * c.TP + ps + j0, c.TP, c.dv);
         silu_grad_tile<T>(s.data(), ds.data(), dsum.data(), bias.data(), lim.data(), blk,
                           c.inv_n);
         // dV[j] += Σ_i A[i, j] g_i and dK[j] += Σ_i dZ[i, j] q_i: Aᵀ by strides.
@@ -366,14 +369,14 @@ void backward_impl(const Ctx<T>& c, const std::vector<Item>& items, int64_t work
         gemm<T, true>(dka.data() + h * blk * DP, DP, blk, DP, ds.data(), 1, blk, qh, DP, nr);
         // dQ[i] += Σ_j dZ[i, j] k_j, locally, then into the shared rows under the tile lock.
         gemm<T, false>(dql.data() + h * blk * DP, DP, blk, DP, ds.data(), blk, 1,
-                       c.kr + (h * c.TP + start + j0) * DP, DP, nk);
+                       c.kr + (h * c.TP + ps + j0) * DP, DP, nk);
       }
       {
         // Any row → lock map is correct (the same tile always takes the same lock).
-        SpinLock& lock = locks[static_cast<size_t>((start + r0) / blk) % locks.size()];
+        SpinLock& lock = locks[static_cast<size_t>((ps + r0) / 16)];
         lock.lock();
         for (int64_t h = 0; h < H; ++h) {
-          T* dst = dq_acc + (h * c.TP + start + r0) * DP;
+          T* dst = dq_acc + (h * c.TP + ps + r0) * DP;
           const T* src = dql.data() + h * blk * DP;
           for (int64_t x = 0; x < nr * DP; ++x) dst[x] += src[x];
         }
@@ -429,27 +432,84 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // Packed operands and the per-call tables; the tensors keep the buffers alive.
 struct Packed {
   at::Tensor qr, kr, kt, vr, vt, gr, pos_ext, ts, tq;
+  std::vector<int64_t> poff, sblk;
   int64_t DP, DVP, TP, M;
 };
+
+// x [ΣL, H, w] (any strides) → rows [H, TP, W] in the padded layout (pad rows and columns
+// zero), or, transposed, → cols [H, W, TP]; one sequence per work item.
+template <typename T>
+void pack_one(const at::Tensor& x, T* dst, int64_t W, int64_t TP, const int64_t* off,
+              const Packed& p, bool transposed) {
+  const int64_t H = x.size(1), w = x.size(2), batch = static_cast<int64_t>(p.sblk.size());
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+  const T* src = x.data_ptr<T>();
+  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t start = off[b], len = off[b + 1] - start, ps = p.poff[b];
+      const int64_t rows = p.poff[b + 1] - ps;
+      for (int64_t h = 0; h < H; ++h) {
+        if (!transposed) {
+          for (int64_t t = 0; t < rows; ++t) {
+            T* d = dst + (h * TP + ps + t) * W;
+            const T* sp = src + (start + t) * s0 + h * s1;
+            int64_t c = 0;
+            if (t < len)
+              for (; c < w; ++c) d[c] = sp[c * s2];
+            for (; c < W; ++c) d[c] = T(0);
+          }
+        } else {
+          for (int64_t c = 0; c < W; ++c) {
+            T* d = dst + (h * W + c) * TP + ps;
+            const T* sp = src + start * s0 + h * s1 + c * s2;
+            int64_t t = 0;
+            if (c < w)
+              for (; t < len; ++t) d[t] = sp[t * s0];
+            for (; t < rows; ++t) d[t] = T(0);
+          }
+        }
+      }
+    }
+  });
+}
 
 Packed pack(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* g,
             const at::Tensor& offsets, const at::Tensor& rab_pos, const at::Tensor& ts,
             const at::Tensor& ts_next, int64_t n, int64_t blk) {
   const int64_t T = q.size(0), H = q.size(1), d = q.size(2), dv = v.size(2);
   const int64_t L = kVecBytes / q.element_size();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t batch = offsets.size(0) - 1;
   Packed p;
   p.DP = round_up(d, L);
   p.DVP = round_up(dv, L);
-  p.TP = T + 2 * blk;  // tiles read up to one block past a sequence's end
+  // A sequence shorter than the tile gets a tile of its length rounded up to 16 rows, so
+  // short sequences do not pay for a full tile of masked pairs.
+  p.poff.assign(batch + 1, 0);
+  p.sblk.assign(batch, blk);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = off[b + 1] - off[b];
+    longest = std::max(longest, len);
+    p.sblk[b] = std::min(blk, std::max<int64_t>(16, round_up(len, 16)));
+    p.poff[b + 1] = p.poff[b] + round_up(len, p.sblk[b]);
+  }
+  p.TP = p.poff[batch] + blk;
   auto opt = q.options();
-  auto rows = [&](const at::Tensor& x, int64_t w) {
-    at::Tensor r = at::zeros({H, p.TP, w}, opt);
-    r.narrow(1, 0, T).narrow(2, 0, x.size(2)).copy_(x.permute({1, 0, 2}));
+  auto rows = [&](const at::Tensor& x, int64_t W) {
+    at::Tensor r = at::empty({H, p.TP, W}, opt);
+    r.narrow(1, p.poff[batch], blk).zero_();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hstu_pack", [&] {
+      pack_one<scalar_t>(x, r.data_ptr<scalar_t>(), W, p.TP, off, p, false);
+    });
     return r;
   };
-  auto cols = [&](const at::Tensor& x, int64_t w) {
-    at::Tensor r = at::zeros({H, w, p.TP}, opt);
-    r.narrow(2, 0, T).narrow(1, 0, x.size(2)).copy_(x.permute({1, 2, 0}));
+  auto cols = [&](const at::Tensor& x, int64_t W) {
+    at::Tensor r = at::empty({H, W, p.TP}, opt);
+    r.narrow(2, p.poff[batch], blk).zero_();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hstu_pack", [&] {
+      pack_one<scalar_t>(x, r.data_ptr<scalar_t>(), W, p.TP, off, p, true);
+    });
     return r;
   };
   p.qr = rows(q, p.DP);
@@ -462,14 +522,13 @@ Packed pack(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   }
   // pos_ext[m] = rab_pos[clamp(M + blk − m, 0, n − 1)] for m ∈ [0, M + 3·blk): row gi
   // (< longest + blk) against key block j0 (≤ gi) reads pos_ext[M + blk − gi + j0 + j].
-  const int64_t longest = T > 0 ? offsets.diff().max().item<int64_t>() : 0;
   p.M = std::max<int64_t>(longest, 1) - 1;
   at::Tensor m = at::arange(p.M + 3 * blk, offsets.options());
   p.pos_ext = rab_pos.index({(p.M + blk - m).clamp(0, n - 1)}).contiguous();
   if (ts.numel() > 0) {
-    p.ts = at::zeros({p.TP}, ts.options());
+    p.ts = at::zeros({T + blk}, ts.options());
     p.ts.narrow(0, 0, T).copy_(ts);
-    p.tq = at::zeros({p.TP}, ts.options());
+    p.tq = at::zeros({T + blk}, ts.options());
     p.tq.narrow(0, 0, T).copy_(ts_next);
   }
   return p;
@@ -489,6 +548,8 @@ Ctx<T> make_ctx(const Packed& p, const at::Tensor& q, const at::Tensor& v,
   c.n = n;
   c.blk = blk;
   c.off = offsets.data_ptr<int64_t>();
+  c.poff = p.poff.data();
+  c.sblk = p.sblk.data();
   c.qr = p.qr.data_ptr<T>();
   c.kt = p.kt.data_ptr<T>();
   c.vr = p.vr.data_ptr<T>();
@@ -520,13 +581,15 @@ at::Tensor hstu_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor off
   offsets = offsets.contiguous();
   rab_time = rab_time.contiguous();
   thresholds = thresholds.contiguous();
-  at::Tensor out = at::zeros({q.size(0), q.size(1), v.size(2)}, v.options());
+  // Every row is written by its query tile.
+  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, v.options());
   if (q.size(0) == 0) return out;
   const int64_t nb = rab_time.numel() > 0 ? rab_time.numel() - 1 : 0;
   TORCH_CHECK(nb <= 255, "compiled_jagged: at most 255 time buckets");
   Buckets bk(rab_time.numel() > 0 ? thresholds.data_ptr<int64_t>() : nullptr, nb);
   Packed p = pack(q, k, v, nullptr, offsets, rab_pos.contiguous(), ts, ts_next, n, block);
-  auto items = make_items(offsets.data_ptr<int64_t>(), offsets.size(0) - 1, block, false);
+  auto items = make_items(offsets.data_ptr<int64_t>(), p.sblk.data(), offsets.size(0) - 1,
+                          false);
   const int64_t workers = num_workers(items.size());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hstu_forward", [&] {
     Ctx<scalar_t> c = make_ctx<scalar_t>(p, q, v, offsets, rab_time, &bk, n, block);
@@ -544,8 +607,9 @@ std::vector<at::Tensor> hstu_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
   rab_time = rab_time.contiguous();
   thresholds = thresholds.contiguous();
   const int64_t T = q.size(0), H = q.size(1);
-  at::Tensor dk = at::zeros({T, H, q.size(2)}, q.options());
-  at::Tensor dv = at::zeros({T, H, v.size(2)}, v.options());
+  // Every row is written by its key block.
+  at::Tensor dk = at::empty({T, H, q.size(2)}, q.options());
+  at::Tensor dv = at::empty({T, H, v.size(2)}, v.options());
   const int64_t nt = rab_time.numel();
   auto opts = at::TensorOptions().dtype(at::kDouble);
   if (T == 0) {
@@ -555,8 +619,9 @@ std::vector<at::Tensor> hstu_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
   TORCH_CHECK(nb <= 255, "compiled_jagged: at most 255 time buckets");
   Buckets bk(nt > 0 ? thresholds.data_ptr<int64_t>() : nullptr, nb);
   Packed p = pack(q, k, v, &g, offsets, rab_pos.contiguous(), ts, ts_next, n, block);
-  at::Tensor dq_acc = at::zeros({H, p.TP, p.DP}, q.options());
-  auto items = make_items(offsets.data_ptr<int64_t>(), offsets.size(0) - 1, block, true);
+  at::Tensor dq_acc = at::zeros({H, p.TP, p.DP}, q.options());  // every row is added to
+  auto items = make_items(offsets.data_ptr<int64_t>(), p.sblk.data(), offsets.size(0) - 1,
+                          true);
   const int64_t workers = num_workers(items.size());
   std::vector<std::vector<double>> d_pos(workers, std::vector<double>(n, 0.0));
   std::vector<std::vector<double>> d_time(workers, std::vector<double>(std::max<int64_t>(nt, 1), 0.0));
@@ -565,7 +630,21 @@ std::vector<at::Tensor> hstu_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
     backward_impl<scalar_t>(c, items, workers, dq_acc.data_ptr<scalar_t>(),
                             dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d_pos, d_time);
   });
-  at::Tensor dq = dq_acc.narrow(1, 0, T).narrow(2, 0, q.size(2)).permute({1, 0, 2}).contiguous();
+  // dQ from the padded head-major layout back to [ΣL, H, d].
+  at::Tensor dq = at::empty({T, H, q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hstu_unpack", [&] {
+    const scalar_t* src = dq_acc.data_ptr<scalar_t>();
+    scalar_t* dst = dq.data_ptr<scalar_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int64_t d = q.size(2);
+    at::parallel_for(0, offsets.size(0) - 1, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t t = 0; t < off[b + 1] - off[b]; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            std::memcpy(dst + ((off[b] + t) * H + h) * d,
+                        src + (h * p.TP + p.poff[b] + t) * p.DP, d * sizeof(scalar_t));
+    });
+  });
   at::Tensor gp = at::zeros({n}, opts), gt = at::zeros({nt}, opts);
   for (int64_t w = 0; w < workers; ++w) {
     gp.add_(at::from_blob(d_pos[w].data(), {n}, opts));
