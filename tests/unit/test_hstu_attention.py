@@ -115,6 +115,23 @@ def test_compiled_kernel_is_built_and_fp32_matches() -> None:
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
 
 
+def test_compiled_time_buckets_are_exact() -> None:
+    """The kernel's table-driven buckets equal ``time_buckets`` on every threshold, its
+    neighbours and log-uniform gaps up to 2⁶² (128 buckets: the cells above 64 hold one
+    threshold each)."""
+    from models.hstu.compiled import bucket_thresholds, load_kernel
+
+    kernel = load_kernel()
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(0)
+    for nb in (8, 128, 255):
+        thr = bucket_thresholds(nb)
+        edges = thr[thr < (1 << 62)]
+        gaps = torch.cat([torch.arange(-70, 70), edges - 1, edges, edges + 1, -edges,
+                          torch.exp(torch.rand(20_000, generator=gen) * 42.9).long()])
+        assert torch.equal(kernel.time_buckets(gaps, thr), time_buckets(gaps, nb)), nb
+
+
 def test_jagged_chunks_and_tile_groups_match_padded(monkeypatch: pytest.MonkeyPatch) -> None:
     """One sequence per chunk (``tile_cells=1``) and several tile-count groups, with the
     32-row block: the chunk and group bookkeeping, not only the one-chunk fast case."""

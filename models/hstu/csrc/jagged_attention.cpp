@@ -653,7 +653,22 @@ std::vector<at::Tensor> hstu_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
   return {dq, dk, dv, gp.to(rab_pos.scalar_type()), gt.to(rab_pos.scalar_type())};
 }
 
+// The kernel's time bucket of each gap (for the exactness test against time_buckets).
+at::Tensor hstu_time_buckets(at::Tensor dt, at::Tensor thresholds) {
+  dt = dt.contiguous();
+  thresholds = thresholds.contiguous();
+  const int64_t nb = thresholds.numel();
+  TORCH_CHECK(nb <= 255, "compiled_jagged: at most 255 time buckets");
+  Buckets bk(thresholds.data_ptr<int64_t>(), nb);
+  at::Tensor out = at::empty_like(dt);
+  const int64_t* src = dt.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < dt.numel(); ++i) dst[i] = bk(src[i]);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("time_buckets", &hstu_time_buckets, "the kernel's time buckets of int64 gaps");
   m.def("forward", &hstu_forward, "HSTU jagged attention forward (CPU)");
   m.def("backward", &hstu_backward, "HSTU jagged attention backward (CPU)");
 }
