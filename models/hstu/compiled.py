@@ -2,13 +2,13 @@
 
 Same op as :func:`models.hstu.attention.hstu_attention` (``[ΣLᵢ, H, d]`` jagged ``q, k``,
 ``[ΣLᵢ, H, d_v]`` ``v``, ``offsets [B + 1]`` → ``[ΣLᵢ, H, d_v]``), computed by
-``csrc/jagged_attention.cpp``: per query tile of one sequence, one batched matmul for the
-scores, then a single pass in cache that adds the relative-position and time-bucket bias
-(computed once per (i, j), shared by the heads), applies SiLU, ``1/n`` and the causal mask,
-then one matmul with ``V``; the backward pass recomputes the tile's scores and fuses the
-bias, SiLU' and the mask the same way, accumulating the bias gradients per worker in double.
-No Python runs per tile, and work items (tiles forward, sequences backward) are scheduled
-dynamically across the intra-op threads, longest first.
+``csrc/jagged_attention.cpp``: the operands are packed once into head-major, SIMD-padded
+buffers; every tile product is one register-blocked micro-kernel; the forward runs per query
+tile (bias once per (i, j) for all heads, then per head ``S = Q Kᵀ``, one vectorised pass for
+the bias, SiLU, ``1/n`` and the mask, ``O += A V``), the backward per key block (its ``dK``,
+``dV`` accumulated in the item, ``dQ`` added under a per-tile lock, bias gradients per
+worker in double). No Python or ATen op runs per tile; work items are pulled dynamically by
+the intra-op threads, largest first.
 
 The extension is built with the machine's C++ compiler by ``torch.utils.cpp_extension`` the
 first time it is needed (``make setup`` builds it ahead: ``python -m models.hstu.compiled

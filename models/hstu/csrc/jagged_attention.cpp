@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -321,8 +322,8 @@ void forward_impl(const Ctx<T>& c, const std::vector<Item>& items, int64_t worke
 class SpinLock {
  public:
   void lock() {
-    while (flag_.test_and_set(std::memory_order_acquire)) {
-    }
+    // Yield rather than spin: on an oversubscribed machine the holder may be descheduled.
+    while (flag_.test_and_set(std::memory_order_acquire)) std::this_thread::yield();
   }
   void unlock() { flag_.clear(std::memory_order_release); }
 
