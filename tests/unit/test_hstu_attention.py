@@ -256,3 +256,26 @@ def test_query_timestamps_match_padded(impl: str, request) -> None:  # type: ign
     tol = 1e-4 if impl == "triton" else 1e-10
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=tol, atol=tol), float((a - b).abs().max())
+
+
+def test_compiled_falls_back_with_one_log_line(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Where the kernel cannot be built, ``compiled_jagged`` logs why and computes with
+    ``pytorch_jagged`` (same values)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    import models.hstu.compiled as compiled
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(compiled, "_kernel", None)
+    monkeypatch.setattr(compiled, "_tried", False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    batch = make_batch([5, 0, 9], heads=2, dim=4, dtype=torch.float64, seed=8, with_time=True)
+    with caplog.at_level("WARNING", logger="models.hstu.compiled"):
+        got = run(batch, "compiled_jagged")
+    assert_all_close(got, run(batch, "pytorch_jagged"), 1e-12)
+    lines = [r.getMessage() for r in caplog.records if "compiled_jagged" in r.getMessage()]
+    assert len(lines) == 1 and "falling back to pytorch_jagged" in lines[0] \
+        and "Ninja is required" in lines[0], lines
