@@ -6,7 +6,7 @@ time, and exact vs ANN query throughput at K=100.
 * ``two_tower`` trained by the real trainer (``launch/configs/two_tower_synthetic.toml``) on
   the generated ``ci`` retrieval set (``--quick``: the ``tiny`` one, a few steps), 1 and 2
   gloo ranks; the rate is the ``final`` line's ``examples_per_s``;
-* index build: an HNSW inner-product index (the one ``trainer.retrieval`` evaluates with)
+* index build: an HNSW inner-product index (the one ``trainer.tasks.retrieval`` evaluates with)
   over 1M random unit vectors of width 64 (``--quick``: 5k);
 * queries per second at K=100 over that corpus: exact (one matmul per chunk of queries and
   ``torch.topk``, all threads) vs the index's search; the ANN recall@100 of the exact top-100
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from data.cli import ArgumentParser
 from bench.common import format_table, run_trainer, write_results
 from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
-from trainer.retrieval import AnnIndex
+from trainer.tasks.retrieval import AnnIndex
 
 CONFIG = "launch/configs/two_tower_synthetic.toml"
 

@@ -163,7 +163,7 @@ def bench_quantisation(preset: str, steps: int, work: str) -> Dict[str, Any]:
     from data.schema import Schema, load_meta
     from data.synth.ctr import PRESETS, CTRSynthArgs, generate_ctr
     from models import get_model_spec
-    from models.blocks import CTRTask
+    from trainer.tasks.ctr import CTRTrain
     from trainer.export import quantisation_auc
 
     data = os.path.join(work, f"ctr_{preset}")
@@ -172,7 +172,7 @@ def bench_quantisation(preset: str, steps: int, work: str) -> Dict[str, Any]:
     spec = get_model_spec("deepfm")
     torch.manual_seed(0)
     model = spec.build(schema, spec.make_args("default"), "cpu")
-    task = CTRTask(model).train()
+    task = CTRTrain(model).train()
     opt = torch.optim.Adam(task.parameters(), lr=3e-3)
     done = 0
     while done < steps:

@@ -81,7 +81,7 @@ class DLRMBaseline(nn.Module):
 def build_contender(name: str, schema: Schema, dim: int, device_type: str) -> nn.Module:
     """The unsharded (meta-device embeddings) task model of a pipeline contender."""
     from models import get_model_spec
-    from models.blocks import CTRTask
+    from trainer.tasks.ctr import CTRTrain
 
     if name == "torchrec_dlrm":
         return DLRMBaseline(schema, dim, "meta")
@@ -94,7 +94,7 @@ def build_contender(name: str, schema: Schema, dim: int, device_type: str) -> nn
     if "dense_dims" in fields:
         overrides["dense_dims"] = DENSE_DIMS
     args = spec.make_args("default", overrides)
-    return CTRTask(spec.build(schema, args, "meta"), "bf16" if dtype else "fp32", device_type)
+    return CTRTrain(spec.build(schema, args, "meta"), "bf16" if dtype else "fp32", device_type)
 
 
 def _pipeline_worker(ctx: Any, names: Sequence[str], rows: int, dim: int, big: Optional[int],
@@ -200,7 +200,7 @@ def mlp_flops(in_features: int, batch_size: int, dtype: torch.dtype = torch.floa
 def run(grid: Sequence[Tuple[int, int, Optional[int]]], ranks: Sequence[int], batch_size: int,
         steps: int, warmup: int, repeats: int, contenders: Sequence[str],
         profile: Sequence[str] = ()) -> Dict[str, Any]:
-    from sharding.spawn import run_ranks
+    from launch.spawn import run_ranks
 
     rows_out: List[Dict[str, Any]] = []
     profiles: List[Dict[str, Any]] = []

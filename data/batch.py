@@ -13,7 +13,7 @@ Shapes (B = batch size on this rank):
   ``max_len`` per row, oldest first), one key per sequence feature;
 * ``timestamps``: optional ``KeyedJaggedTensor`` with the same keys and lengths as
   ``sequence`` holding the event times (sequential eval batches add one key,
-  ``<item>_query_ts``: each row's held-out event time, see ``trainer.sequential``);
+  ``<item>_query_ts``: each row's held-out event time, see ``trainer.tasks.sequential``);
 * ``sample_ids``: int64 ``[B]`` global row ids (for exact-resume checks and debugging).
 """
 

@@ -1,5 +1,5 @@
 """Building blocks shared by the models: embedding collections from a schema, pooled-field
-stacking, and the CTR task wrapper that owns the loss.
+stacking, device placement, and the backbone seam (:func:`kept_head`).
 
 torchrec's own blocks (``MLP``, ``FactorizationMachine``, ``CrossNet`` ...) are used directly
 by the models; only what torchrec lacks lives here.
@@ -7,7 +7,7 @@ by the models; only what torchrec lacks lives here.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, TypeVar
+from typing import Any, List, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -95,6 +95,18 @@ def place(model: ModuleT, device: str) -> ModuleT:
     return model
 
 
+def kept_head(layer: ModuleT, with_head: bool) -> Optional[ModuleT]:
+    """A CTR model's final logit layer(s) ``layer`` when the model keeps them, else ``None``:
+    built with ``with_head=False`` the model is a backbone, and a multi-task head maps its
+    ``representation(batch) -> [B, H]`` instead (``models.multitask.common.build_backbone``).
+
+    The model builds ``layer`` in both modes and drops it here, unregistered: building draws
+    its initial weights from the global RNG, so a backbone leaves the RNG where the whole model
+    does, and what is built after it (a multi-task model's towers) starts from the same
+    weights whichever way the backbone was made (seeded multi-task runs are unchanged)."""
+    return layer if with_head else None
+
+
 def stack_fields(pooled: KeyedTensor, feature_names: List[str], dim: int) -> torch.Tensor:
     """``[B, F, dim]`` from a KeyedTensor of F pooled features of width ``dim``, in
     ``feature_names`` order (sharded and unsharded EBCs may order keys differently)."""
@@ -145,45 +157,3 @@ def autocast_forward(model: nn.Module, batch: Batch, dtype: Optional[torch.dtype
         out = model(batch)
     return out.float()
 
-
-class CTRTask(nn.Module):
-    """Wraps a ``Batch`` → logits ``[B]`` model with binary cross-entropy.
-
-    A model with an ``aux_loss_weight > 0`` attribute and a ``forward_with_aux(batch) ->
-    (logits, aux_loss)`` method (DIEN) trains on ``BCE + aux_loss_weight · aux_loss``.
-
-    ``forward(batch)`` returns ``(loss, (loss, logits, labels))`` — the contract of torchrec's
-    train pipelines (first element is backpropagated, second is handed to metrics).
-
-    Args:
-        model: the over-arch model.
-        dense_dtype: ``fp32`` | ``bf16`` | ``fp16``: autocast dtype of the model's dense
-            compute. Embedding lookups (fbgemm ops, outside autocast's op list), the loss
-            and all parameters and optimizer state stay fp32.
-        device_type: ``cpu`` | ``cuda``, for autocast (fixed at build time: the pipeline
-            fx-traces forward, so it cannot be read off the batch).
-    """
-
-    def __init__(self, model: nn.Module, dense_dtype: str = "fp32",
-                 device_type: str = "cpu") -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = nn.BCEWithLogitsLoss()
-        self.autocast_dtype = autocast_dtype(dense_dtype)
-        self.device_type = device_type
-
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]]:
-        aux_weight = float(getattr(self.model, "aux_loss_weight", 0.0))
-        if aux_weight > 0 and self.training:
-            # A model with an auxiliary loss (DIEN) returns it beside its logits; it is
-            # part of the training loss only (evaluation reports the BCE).
-            with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
-                                enabled=self.autocast_dtype is not None):
-                out = self.model.forward_with_aux(batch)
-            logits = out[0].float()
-            loss = self.loss_fn(logits, batch.labels) + aux_weight * out[1].float()
-            return loss, (loss.detach(), logits.detach(), batch.labels)
-        logits = autocast_forward(self.model, batch, self.autocast_dtype, self.device_type)
-        loss = self.loss_fn(logits, batch.labels)
-        return loss, (loss.detach(), logits.detach(), batch.labels)

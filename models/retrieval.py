@@ -3,7 +3,7 @@ tables, the sampled-softmax loss with logQ correction, and the task wrapper.
 
 Data: a retrieval row is one user and one positive item. The item sequence feature
 (``item_seq`` by default, table ``item``) holds the user's history **followed by** the
-positive; the ``retrieval`` task kind's data path (``trainer.retrieval``) strips that last id
+positive; the ``retrieval`` task kind's data path (``trainer.tasks.retrieval``) strips that last id
 into ``Batch.labels`` and into the extra sequence feature ``<item>_pos`` (one id per row), and
 adds ``num_negatives`` uniform item ids as ``<item>_neg`` (see
 :func:`models.sequential.negatives_feature`). History, positives and negatives are thus looked
@@ -29,7 +29,7 @@ in-batch columns (``P(j)`` the item's frequency as a positive, from the train sp
 negative column whose id equals the row's positive is masked (accidental hits). The loss is the
 mean over rows of ``logsumexp_j s_ij − s_i,pos``.
 
-Only modules that hold a sharded module (:class:`RetrievalModel`, :class:`RetrievalTask`) are
+Only modules that hold a sharded module (:class:`RetrievalModel`, :class:`RetrievalTrain`) are
 traced by torchrec's pipeline; their forwards only route ``batch`` attributes, and every
 data-dependent step lives in leaf modules (the user tower, the loss).
 """
@@ -49,7 +49,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
-from models.blocks import autocast_dtype, autocast_forward, build_ebc
+from models.blocks import build_ebc
 from models.sequential import item_spec, negatives_feature
 
 POSITIVE_SUFFIX = "_pos"
@@ -80,6 +80,11 @@ class RetrievalArgs:
     temperature: float = 0.05
     #: hidden widths of the user tower's MLP.
     hidden: List[int] = field(default_factory=lambda: [128])
+    #: the pooled (sparse) features the user tower sees; empty: all of the schema's. A user-id
+    #: embedding memorises a user's few training positives and generalises worse than cohort
+    #: features plus the history (the synthetic configs leave ``user_id`` out: see
+    #: docs/retrieval.md); the other tables are still looked up, their rows get no gradient.
+    user_features: List[str] = field(default_factory=list)
 
 
 def check_retrieval_args(args: RetrievalArgs) -> None:
@@ -195,14 +200,18 @@ class RetrievalEncoder(nn.Module):
         self.item_feature = item_feature
         self.user_features = user_features
         self.max_len = max_len
+        #: keep each history's ``max_len`` most recent ids; an exported program (whose
+        #: callers truncate) sets it False: the check reads the data.
+        self.truncate = True
 
     def forward(self, pooled: Optional[object], dense: torch.Tensor,
                 embeddings: Dict[str, JaggedTensor], sequence: KeyedJaggedTensor
                 ) -> RetrievalEncoding:
         hist = embeddings[self.item_feature]
         hist_ids = sequence[self.item_feature].values()
-        values, ids, lengths = truncate_recent_jagged(hist.values(), hist_ids, hist.lengths(),
-                                                      self.max_len)
+        values, ids, lengths = hist.values(), hist_ids, hist.lengths()
+        if self.truncate:
+            values, ids, lengths = truncate_recent_jagged(values, ids, lengths, self.max_len)
         parts = [dense] if dense.numel() else []
         if pooled is not None:
             by_name = pooled.to_dict()  # type: ignore[attr-defined]
@@ -241,8 +250,14 @@ def build_retrieval_tables(schema: Schema, args: RetrievalArgs, device: str
     ec = EmbeddingCollection(tables=tables, device=torch.device(device))
     sparse = schema.sparse_features
     ebc = build_ebc(schema, device) if sparse else None
-    user_features = [f.name for f in sparse]
-    profile = schema.dense_dim + sum(f.embedding_dim for f in sparse)
+    names = [f.name for f in sparse]
+    unknown = [n for n in args.user_features if n not in names]
+    if unknown:
+        raise ValueError(f"model.args.user_features: {unknown} are not pooled (sparse) features "
+                         f"of the schema; it has {names}")
+    chosen = [f for f in sparse if not args.user_features or f.name in args.user_features]
+    user_features = [f.name for f in chosen]
+    profile = schema.dense_dim + sum(f.embedding_dim for f in chosen)
     return ebc, ec, item, dim, user_features, profile
 
 
@@ -347,22 +362,3 @@ class RetrievalLoss(nn.Module):
                torch.tensor(rows, device=logits.device))
         return loss, out
 
-
-class RetrievalTask(nn.Module):
-    """Loss owner of a :class:`RetrievalModel`: ``forward(batch)`` → ``(loss, output)`` (see
-    :class:`RetrievalLoss`); ``batch.labels`` holds the positive ids (int64 ``[B]``).
-    ``dense_dtype`` autocasts the user tower; the loss stays fp32 (as ``CTRTask``)."""
-
-    def __init__(self, model: RetrievalModel, args: RetrievalArgs,
-                 attention_sharpness: float = 0.0, dense_dtype: str = "fp32",
-                 device_type: str = "cpu") -> None:
-        super().__init__()
-        self.model = model
-        self.loss = RetrievalLoss(args.temperature, args.in_batch_negatives,
-                                  args.logq_correction, model.num_items, attention_sharpness)
-        self.autocast_dtype = autocast_dtype(dense_dtype)
-        self.device_type = device_type
-
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
-                                          self.device_type), batch.labels)

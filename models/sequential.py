@@ -10,7 +10,7 @@ A sequential model maps each user's item history to one output vector per positi
   negatives feature (``<item_feature>_neg``, see :func:`negatives_feature`), whose ids the data
   path samples before the model runs, so negatives are looked up through the same (sharded)
   table as the history;
-* :class:`SampledSoftmaxLoss` and :class:`SequentialTask`, the loss owner that returns the
+* :class:`SampledSoftmaxLoss` and :class:`SequentialTrain`, the loss owner that returns the
   pipeline's ``(loss, output)`` pair.
 
 Shapes (B rows on this rank, ``ΣLᵢ`` history tokens, N negatives shared by the rank's batch):
@@ -18,7 +18,7 @@ Shapes (B rows on this rank, ``ΣLᵢ`` history tokens, N negatives shared by th
 (L2-normalised embeddings of the history items), ``ids [ΣLᵢ]``, ``offsets [B + 1]``,
 ``neg [N, D]``, ``neg_ids [N]``.
 
-Only modules that hold a sharded module (``SequentialModel``, ``SequentialTask``) are traced by
+Only modules that hold a sharded module (``SequentialModel``, ``SequentialTrain``) are traced by
 torchrec's pipeline; their forwards just route ``batch`` attributes, and every data-dependent
 step lives in leaf modules (the encoder, the loss).
 """
@@ -39,7 +39,6 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.batch import Batch
 from data.schema import FeatureSpec, Schema
-from models.blocks import autocast_dtype, autocast_forward
 from models.hstu.jagged import jagged_positions, next_timestamps
 
 NEGATIVES_SUFFIX = "_neg"
@@ -349,28 +348,3 @@ def _unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
                                  reduce="amin")
     return uniq, first
 
-
-class SequentialTask(nn.Module):
-    """Loss owner of a :class:`SequentialModel`: ``forward(batch)`` → ``(loss, output)`` (see
-    :class:`SampledSoftmaxLoss`); ``batch.labels`` holds the held-out target ids on eval
-    batches (empty on train batches).
-
-    ``dense_dtype`` (``fp32`` | ``bf16`` | ``fp16``) autocasts the encoder's dense compute
-    (projections, attention, feed-forward); the item-table lookups stay fp32 (fbgemm ops are
-    outside autocast's op list), and the encoding is cast back to fp32 before the sampled
-    softmax so the loss, its logsumexp over the negatives and the ranking stay full
-    precision, as in ``CTRTask``.
-    """
-
-    def __init__(self, model: SequentialModel, temperature: float,
-                 in_batch_negatives: bool, dense_dtype: str = "fp32",
-                 device_type: str = "cpu") -> None:
-        super().__init__()
-        self.model = model
-        self.loss = SampledSoftmaxLoss(temperature, in_batch_negatives)
-        self.autocast_dtype = autocast_dtype(dense_dtype)
-        self.device_type = device_type
-
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
-                                          self.device_type), batch.labels)

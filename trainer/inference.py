@@ -26,7 +26,7 @@ The signature (defined here, once; ``package.json["inputs"]`` lists the feature 
 
 Example::
 
-    prog = scoring_program(ctr_task.model, schema)          # a CTRTask's model
+    prog = scoring_program(ctr_task.model, schema)          # a CTRTrain's model
     prog(dense, [ids_f0, ids_f1], [len_f0, len_f1]).shape   # [B, 1]
 """
 

@@ -39,20 +39,21 @@ from data.metrics import log_loss, roc_auc
 from data.reader import ParquetReader, split_files
 from data.schema import Schema, load_meta
 from models import get_model_spec
-from models.blocks import CTRTask
-from models.multitask.common import MultiTaskLoss, Prediction
-from trainer.config import load_config
+from trainer.tasks.ctr import CTRTrain
+from models.multitask.common import Prediction
+from trainer.tasks.multitask import MultiTaskTrain
 from trainer.export import MODEL_FILE
+from trainer.validation import load_checked_config
 
 #: Task kinds this module scores, and the wrapper whose state-dict keys the export holds
 #: (the trainer checkpoints the model inside its task wrapper: ``model.<param>``).
-WRAPPERS = {"ctr": CTRTask, "multitask": MultiTaskLoss}
+WRAPPERS = {"ctr": CTRTrain, "multitask": MultiTaskTrain}
 
 
 def load_exported(model_dir: str) -> Tuple[nn.Module, Schema]:
     """(unsharded task model with the exported weights, schema) from an export directory;
-    the task model is a :class:`CTRTask` or a :class:`MultiTaskLoss`."""
-    cfg = load_config(os.path.join(model_dir, "config.toml"))
+    the task model is a :class:`CTRTrain` or a :class:`MultiTaskTrain`."""
+    cfg = load_checked_config(os.path.join(model_dir, "config.toml"))
     schema = Schema.load(model_dir)
     spec = get_model_spec(cfg.model.name)
     if spec.task not in WRAPPERS:
@@ -93,7 +94,7 @@ def score(model: nn.Module, schema: Schema, data: str, split: str = "eval",
         model: a task model from :func:`load_exported`, in eval mode.
         schema: the schema it was trained on.
     """
-    multitask = isinstance(model, MultiTaskLoss)
+    multitask = isinstance(model, MultiTaskTrain)
     # Rows converted for scoring only (``data.convert csv --no-label``) have no label column.
     labelled = bool(schema.labels) and bool(Schema.load(data).labels)
     if not labelled:
@@ -216,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.out:
         with atomic_path(ns.out) as tmp:
             pq.write_table(pa.table(res), tmp)
-    predictions = model.predictions if isinstance(model, MultiTaskLoss) else None
+    predictions = model.predictions if isinstance(model, MultiTaskTrain) else None
     metrics = evaluate(res, predictions, schema)
     rows = len(res["sample_id"])
     print("final " + " ".join([f"{k}={v:.6g}" for k, v in metrics.items()] + [f"rows={rows}"]))

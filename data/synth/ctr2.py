@@ -41,7 +41,7 @@ from data.schema import LabelSpec, Schema
 from data.synth.common import segment_sum, write_planted_dataset
 from data.synth.ctr import PRESETS, CTRSynthArgs, PlantedCTR, ctr_schema, part_table
 
-TASKS = ("click", "conversion", "would_convert")
+LABELS = ("click", "conversion", "would_convert")
 
 
 @dataclass
@@ -151,9 +151,9 @@ def generate_ctr2(out: str, args: MultiTaskSynthArgs, overwrite: bool = False,
     def sample(n: int, rng: np.random.Generator) -> Tuple[pa.Table, np.ndarray, np.ndarray]:
         dense, sparse, probs, labels = planted.sample(n, rng)
         table = part_table(schema, dense, sparse, labels[:, 0])
-        for k, name in enumerate(TASKS[1:], start=1):
+        for k, name in enumerate(LABELS[1:], start=1):
             table = table.append_column(name, pa.array(labels[:, k]))
         return table, probs, labels
 
     return write_planted_dataset(out, "data.synth ctr2", args, schema, sample, overwrite,
-                                 progress, task_names=TASKS)
+                                 progress, task_names=LABELS)

@@ -7,7 +7,7 @@ projections, pointwise ``SiLU(QKᵀ + rab) / n`` causal attention with relative 
 time-gap bias (the time bias only when the item feature has timestamps and ``time_bias``),
 ``U ⊙ LN(A V)``, output projection, dropout, residual. Outputs are L2-normalised and scored
 against the L2-normalised item embeddings (sampled softmax in training, all items in
-evaluation: ``trainer.sequential``).
+evaluation: ``trainer.tasks.sequential``).
 
 Shapes: ``Batch.sequence`` KJT (item ids ``[ΣLᵢ]`` plus the negatives feature) →
 :class:`models.sequential.SequenceEncoding` with ``user [ΣLᵢ, D]``.

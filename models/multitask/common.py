@@ -23,7 +23,7 @@ Example::
     spec = get_model_spec("mmoe")
     model = spec.build(schema, spec.make_args("default"), "cpu")
     logits = model(batch)                  # [B, P], P = len(model.predictions)
-    loss, (_, logits, labels) = MultiTaskLoss(model)(batch)
+    loss, (_, logits, labels) = MultiTaskTrain(model)(batch)   # trainer.tasks.multitask
 """
 
 from __future__ import annotations
@@ -34,28 +34,19 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import autocast_dtype, autocast_forward, pooled_table_configs
+from models.blocks import pooled_table_configs
 
-#: Backbones with ``representation(batch) -> [B, H]`` and ``representation_dim``, and the
-#: submodules / parameters of their final logit layer (dropped: a head replaces them).
-BACKBONES: Dict[str, Tuple[str, ...]] = {
-    "deepfm": ("deep.1", "bias"),
-    "dcn_v2": ("head",),
-    "interformer": ("arch.head",),
-    "wide_deep": ("deep.1", "bias"),
-    "dcn": ("head",),
-    "xdeepfm": ("deep.1", "cin_out", "bias"),
-    "masknet": ("head",),
-    "din": ("arch.head",),
-    "dien": ("arch.head",),
-}
+#: Models that can be a backbone (their spec says ``backbone=True``): built with
+#: ``with_head=False`` they have no logit layer, and ``representation(batch) -> [B, H]``
+#: (``H = representation_dim``) is what a head maps.
+BACKBONES: Tuple[str, ...] = ("deepfm", "dcn_v2", "interformer", "wide_deep", "dcn", "xdeepfm",
+                              "masknet", "din", "dien")
 
 
 @dataclass
@@ -207,7 +198,7 @@ def make_predictions(schema: Schema, args: MultiTaskArgs,
 
 
 def build_backbone(schema: Schema, args: MultiTaskArgs, device: str) -> Tuple[nn.Module, int]:
-    """The backbone (its final logit layer removed) and its representation width H."""
+    """The backbone (built without its logit layer) and its representation width H."""
     from models import get_model_spec  # the registry imports this package lazily
 
     spec = get_model_spec(args.backbone)
@@ -215,16 +206,8 @@ def build_backbone(schema: Schema, args: MultiTaskArgs, device: str) -> Tuple[nn
         bargs = spec.make_args(args.backbone_flavour, args.backbone_args)
     except KeyError as e:
         raise ValueError(f"model.args.backbone_flavour / backbone_args: {e.args[0]}") from None
-    model = spec.build(schema, bargs, device)
-    dim = int(model.representation_dim)
-    for path in BACKBONES[args.backbone]:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if isinstance(getattr(parent, leaf), nn.Parameter):
-            delattr(parent, leaf)
-        else:
-            setattr(parent, leaf, nn.Identity())
-    return model, dim
+    model = spec.build(schema, bargs, device, with_head=False)
+    return model, int(model.representation_dim)
 
 
 class PosoGate(nn.Module):
@@ -352,44 +335,3 @@ def task_outputs(schema: Schema, args: MultiTaskArgs) -> List[Tuple[str, str, fl
     """One output per trained task (name = label), default weight 1."""
     return [(t, t, 1.0) for t in resolve_tasks(schema, args)]
 
-
-class MultiTaskLoss(nn.Module):
-    """Wraps a :class:`MultiTaskModel` with its per-prediction losses.
-
-    ``forward(batch)`` returns ``(loss, (loss, logits [B, P], labels [B, T]))``: the loss is
-    ``Σ_p weight_p · loss_p`` with ``loss_p`` the mean BCE (binary) or MSE (regression) over
-    the rows its ``given`` mask keeps (a batch without such rows contributes 0).
-
-    Args:
-        model: the multi-task model.
-        dense_dtype, device_type: autocast of the dense compute, as for ``CTRTask``.
-    """
-
-    def __init__(self, model: MultiTaskModel, dense_dtype: str = "fp32",
-                 device_type: str = "cpu") -> None:
-        super().__init__()
-        self.model = model
-        self.predictions = list(model.predictions)
-        self.autocast_dtype = autocast_dtype(dense_dtype)
-        self.device_type = device_type
-
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]]:
-        logits = autocast_forward(self.model, batch, self.autocast_dtype, self.device_type)
-        labels = batch.labels.reshape(logits.shape[0], -1)
-        loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        for k, p in enumerate(self.predictions):
-            if p.weight == 0:
-                continue
-            y = labels[:, p.label]
-            if p.kind == "binary":
-                per_row = F.binary_cross_entropy_with_logits(logits[:, k], y, reduction="none")
-            else:
-                per_row = (logits[:, k] - y).pow(2)
-            if p.given >= 0:
-                mask = labels[:, p.given]
-                per_row = per_row * mask
-                loss = loss + p.weight * per_row.sum() / mask.sum().clamp(min=1.0)
-            else:
-                loss = loss + p.weight * per_row.mean()
-        return loss, (loss.detach(), logits.detach(), labels)

@@ -9,12 +9,12 @@ import torch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
 from sharding.state import load_full_state
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 
 def _forward_parity(ctx: DistContext, data_dir: str) -> Dict[str, float]:
@@ -22,11 +22,11 @@ def _forward_parity(ctx: DistContext, data_dir: str) -> Dict[str, float]:
     spec = get_model_spec("deepfm")
     args = spec.make_args("small")
     torch.manual_seed(0)  # the same reference weights on every rank
-    reference = CTRTask(spec.build(schema, args, "cpu"))
+    reference = CTRTrain(spec.build(schema, args, "cpu"))
     with torch.no_grad():
         for p in reference.parameters():  # non-trivial values everywhere
             p.uniform_(-0.3, 0.3)
-    model = CTRTask(spec.build(schema, args, "meta"))
+    model = CTRTrain(spec.build(schema, args, "meta"))
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.05)
     dmp, plan = shard_model(model, ctx, batch_size=64)
     load_full_state(dmp, reference.state_dict())

@@ -11,12 +11,12 @@ import torch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
 from sharding.state import load_full_state
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 # (model, flavour, dataset fixture): the pooled-only models on multi-hot CTR data,
 # InterFormer on behaviour sequences.
@@ -39,14 +39,14 @@ def _parity(ctx: DistContext, dirs: Dict[str, str]) -> Dict[str, Dict[str, objec
         spec = get_model_spec(name)
         args = spec.make_args(flavour)
         torch.manual_seed(0)  # the same reference weights on every rank
-        reference = CTRTask(spec.build(schema, args, "cpu"))
+        reference = CTRTrain(spec.build(schema, args, "cpu"))
         with torch.no_grad():
             for p in reference.model.ebc.parameters():  # embeddings far from zero
                 p.uniform_(-0.5, 0.5)
             if hasattr(reference.model, "ec"):
                 for p in reference.model.ec.parameters():
                     p.uniform_(-0.5, 0.5)
-        model = CTRTask(spec.build(schema, args, "meta"))
+        model = CTRTrain(spec.build(schema, args, "meta"))
         apply_sparse_optimizer(model, "rowwise_adagrad", 0.05)
         dmp, plan = shard_model(model, ctx, batch_size=32)
         load_full_state(dmp, reference.state_dict())

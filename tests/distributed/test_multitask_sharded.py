@@ -11,11 +11,11 @@ import torch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.multitask.common import MultiTaskLoss
+from trainer.tasks.multitask import MultiTaskTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from sharding.state import load_full_state
 
 # (case, head, flavour, overrides, data): every head on the DCN-v2 backbone, MMoE also on
@@ -39,14 +39,14 @@ def _parity(ctx: DistContext, dirs: Dict[str, str]) -> Dict[str, Dict[str, objec
         spec = get_model_spec(name)
         args = spec.make_args(flavour, overrides)
         torch.manual_seed(0)  # the same reference weights on every rank
-        reference = MultiTaskLoss(spec.build(schema, args, "cpu"))
+        reference = MultiTaskTrain(spec.build(schema, args, "cpu"))
         with torch.no_grad():
             for n, p in reference.named_parameters():
                 if "embedding_bags" in n or "embeddings" in n:
                     p.uniform_(-0.5, 0.5)  # embeddings far from zero
                 elif ".gates." in n and n.endswith("out.weight"):
                     p.normal_()  # POSO gates that depend on pc (fresh ones are constant)
-        model = MultiTaskLoss(spec.build(schema, args, "meta"))
+        model = MultiTaskTrain(spec.build(schema, args, "meta"))
         apply_sparse_optimizer(model, "rowwise_adagrad", 0.05)
         dmp, plan = shard_model(model, ctx, batch_size=32)
         load_full_state(dmp, reference.state_dict())

@@ -27,14 +27,14 @@ from data.reader import ParquetReader
 from data.schema import Schema
 from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from models import get_model_spec
-from models.retrieval import RetrievalTask
+from trainer.tasks.retrieval import RetrievalTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from sharding.state import _strip, load_full_state
-from trainer.retrieval import RetrievalBatches, all_gather_rows, positive_counts
-from trainer.sequential import local_item_shards
+from trainer.tasks.retrieval import RetrievalBatches, all_gather_rows, positive_counts
+from trainer.tasks.sequential import local_item_shards
 
 LR = 0.5
 
@@ -65,13 +65,13 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
     args = spec.make_args("default", overrides)
     counts = positive_counts(data_dir, "train", "item_seq", 121)
     torch.manual_seed(0)
-    reference = RetrievalTask(spec.build(schema, args, "cpu"), args)
+    reference = RetrievalTrain(spec.build(schema, args, "cpu"), args)
     reference.loss.set_frequencies(counts)
     with torch.no_grad():
         for n, p in reference.named_parameters():
             if ".ec." in n or ".ebc." in n:
                 p.uniform_(-0.5, 0.5)
-    model = RetrievalTask(spec.build(schema, args, "meta"), args)
+    model = RetrievalTrain(spec.build(schema, args, "meta"), args)
     model.loss.set_frequencies(counts)
     model.loss.gather = all_gather_rows
     apply_sparse_optimizer(model, "sgd", LR)

@@ -19,13 +19,13 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.sequential import SequentialTask
+from trainer.tasks.sequential import SequentialTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from sharding.state import _strip, load_full_state
-from trainer.sequential import SequentialBatches, _RankingRun, local_item_shards
+from trainer.tasks.sequential import SequentialBatches, _RankingRun, local_item_shards
 
 NUM_ITEMS, DIM, QUERIES = 50, 8, 12
 
@@ -74,11 +74,11 @@ def _hstu_parity(ctx: DistContext, data_dir: str) -> Dict[str, Any]:
     spec = get_model_spec("hstu")
     args = spec.make_args("default", {"num_negatives": 16, "dropout": 0.0, "embedding_dim": 16})
     torch.manual_seed(0)
-    reference = SequentialTask(spec.build(schema, args, "cpu"), args.temperature, True)
+    reference = SequentialTrain(spec.build(schema, args, "cpu"), args.temperature, True)
     with torch.no_grad():
         for p in reference.model.ec.parameters():
             p.uniform_(-0.5, 0.5)
-    model = SequentialTask(spec.build(schema, args, "meta"), args.temperature, True)
+    model = SequentialTrain(spec.build(schema, args, "meta"), args.temperature, True)
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.05)
     dmp, plan = shard_model(model, ctx, batch_size=32,
                             constraints={"item": ParameterConstraints(sharding_types=["row_wise"])})

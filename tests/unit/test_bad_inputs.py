@@ -317,7 +317,7 @@ def test_bad_eval_label_fails_before_training(tmp_path: Path) -> None:
     import torch
 
     from sharding.dist import DistContext
-    from trainer.tasks import get_task
+    from trainer.tasks import get_task_kind
     from trainer.trainer import build_readers
 
     d = _dataset(tmp_path, evaluation=_with(click=pa.array([0, 1, 0, 0, 1, 0, 1, 2],
@@ -327,7 +327,7 @@ def test_bad_eval_label_fails_before_training(tmp_path: Path) -> None:
     schema = load_schema(d)
     with pytest.raises(DataError, match=r"eval/part-00000.parquet, row group 1, row 7: label "
                                         r"'click' is 2.0"):
-        build_readers(cfg, ctx, schema, get_task("ctr", cfg, schema))
+        build_readers(cfg, ctx, schema, get_task_kind("ctr", cfg, schema))
 
 
 # -- CTR (BCE) models need one binary label -------------------------------------------------
@@ -338,12 +338,12 @@ def test_bad_eval_label_fails_before_training(tmp_path: Path) -> None:
 ], ids=["no_labels", "regression_label", "two_labels"])
 def test_ctr_model_refuses_labels_a_bce_head_cannot_train(labels: List[Dict[str, str]],
                                                           pattern: str, tmp_path: Path) -> None:
-    from trainer.tasks import get_task
+    from trainer.tasks import get_task_kind
 
     schema = Schema.from_dict({"features": [_feature()], "labels": labels})
     cfg = load_config(None, [f"--data.path={tmp_path}"])
     with pytest.raises(SchemaError) as info:
-        get_task("ctr", cfg, schema)
+        get_task_kind("ctr", cfg, schema)
     msg = str(info.value)
     assert str(tmp_path / "schema.json") in msg and "'deepfm' is a CTR model" in msg
     assert re.search(pattern, msg), msg

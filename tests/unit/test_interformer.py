@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 from models.interformer import InterFormerArch, InterFormerArgs, rotary
 
 
@@ -38,7 +38,7 @@ def test_empty_single_and_full_sequences(tiny_seq: str) -> None:
     for lengths in ([0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [max_len] * 6,
                     [0, 1, max_len, 3, 0, 2]):
         b = _with_lengths(batch, torch.tensor(lengths))
-        loss, (_, logits, _) = CTRTask(model.train())(b)
+        loss, (_, logits, _) = CTRTrain(model.train())(b)
         loss.backward()
         assert logits.shape == (6,) and torch.isfinite(logits).all(), lengths
     # The sequence matters: a longer history changes the prediction.

@@ -10,7 +10,7 @@ from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
 from models.autoint import InteractingLayer
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 from models.dcn_v2 import DCNv2Args
 
 
@@ -52,7 +52,7 @@ def test_dcn_v2_flavours_train(tiny_ctr: str, flavour: str) -> None:
     if flavour == "default":
         assert isinstance(model.cross, LowRankMixtureCrossNet)
     batch = next(iter(ParquetReader(tiny_ctr, "train", 24, prefetch=0)))
-    loss, (_, logits, _) = CTRTask(model)(batch)
+    loss, (_, logits, _) = CTRTrain(model)(batch)
     loss.backward()
     assert logits.shape == (24,)
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
@@ -94,7 +94,7 @@ def test_autoint_flavours_train(tiny_ctr: str, flavour: str) -> None:
     batch = next(iter(ParquetReader(tiny_ctr, "train", 24, prefetch=0)))
     vectors, _ = model.fields(batch)
     assert vectors.shape == (24, schema.dense_dim + len(schema.sparse_features), model.dim)
-    loss, (_, logits, _) = CTRTask(model)(batch)
+    loss, (_, logits, _) = CTRTrain(model)(batch)
     loss.backward()
     assert logits.shape == (24,)
     assert model.layers[0].query.weight.grad.abs().sum() > 0

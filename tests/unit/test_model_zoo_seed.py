@@ -14,7 +14,7 @@ from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec, list_models
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 from models.dien import AUGRUCell, PackedOrder, augru, auxiliary_loss
 from models.din import TargetAttention, jagged_softmax, steps_back
 from models.masknet import MaskBlock
@@ -174,12 +174,14 @@ def _augru_loop(cell: AUGRUCell, x: torch.Tensor, a: torch.Tensor) -> torch.Tens
     return h
 
 
-@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
-def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
-                                                                  attention: str) -> None:
+@pytest.mark.parametrize("attention,evolution", [("softmax", "augru"), ("sigmoid", "augru"),
+                                                 ("sigmoid", "aigru")])
+def test_dien_extractor_evolution_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
+                                                                     attention: str,
+                                                                     evolution: str) -> None:
     spec = get_model_spec("dien")
-    model = _perturbed(spec.build(Schema.load(tiny_seq),
-                                  spec.make_args("small", {"attention": attention}), "cpu"))
+    args = spec.make_args("small", {"attention": attention, "evolution": evolution})
+    model = _perturbed(spec.build(Schema.load(tiny_seq), args, "cpu"))
     arch = model.arch
     E = arch.dim
     lens, events, rows = _jagged([3, 0, 5, 1, 2], E, seed=2)
@@ -198,8 +200,11 @@ def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
                                    atol=1e-5)
         scores = s @ arch.bilinear(target[r])
         a = torch.softmax(scores, dim=0) if attention == "softmax" else torch.sigmoid(scores)
-        torch.testing.assert_close(final[r], _augru_loop(arch.evolution, s, a), rtol=1e-5,
-                                   atol=1e-5)
+        if evolution == "augru":
+            want_final = _augru_loop(arch.evolution, s, a)
+        else:  # AIGRU: a plain GRU over the attention-scaled states, the row alone
+            want_final = arch.evolution((s * a.unsqueeze(1)).unsqueeze(1))[1][0, 0]
+        torch.testing.assert_close(final[r], want_final, rtol=1e-5, atol=1e-5)
         for t in range(len(hist) - 1):
             j = starts[r] + t
             pairs.append((s[t], events[j + 1], events[(j + 1 + N // 2) % N]))
@@ -207,15 +212,16 @@ def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
                         for s, p, n in pairs]).mean()
     torch.testing.assert_close(auxiliary_loss(states, events, lens), want, rtol=1e-5,
                                atol=1e-5)
-    # The cell on a batch equals the loop too (a = 1 everywhere is a plain GRU step).
-    cell = arch.evolution
-    x, h0, a = torch.randn(3, E), torch.zeros(3, E), torch.rand(3)
-    step = cell(x, h0, a)
-    for i in range(3):
-        torch.testing.assert_close(step[i], _augru_loop(cell, x[i:i + 1], a[i:i + 1]),
-                                   rtol=1e-5, atol=1e-5)
-    assert augru(cell, PackedOrder(torch.tensor([0, 0])), torch.zeros(0, E), torch.zeros(0),
-                 E).shape == (2, E)
+    if evolution == "augru":
+        # The cell on a batch equals the loop too (a = 1 everywhere is a plain GRU step).
+        cell = arch.evolution
+        x, h0, a = torch.randn(3, E), torch.zeros(3, E), torch.rand(3)
+        step = cell(x, h0, a)
+        for i in range(3):
+            torch.testing.assert_close(step[i], _augru_loop(cell, x[i:i + 1], a[i:i + 1]),
+                                       rtol=1e-5, atol=1e-5)
+        assert augru(cell, PackedOrder(torch.tensor([0, 0])), torch.zeros(0, E),
+                     torch.zeros(0), E).shape == (2, E)
     # A batch without any event: zero interest, and every weight still gets a gradient
     # (DDP requires each parameter to take part on every rank).
     arch.zero_grad()
@@ -230,7 +236,7 @@ def test_dien_trains_on_bce_plus_aux_and_evaluates_on_bce(tiny_seq: str) -> None
     spec = get_model_spec("dien")
     schema, batch = Schema.load(tiny_seq), _batch(tiny_seq)
     model = _perturbed(spec.build(schema, spec.make_args("small"), "cpu"))
-    task = CTRTask(model)
+    task = CTRTrain(model)
     logits, aux = model.forward_with_aux(batch)
     bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
     loss, _ = task(batch)
@@ -256,7 +262,7 @@ def test_every_flavour_trains_and_backbone_representation(name: str, data: str,
     # ``large`` flavours only widen layers another flavour already runs: skipped for time.
     for flavour in [f for f in spec.flavours if f != "large"]:
         model = spec.build(schema, spec.make_args(flavour), "cpu")
-        loss, (_, logits, _) = CTRTask(model)(batch)
+        loss, (_, logits, _) = CTRTrain(model)(batch)
         loss.backward()
         assert logits.shape == (24,) and torch.isfinite(loss)
         missing = [n for n, p in model.named_parameters()
@@ -296,7 +302,8 @@ def test_bad_arguments_name_the_key(tiny_ctr: str, tiny_seq: str) -> None:
              ("din", seq, {"target_features": ["user"]}, "must pair one pooled feature"),
              ("dien", seq, {"target_features": ["item", "hist_x"]}, "hist_x"),
              ("din", seq, {"sequence_features": ["item"]}, "not sequence features"),
-             ("dien", seq, {"attention": "tanh"}, "attention='tanh'.*'sigmoid'")]
+             ("dien", seq, {"attention": "tanh"}, "attention='tanh'.*'sigmoid'"),
+             ("dien", seq, {"evolution": "agru"}, "evolution='agru'.*'aigru'")]
     for name, schema, overrides, message in cases:
         spec = get_model_spec(name)
         with pytest.raises(ValueError, match=message):
@@ -311,3 +318,36 @@ def test_wide_only_features_skip_the_deep_part(tiny_ctr: str) -> None:
     deep_in, wide = model.parts(batch)
     assert deep_in.shape[1] == schema.dense_dim + (len(schema.sparse_features) - 1) * model.dim
     assert model.deep_names == [f.name for f in schema.sparse_features[1:]]
+
+
+#: The state-dict keys of each backbone's logit layer(s): what ``with_head=False`` leaves out.
+HEAD_KEYS = {"deepfm": ("deep.1.", "bias"), "wide_deep": ("deep.1.", "bias"),
+             "xdeepfm": ("deep.1.", "cin_out.", "bias"), "dcn": ("head.",),
+             "dcn_v2": ("head.",), "masknet": ("head.",), "din": ("arch.head.",),
+             "dien": ("arch.head.",), "interformer": ("arch.head.",)}
+
+
+def test_backbone_is_the_model_without_its_head(tiny_ctr: str, tiny_seq: str) -> None:
+    """``with_head=False`` leaves out exactly the logit layer(s): every other weight keeps
+    its name and initial value, and the build leaves the RNG where the whole model's does
+    (so what a multi-task model builds next, its towers, starts from the same weights)."""
+    assert set(BACKBONES) == {n for n in list_models() if get_model_spec(n).backbone}
+    assert set(HEAD_KEYS) == set(BACKBONES)
+    for name in BACKBONES:
+        spec = get_model_spec(name)
+        schema = Schema.load(tiny_seq if name in ("din", "dien", "interformer") else tiny_ctr)
+        args = spec.make_args("small")
+        torch.manual_seed(0)
+        whole = spec.build(schema, args, "cpu").state_dict()
+        after_whole = torch.rand(4)
+        torch.manual_seed(0)
+        backbone = spec.build(schema, args, "cpu", with_head=False)
+        after_backbone = torch.rand(4)
+        kept = backbone.state_dict()
+        dropped = set(whole) - set(kept)
+        assert set(kept) <= set(whole), (name, sorted(set(kept) - set(whole)))
+        assert dropped and all(k.startswith(HEAD_KEYS[name]) for k in dropped), (name, dropped)
+        assert all(not k.startswith(HEAD_KEYS[name]) for k in kept), name
+        for key, value in kept.items():
+            torch.testing.assert_close(value, whole[key], rtol=0, atol=0)
+        assert torch.equal(after_whole, after_backbone), name

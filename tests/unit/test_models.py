@@ -10,7 +10,7 @@ import torch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec, list_models
-from models.blocks import CTRTask
+from trainer.tasks.ctr import CTRTrain
 
 def test_fm_term_equals_bruteforce_pairwise_sum(tiny_ctr: str) -> None:
     schema = Schema.load(tiny_ctr)
@@ -65,7 +65,7 @@ def test_deepfm_field_scale_scales_the_sparse_fm_vectors_only(tiny_ctr: str) -> 
 def test_output_shapes_and_loss(tiny_ctr: str) -> None:
     schema = Schema.load(tiny_ctr)
     spec = get_model_spec("deepfm")
-    task = CTRTask(spec.build(schema, spec.make_args("default"), "cpu"))
+    task = CTRTrain(spec.build(schema, spec.make_args("default"), "cpu"))
     batch = next(iter(ParquetReader(tiny_ctr, "train", 24, prefetch=0)))
     loss, (loss_d, logits, labels) = task(batch)
     assert logits.shape == (24,) and labels.shape == (24,) and loss.dim() == 0

@@ -14,7 +14,8 @@ from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import Schema
 from models import get_model_spec
-from models.multitask.common import MultiTaskLoss, MultiTaskModel
+from models.multitask.common import MultiTaskModel
+from trainer.tasks.multitask import MultiTaskTrain
 
 
 def _batch(path: str, n: int = 64) -> Batch:
@@ -105,7 +106,7 @@ def test_esmm_ctcvr_is_the_product_of_its_towers(tiny_ctr2: str) -> None:
     torch.testing.assert_close(torch.sigmoid(logits[:, 1]), p_ctr * p_cvr, rtol=1e-5, atol=1e-7)
     assert float(p_ctr.std()) > 0.02 and float(p_cvr.std()) > 1e-3
     # No direct CVR loss: the loss is BCE(pCTR, click) + BCE(pCTCVR, conversion) exactly.
-    loss, _ = MultiTaskLoss(model)(batch)
+    loss, _ = MultiTaskTrain(model)(batch)
     bce = nn.functional.binary_cross_entropy
     expected = bce(p_ctr, batch.labels[:, 0]) + bce(p_ctr * p_cvr, batch.labels[:, 1])
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
@@ -165,7 +166,7 @@ def test_poso_sparse_feature_gate(tiny_ctr2: str) -> None:
 @pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple", "esmm", "poso"])
 def test_every_head_trains_one_step(name: str, tiny_ctr2: str) -> None:
     model = _build(name, tiny_ctr2)
-    wrapped = MultiTaskLoss(model)
+    wrapped = MultiTaskTrain(model)
     batch = _batch(tiny_ctr2)
     loss, (_, logits, labels) = wrapped(batch)
     loss.backward()
@@ -181,7 +182,7 @@ def test_loss_weights_and_given_mask(tiny_ctr2: str) -> None:
                    overrides={"loss_weights": {"click": 0.0, "conversion": 2.0},
                               "loss_given": {"conversion": "click"}})
     batch = _batch(tiny_ctr2)
-    loss, (_, logits, labels) = MultiTaskLoss(model)(batch)
+    loss, (_, logits, labels) = MultiTaskTrain(model)(batch)
     clicked = labels[:, 0] == 1
     expected = 2.0 * nn.functional.binary_cross_entropy_with_logits(
         logits[clicked, 1], labels[clicked, 1])
@@ -213,7 +214,7 @@ def test_heads_over_interformer_on_sequence_data(tiny_seq: str) -> None:
     """The InterFormer backbone (pooled + sequence embeddings) under a head; one label, so
     one task: a multi-task head on single-label data is a single-task model."""
     model = _build("mmoe", tiny_seq, flavour="interformer")
-    wrapped = MultiTaskLoss(model)
+    wrapped = MultiTaskTrain(model)
     batch = _batch(tiny_seq)
     loss, (_, logits, labels) = wrapped(batch)
     loss.backward()
@@ -228,7 +229,7 @@ def test_metrics_per_prediction_with_masks_equal_exact_auc() -> None:
     equal the exact AUC over the kept rows; MSE for a regression output."""
     from data.metrics import roc_auc
     from models.multitask.common import Prediction
-    from trainer.multitask import MultiTaskMetrics
+    from trainer.tasks.multitask import MultiTaskMetrics
 
     torch.manual_seed(0)
     n = 512

@@ -13,10 +13,10 @@ from data.reader import ParquetReader
 from data.schema import Schema
 from data.metrics import roc_auc
 from models import get_model_spec
-from models.multitask.common import MultiTaskLoss
+from trainer.tasks.multitask import MultiTaskTrain
 from tests.integration.test_train_converted import write_movielens_1m
 from trainer.config import load_config
-from trainer.multitask import MultiTaskKind
+from trainer.tasks.multitask import MultiTaskKind
 
 # A learning run (about 20 s of CPU; a minute or more on a loaded machine).
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def test_mmoe_learns_like_and_love_from_converted_movielens(tmp_path) -> None:  
     assert [p.name for p in kind.predictions] == ["label", "love"]
     spec = get_model_spec(cfg.model.name)
     torch.manual_seed(0)
-    model = MultiTaskLoss(spec.build(schema, spec.make_args(cfg.model.flavour, cfg.model.args),
+    model = MultiTaskTrain(spec.build(schema, spec.make_args(cfg.model.flavour, cfg.model.args),
                                      "cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     train = ParquetReader(data, "train", 128, shuffle=True, prefetch=0)

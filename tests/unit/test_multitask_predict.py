@@ -23,20 +23,20 @@ from data.reader import ParquetReader
 from data.schema import Schema
 from data.metrics import log_loss, roc_auc
 from models import get_model_spec
-from models.multitask.common import MultiTaskLoss
+from trainer.tasks.multitask import MultiTaskTrain
 from trainer.config import load_config, save_config
 from trainer.export import MODEL_FILE
 from trainer.predict import main as predict_main
 
 
-def _export(model_name: str, data: str, out: str) -> MultiTaskLoss:
+def _export(model_name: str, data: str, out: str) -> MultiTaskTrain:
     """A random ``model_name`` on ``data``'s schema, written as an export directory."""
     cfg = load_config(None, [f"--model.name={model_name}", f"--data.path={data}",
                              "--model.args.backbone_flavour=small"])
     schema = Schema.load(data)
     spec = get_model_spec(model_name)
     torch.manual_seed(0)
-    model = MultiTaskLoss(spec.build(schema, spec.make_args(cfg.model.flavour, cfg.model.args),
+    model = MultiTaskTrain(spec.build(schema, spec.make_args(cfg.model.flavour, cfg.model.args),
                                      "cpu")).eval()
     with torch.no_grad():  # embeddings far from zero, so the scores spread
         for n, p in model.named_parameters():

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from data.reader import ParquetReader, split_files
 from data.schema import Schema
 from models import get_model_spec
-from models.blocks import CTRTask
-from models.multitask.common import MultiTaskLoss
+from trainer.tasks.ctr import CTRTrain
+from trainer.tasks.multitask import MultiTaskTrain
 from trainer.package import PackageError, load_package, write_package
 from trainer.predict import main as predict_main
 from trainer.topk import ann_topk, build_index, exact_topk, recall_at_k
@@ -72,7 +72,7 @@ def _training_time_scores(model: torch.nn.Module, task: str, schema: Schema, dat
                           split: str) -> Tuple[np.ndarray, List[Any]]:
     """Scores ``[N, P]`` of every row (by sample id) through the task wrapper the trainer
     runs, and the reader's batches."""
-    wrapper = (CTRTask(model) if task == "ctr" else MultiTaskLoss(model)).eval()
+    wrapper = (CTRTrain(model) if task == "ctr" else MultiTaskTrain(model)).eval()
     want: List[np.ndarray] = []
     ids: List[np.ndarray] = []
     batches = []
@@ -188,7 +188,7 @@ def _eager_users(model: torch.nn.Module, data: str, schema: Schema, rows: int
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(last-position user vectors [B, D], history ids, lengths) of the first ``rows`` rows
     through the eager model, as training runs it (negatives feature added by the data path)."""
-    from trainer.sequential import SequentialBatches
+    from trainer.tasks.sequential import SequentialBatches
 
     tr = SequentialBatches(model.item_feature, model.num_items, 4, 0, holdout=False)
     batch = tr(next(iter(ParquetReader(data, _split(data), rows, schema=schema))))

@@ -125,14 +125,14 @@ def test_saved_plan_loads_with_identical_placement(criteo64: Dict[str, Any]) -> 
 
 def tiny_model(rows: List[int], dim: int = 16) -> Tuple[torch.nn.Module, Schema]:
     from models import get_model_spec
-    from models.blocks import CTRTask
+    from trainer.tasks.ctr import CTRTrain
 
     feats = [FeatureSpec("d0", "dense")]
     feats += [FeatureSpec(f"f{i}", "sparse", table=f"t{i}", num_embeddings=r, embedding_dim=dim)
               for i, r in enumerate(rows)]
     schema = Schema(features=feats)
     spec = get_model_spec("deepfm")
-    return CTRTask(spec.build(schema, spec.make_args("small"), "meta")), schema
+    return CTRTrain(spec.build(schema, spec.make_args("small"), "meta")), schema
 
 
 def plan_tiny(model: torch.nn.Module, schema: Schema, world: int, device: str,

@@ -207,7 +207,7 @@ def test_multitask_calibration_respects_the_evaluation_mask() -> None:
     """Per prediction: sum of probabilities / sum of labels over the rows its mask keeps;
     ``examples`` counts every row (the final line's ``eval_rows``)."""
     from models.multitask.common import Prediction
-    from trainer.multitask import MultiTaskMetrics
+    from trainer.tasks.multitask import MultiTaskMetrics
 
     g = torch.Generator().manual_seed(1)
     n = 256

@@ -26,7 +26,7 @@ from data.synth.next_item import (
 )
 from models import get_model_spec
 from models.sequential import SampledSoftmaxLoss, SequenceEncoding
-from trainer.sequential import (
+from trainer.tasks.sequential import (
     RankingMetrics,
     SequentialBatches,
     candidate_scores,
@@ -327,7 +327,7 @@ def test_bf16_dense_dtype_autocasts_the_encoder_and_keeps_the_loss_fp32(
     """``training.dense_dtype = "bf16"``: the encoder's projections run in bf16, the loss and
     the eval queries come out fp32 and close to the fp32 run, and every parameter gets a
     gradient."""
-    from models.sequential import SequentialTask
+    from trainer.tasks.sequential import SequentialTrain
 
     schema = Schema.load(tiny_nextitem)
     spec = get_model_spec(model_name)
@@ -342,7 +342,7 @@ def test_bf16_dense_dtype_autocasts_the_encoder_and_keeps_the_loss_fp32(
             m.register_forward_hook(lambda _m, _i, out: linear_dtypes.append(out.dtype))
     results = {}
     for dtype in ("fp32", "bf16"):
-        task = SequentialTask(model, args.temperature, False, dtype, "cpu")
+        task = SequentialTrain(model, args.temperature, False, dtype, "cpu")
         model.zero_grad()
         loss, out = task(batch)
         loss.backward()
@@ -354,4 +354,4 @@ def test_bf16_dense_dtype_autocasts_the_encoder_and_keeps_the_loss_fp32(
     assert float(F.cosine_similarity(out16[1], out32[1]).min()) > 0.95
     assert all(g is not None and torch.isfinite(g).all() for g in grads16)
     with pytest.raises(ValueError, match="dense_dtype"):
-        SequentialTask(model, args.temperature, False, "fp8", "cpu")
+        SequentialTrain(model, args.temperature, False, "fp8", "cpu")

@@ -9,8 +9,8 @@ A registered model names its task kind (``ModelSpec.task``). The kind decides
   item of a sharded table),
 * the keys of the ``final`` line.
 
-The loop in :mod:`trainer.trainer` is the same for every kind; a new kind is a :class:`Task`
-subclass named in :data:`TASKS`.
+The loop in :mod:`trainer.trainer` is the same for every kind; a new kind is a :class:`TaskKind`
+subclass named in :data:`TASK_KINDS`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import importlib
 import itertools
-import os
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
 
 import torch
@@ -28,13 +27,11 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from data.batch import Batch
 from data.reader import ParquetReader
-from data.schema import Schema, SchemaError
+from data.schema import Schema
 from models import get_model_spec
-from models.blocks import CTRTask
 from models.spec import ModelSpec
 from sharding.dist import DistContext
 from trainer.config import Config
-from trainer.metrics import CTRMetrics
 from trainer.progress import eval_progress
 
 
@@ -48,7 +45,7 @@ class RunningMetrics(Protocol):
     def compute(self) -> Dict[str, float]: ...
 
 
-class Task(abc.ABC):
+class TaskKind(abc.ABC):
     """Base class of a task kind. Subclasses set ``name`` and implement the abstract methods.
 
     The model is resolved here once — its spec (``self.spec``) and its arguments (flavour +
@@ -119,7 +116,7 @@ class LogitsLabelsMetrics:
         return self.metrics.compute()
 
 
-class LogitsLabelsTask(Task):
+class LogitsLabelsKind(TaskKind):
     """A task kind whose wrapper outputs ``(loss, logits [B, ...], labels [B, ...])`` and
     whose metrics come from :meth:`metrics` (``update(logits, labels)`` / ``compute()``)."""
 
@@ -141,47 +138,6 @@ class LogitsLabelsTask(Task):
                                                    n * reader.batch_size * ctx.world_size))
         rows = run_eval(pipeline, dmp, reader, n, running)
         return {**running.compute(), "eval_rows": float(rows)}
-
-
-class CTRTaskKind(LogitsLabelsTask):
-    """Binary click prediction: BCE loss, AUC / NE / log-loss metrics, ``oracle_auc``."""
-
-    name = "ctr"
-
-    def __init__(self, cfg: Config, schema: Schema) -> None:
-        super().__init__(cfg, schema)
-        # A BCE head needs exactly one binary label; regression labels {0, 5} would train
-        # to a meaningless AUC with exit code 0.
-        labels = [(lab.name, lab.kind) for lab in schema.labels]
-        if len(labels) != 1 or labels[0][1] != "binary":
-            source = cfg.data.schema or os.path.join(cfg.data.path, "schema.json")
-            raise SchemaError(
-                f"{source}: model {cfg.model.name!r} is a CTR model (BCE loss) and needs exactly "
-                f"one label of kind 'binary' (values 0/1), but the schema's labels are "
-                f"{labels or 'none ([])'}; use a dataset with one binary label, or a "
-                f"multi-task model for several labels or regression targets")
-
-    def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
-        return CTRTask(model, self.cfg.training.dense_dtype, device_type)
-
-    def metrics(self, ctx: DistContext, batch_size: int, window_examples: int) -> CTRMetrics:
-        return CTRMetrics(ctx.world_size, ctx.rank, batch_size, window_examples, ctx.device)
-
-    def summary(self, metrics: Mapping[str, float]) -> str:
-        return (f"auc {metrics.get('auc', float('nan')):.4f} "
-                f"logloss {metrics.get('logloss', float('nan')):.4f}")
-
-    def final(self, metrics: Mapping[str, float], meta: Mapping[str, Any]
-              ) -> Dict[str, Optional[float]]:
-        oracle = meta.get("oracle", {}).get("auc")
-        return {
-            "auc": metrics.get("auc"),
-            "oracle_auc": float(oracle) if oracle is not None else None,
-            "logloss": metrics.get("logloss"),
-            "ne": metrics.get("ne"),
-            "calibration": metrics.get("calibration"),
-            "eval_rows": metrics.get("eval_rows"),
-        }
 
 
 def eval_batches(reader: ParquetReader, max_batches: int) -> int:
@@ -237,18 +193,18 @@ def output_device(dmp: nn.Module) -> torch.device:
 
 
 # kind → "module:Class"; imported on use, so a CTR run does not load the ranking code.
-TASKS: Dict[str, str] = {
-    "ctr": "trainer.tasks:CTRTaskKind",
-    "multitask": "trainer.multitask:MultiTaskKind",
-    "retrieval": "trainer.retrieval:RetrievalTaskKind",
-    "sequential": "trainer.sequential:SequentialTaskKind",
+TASK_KINDS: Dict[str, str] = {
+    "ctr": "trainer.tasks.ctr:CTRKind",
+    "multitask": "trainer.tasks.multitask:MultiTaskKind",
+    "retrieval": "trainer.tasks.retrieval:RetrievalKind",
+    "sequential": "trainer.tasks.sequential:SequentialKind",
 }
 
 
-def get_task(kind: str, cfg: Config, schema: Schema) -> Task:
+def get_task_kind(kind: str, cfg: Config, schema: Schema) -> TaskKind:
     """The task kind ``kind`` (a model spec's ``task``) for this run."""
-    if kind not in TASKS:
-        raise KeyError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(TASKS))}")
-    module, cls_name = TASKS[kind].split(":")
-    cls: Type[Task] = getattr(importlib.import_module(module), cls_name)
+    if kind not in TASK_KINDS:
+        raise KeyError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(TASK_KINDS))}")
+    module, cls_name = TASK_KINDS[kind].split(":")
+    cls: Type[TaskKind] = getattr(importlib.import_module(module), cls_name)
     return cls(cfg, schema)

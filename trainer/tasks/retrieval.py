@@ -3,7 +3,7 @@ negatives, exact and ANN full-corpus evaluation.
 
 Data path (:class:`RetrievalBatches`, the reader's background thread): each row's item
 sequence is its history followed by its positive. The sequential kind's transform
-(:class:`trainer.sequential.SequentialBatches` with ``holdout``) moves that last id into
+(:class:`trainer.tasks.sequential.SequentialBatches` with ``holdout``) moves that last id into
 ``labels`` and adds ``num_negatives`` uniform ids as ``<item>_neg``; this one adds the positive
 again as ``<item>_pos`` (one id per row), so positives and negatives are looked up through the
 sharded item table.
@@ -45,15 +45,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader, split_files
 from data.schema import FeatureSpec, Schema
+from models.blocks import autocast_dtype, autocast_forward
 from models.retrieval import (
     RetrievalArgs,
-    RetrievalTask,
+    RetrievalLoss,
+    RetrievalModel,
     positive_feature,
     retrieval_item_spec,
 )
 from sharding.dist import DistContext
 from trainer.config import Config
-from trainer.sequential import (
+from trainer.tasks.sequential import (
     ItemTableKind,
     RankingMetrics,
     SequentialBatches,
@@ -65,7 +67,7 @@ from trainer.sequential import (
     local_item_shards,
     target_scores,
 )
-from trainer.tasks import RunningMetrics, eval_batches, run_eval
+from trainer.tasks.base import RunningMetrics, eval_batches, run_eval
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +303,7 @@ class _RetrievalRun:
 
 # -- the task kind --------------------------------------------------------------------------
 
-class RetrievalTaskKind(ItemTableKind):
+class RetrievalKind(ItemTableKind):
     """Retrieval: mixed-negative sampled softmax with logQ; exact + ANN full-corpus recall."""
 
     name = "retrieval"
@@ -320,7 +322,7 @@ class RetrievalTaskKind(ItemTableKind):
                                 self.cfg.training.seed, split)
 
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
-        task = RetrievalTask(model, self.args,  # type: ignore[arg-type]
+        task = RetrievalTrain(model, self.args,  # type: ignore[arg-type]
                              float(getattr(self.args, "attention_sharpness", 0.0)),
                              self.cfg.training.dense_dtype, device_type)
         if self.args.logq_correction:
@@ -384,3 +386,23 @@ class RetrievalTaskKind(ItemTableKind):
             "ann_recall@50": metrics.get("ann_recall@50"),
             "ann_fraction@50": metrics.get("ann_fraction@50"),
         }
+
+
+class RetrievalTrain(nn.Module):
+    """Loss owner of a :class:`RetrievalModel`: ``forward(batch)`` → ``(loss, output)`` (see
+    :class:`RetrievalLoss`); ``batch.labels`` holds the positive ids (int64 ``[B]``).
+    ``dense_dtype`` autocasts the user tower; the loss stays fp32 (as ``CTRTrain``)."""
+
+    def __init__(self, model: RetrievalModel, args: RetrievalArgs,
+                 attention_sharpness: float = 0.0, dense_dtype: str = "fp32",
+                 device_type: str = "cpu") -> None:
+        super().__init__()
+        self.model = model
+        self.loss = RetrievalLoss(args.temperature, args.in_batch_negatives,
+                                  args.logq_correction, model.num_items, attention_sharpness)
+        self.autocast_dtype = autocast_dtype(dense_dtype)
+        self.device_type = device_type
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
+                                          self.device_type), batch.labels)

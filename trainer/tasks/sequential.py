@@ -45,16 +45,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.reader import ParquetReader
 from data.schema import FeatureSpec, Schema
+from models.blocks import autocast_dtype, autocast_forward
 from models.sequential import (
+    SampledSoftmaxLoss,
     SequentialArgs,
-    SequentialTask,
+    SequentialModel,
     item_spec,
     negatives_feature,
     query_time_key,
 )
 from sharding.dist import DistContext
 from trainer.config import Config
-from trainer.tasks import RunningMetrics, Task, eval_batches, run_eval
+from trainer.tasks.base import RunningMetrics, TaskKind, eval_batches, run_eval
 
 HR_KS = (1, 10, 50, 200)
 NDCG_KS = (10, 50, 200)
@@ -379,7 +381,7 @@ class _TrainRunning:
         return {"sampled_acc": float(s[0] / s[1].clamp(min=1)), "positions": float(s[1])}
 
 
-class ItemTableKind(Task):
+class ItemTableKind(TaskKind):
     """A task kind over one item table (sequential, retrieval): checks the model's argument
     type and finds the item feature, its table and the item count."""
 
@@ -400,7 +402,7 @@ class ItemTableKind(Task):
         return item_spec(schema, self.args)
 
 
-class SequentialTaskKind(ItemTableKind):
+class SequentialKind(ItemTableKind):
     """Next-item prediction with sampled softmax; full-ranking leave-one-out evaluation."""
 
     name = "sequential"
@@ -411,7 +413,7 @@ class SequentialTaskKind(ItemTableKind):
                                  self.cfg.training.seed, holdout=split == "eval")
 
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
-        return SequentialTask(model, self.args.temperature,  # type: ignore[arg-type]
+        return SequentialTrain(model, self.args.temperature,  # type: ignore[arg-type]
                               self.args.in_batch_negatives, self.cfg.training.dense_dtype,
                               device_type)
 
@@ -457,3 +459,28 @@ class SequentialTaskKind(ItemTableKind):
             "eval_users": metrics.get("eval_users"),
         }
 
+
+class SequentialTrain(nn.Module):
+    """Loss owner of a :class:`SequentialModel`: ``forward(batch)`` → ``(loss, output)`` (see
+    :class:`SampledSoftmaxLoss`); ``batch.labels`` holds the held-out target ids on eval
+    batches (empty on train batches).
+
+    ``dense_dtype`` (``fp32`` | ``bf16`` | ``fp16``) autocasts the encoder's dense compute
+    (projections, attention, feed-forward); the item-table lookups stay fp32 (fbgemm ops are
+    outside autocast's op list), and the encoding is cast back to fp32 before the sampled
+    softmax so the loss, its logsumexp over the negatives and the ranking stay full
+    precision, as in ``CTRTrain``.
+    """
+
+    def __init__(self, model: SequentialModel, temperature: float,
+                 in_batch_negatives: bool, dense_dtype: str = "fp32",
+                 device_type: str = "cpu") -> None:
+        super().__init__()
+        self.model = model
+        self.loss = SampledSoftmaxLoss(temperature, in_batch_negatives)
+        self.autocast_dtype = autocast_dtype(dense_dtype)
+        self.device_type = device_type
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        return self.loss(autocast_forward(self.model, batch, self.autocast_dtype,
+                                          self.device_type), batch.labels)

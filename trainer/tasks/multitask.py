@@ -4,7 +4,7 @@ The model is a :class:`models.multitask.common.MultiTaskModel` (shared-bottom, M
 ESMM, POSO). Its ``predictions`` say, per output column, which label the loss uses (BCE for
 binary, MSE for regression), the loss weight (``[model.args] loss_weights``) and the rows it
 sees, and which label and rows evaluation uses. The wrapper
-(:class:`models.multitask.common.MultiTaskLoss`) returns ``(loss, (loss, logits [B, P],
+(:class:`models.multitask.common.MultiTaskTrain`) returns ``(loss, (loss, logits [B, P],
 labels [B, T]))``.
 
 Metrics go through torchrec's metric modules with one ``RecTaskInfo`` per prediction: AUC and
@@ -16,22 +16,25 @@ mask get weight 0. The ``final`` line holds, per prediction, ``auc_<name>``, ``n
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.mse import MSEMetric
 from torchrec.metrics.ne import NEMetric
 
+from data.batch import Batch
 from data.schema import Schema
-from models.multitask.common import MultiTaskLoss, MultiTaskModel, Prediction
+from models.blocks import autocast_dtype, autocast_forward
+from models.multitask.common import MultiTaskModel, Prediction
 from sharding.dist import DistContext
 from trainer.config import Config
 from trainer.metrics import WindowedSums
-from trainer.tasks import LogitsLabelsTask
+from trainer.tasks.base import LogitsLabelsKind
 
 
 class MultiTaskMetrics:
@@ -122,7 +125,7 @@ class MultiTaskMetrics:
         return out
 
 
-class MultiTaskKind(LogitsLabelsTask):
+class MultiTaskKind(LogitsLabelsKind):
     """Several labels trained together by a multi-task head (see the module docstring)."""
 
     name = "multitask"
@@ -149,7 +152,7 @@ class MultiTaskKind(LogitsLabelsTask):
 
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         self._set_predictions(model)
-        return MultiTaskLoss(model, self.cfg.training.dense_dtype, device_type)
+        return MultiTaskTrain(model, self.cfg.training.dense_dtype, device_type)
 
     def metrics(self, ctx: DistContext, batch_size: int, window_examples: int
                 ) -> MultiTaskMetrics:
@@ -184,3 +187,44 @@ class MultiTaskKind(LogitsLabelsTask):
         out["eval_rows"] = metrics.get("eval_rows")
         return out
 
+
+class MultiTaskTrain(nn.Module):
+    """Wraps a :class:`MultiTaskModel` with its per-prediction losses.
+
+    ``forward(batch)`` returns ``(loss, (loss, logits [B, P], labels [B, T]))``: the loss is
+    ``Σ_p weight_p · loss_p`` with ``loss_p`` the mean BCE (binary) or MSE (regression) over
+    the rows its ``given`` mask keeps (a batch without such rows contributes 0).
+
+    Args:
+        model: the multi-task model.
+        dense_dtype, device_type: autocast of the dense compute, as for ``CTRTrain``.
+    """
+
+    def __init__(self, model: MultiTaskModel, dense_dtype: str = "fp32",
+                 device_type: str = "cpu") -> None:
+        super().__init__()
+        self.model = model
+        self.predictions = list(model.predictions)
+        self.autocast_dtype = autocast_dtype(dense_dtype)
+        self.device_type = device_type
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]]:
+        logits = autocast_forward(self.model, batch, self.autocast_dtype, self.device_type)
+        labels = batch.labels.reshape(logits.shape[0], -1)
+        loss = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        for k, p in enumerate(self.predictions):
+            if p.weight == 0:
+                continue
+            y = labels[:, p.label]
+            if p.kind == "binary":
+                per_row = F.binary_cross_entropy_with_logits(logits[:, k], y, reduction="none")
+            else:
+                per_row = (logits[:, k] - y).pow(2)
+            if p.given >= 0:
+                mask = labels[:, p.given]
+                per_row = per_row * mask
+                loss = loss + p.weight * per_row.sum() / mask.sum().clamp(min=1.0)
+            else:
+                loss = loss + p.weight * per_row.mean()
+        return loss, (loss.detach(), logits.detach(), labels)
