@@ -33,6 +33,14 @@ ranks (the synchronous step waits for the slowest), averaged over the steps: pla
 balanced (``balance_batches=8``, attention cost) and balanced + ``hstu`` length sampling
 (α = 1.6, which also trains on less of the longest histories).
 
+``--compiled-check [--threads N]``: only the goals of ``compiled_jagged`` on the two
+long-tailed batches, in one process and quickly (≈ 1 min): the attention op and the layer,
+forward + backward, ``pytorch_jagged`` and ``compiled_jagged`` taken in turns, and the square
+matmul, all timed in both wall time and this process's CPU time. On a machine shared with
+other jobs the CPU-time ratios at one thread are the trustworthy ones (wall time there
+mostly measures the other jobs; intra-op threads waiting for a descheduled sibling inflate
+multi-threaded wall times by far more than the work).
+
 Each contender runs in a fresh subprocess (in ``--quick``, in-process, where the peak-memory
 column means little), so its peak memory is the rise of the process's peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its value just before the first
@@ -56,7 +64,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -263,6 +271,70 @@ def balance_spread(quick: bool, ranks: int = 4) -> List[Dict[str, Any]]:
     return out
 
 
+def compiled_check(threads: int, repeats: int = 5) -> List[Dict[str, Any]]:
+    """``--compiled-check``: compiled_jagged vs pytorch_jagged on the long-tailed batches,
+    wall and CPU time (see the module docstring); one row per workload."""
+    from models.hstu.attention import hstu_attention
+    from models.hstu.layer import HSTULayer
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+
+    def clocks(step: Any, reps: int) -> Tuple[float, float]:
+        step()
+        wall, cpu = [], []
+        for _ in range(reps):
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+        return float(np.median(wall)), float(np.median(cpu))
+
+    rows = []
+    for name, lengths in (("longtail-8", longtail_lengths(8, 256, MAX_LEN, seed=1)),
+                          ("longtail-64", longtail_lengths(64, 256, MAX_LEN, seed=2))):
+        torch.manual_seed(0)
+        offsets = torch.tensor([0, *lengths]).cumsum(0)
+        total = int(offsets[-1])
+        ts = torch.cat([torch.randint(1, 100_000, (n,)).cumsum(0) for n in lengths])
+        layer = HSTULayer(DIM, HEADS, MAX_LEN, num_time_buckets=128)
+        x = torch.randn(total, DIM, requires_grad=True)
+        q, k, v = (torch.randn(total, HEADS, DIM // HEADS, requires_grad=True)
+                   for _ in range(3))
+        flops = attention_flops(lengths, HEADS, DIM // HEADS)
+        got: Dict[str, Dict[str, List[float]]] = {"pytorch_jagged": {}, "compiled_jagged": {}}
+        mm_wall, mm_cpu = [], []
+        for _ in range(repeats):  # in turns, so a burst of load hits both alike
+            w, c = clocks(lambda: [torch.mm(a, b) for _ in range(4)], 1)
+            mm_wall.append(4 * 2 * 1024**3 / w)
+            mm_cpu.append(4 * 2 * 1024**3 / c)
+            for impl, res in got.items():
+                layer.impl = impl
+
+                def attention() -> None:
+                    hstu_attention(q, k, v, offsets, MAX_LEN, layer.rab_pos, layer.rab_time,
+                                   ts, impl=layer.impl).sum().backward()
+
+                for key, step in (("attn", attention),
+                                  ("layer", lambda: layer(x, offsets, ts).sum().backward())):
+                    w, c = clocks(step, 1)
+                    res.setdefault(key + "_wall", []).append(w)
+                    res.setdefault(key + "_cpu", []).append(c)
+        med = {impl: {key: float(np.median(val)) for key, val in res.items()}
+               for impl, res in got.items()}
+        base, mine = med["pytorch_jagged"], med["compiled_jagged"]
+        mw, mc = float(np.median(mm_wall)), float(np.median(mm_cpu))
+        rows.append({"workload": name, "threads": threads,
+                     "matmul_GFLOP/s_wall": mw / 1e9, "matmul_GFLOP/s_cpu": mc / 1e9,
+                     "attn/matmul_wall": flops / mine["attn_wall"] / mw,
+                     "attn/matmul_cpu": flops / mine["attn_cpu"] / mc,
+                     "jagged_attn/matmul_cpu": flops / base["attn_cpu"] / mc,
+                     "layer_speedup_wall": base["layer_wall"] / mine["layer_wall"],
+                     "layer_speedup_cpu": base["layer_cpu"] / mine["layer_cpu"],
+                     "attn_speedup_cpu": base["attn_cpu"] / mine["attn_cpu"]})
+    return rows
+
+
 def run_contender(spec: Dict[str, Any]) -> Dict[str, Any]:
     """``worker(spec)`` in a fresh interpreter, so peak RSS belongs to this contender alone."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,10 +352,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CI smoke test")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--compiled-check", action="store_true",
+                   help="only compiled_jagged's goals on the long-tailed batches, wall and CPU "
+                        "time (quick; for a shared machine)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads for --compiled-check (default: torch's)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.worker:
         print(json.dumps(worker(json.loads(ns.worker))))
+        return 0
+    if ns.compiled_check:
+        check = compiled_check(ns.threads or torch.get_num_threads())
+        print("compiled_jagged goals (attn/matmul >= 0.40, layer >= 1.5x pytorch_jagged); "
+              "wall and process CPU time")
+        print(format_table(check, ["workload", "threads", "matmul_GFLOP/s_wall",
+                                   "matmul_GFLOP/s_cpu", "attn/matmul_wall", "attn/matmul_cpu",
+                                   "jagged_attn/matmul_cpu", "layer_speedup_wall",
+                                   "layer_speedup_cpu", "attn_speedup_cpu"]))
+        if ns.json:
+            write_results("hstu_compiled_check", {"compiled_check": check}, ns.json)
         return 0
 
     if ns.quick:

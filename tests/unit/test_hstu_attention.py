@@ -115,6 +115,23 @@ def test_compiled_kernel_is_built_and_fp32_matches() -> None:
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
 
 
+def test_compiled_time_buckets_are_exact() -> None:
+    """The kernel's table-driven buckets equal ``time_buckets`` on every threshold, its
+    neighbours and log-uniform gaps up to 2⁶² (128 buckets: the cells above 64 hold one
+    threshold each)."""
+    from models.hstu.compiled import bucket_thresholds, load_kernel
+
+    kernel = load_kernel()
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(0)
+    for nb in (8, 128, 255):
+        thr = bucket_thresholds(nb)
+        edges = thr[thr < (1 << 62)]
+        gaps = torch.cat([torch.arange(-70, 70), edges - 1, edges, edges + 1, -edges,
+                          torch.exp(torch.rand(20_000, generator=gen) * 42.9).long()])
+        assert torch.equal(kernel.time_buckets(gaps, thr), time_buckets(gaps, nb)), nb
+
+
 def test_jagged_chunks_and_tile_groups_match_padded(monkeypatch: pytest.MonkeyPatch) -> None:
     """One sequence per chunk (``tile_cells=1``) and several tile-count groups, with the
     32-row block: the chunk and group bookkeeping, not only the one-chunk fast case."""
@@ -239,3 +256,26 @@ def test_query_timestamps_match_padded(impl: str, request) -> None:  # type: ign
     tol = 1e-4 if impl == "triton" else 1e-10
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=tol, atol=tol), float((a - b).abs().max())
+
+
+def test_compiled_falls_back_with_one_log_line(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Where the kernel cannot be built, ``compiled_jagged`` logs why and computes with
+    ``pytorch_jagged`` (same values)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    import models.hstu.compiled as compiled
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(compiled, "_kernel", None)
+    monkeypatch.setattr(compiled, "_tried", False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    batch = make_batch([5, 0, 9], heads=2, dim=4, dtype=torch.float64, seed=8, with_time=True)
+    with caplog.at_level("WARNING", logger="models.hstu.compiled"):
+        got = run(batch, "compiled_jagged")
+    assert_all_close(got, run(batch, "pytorch_jagged"), 1e-12)
+    lines = [r.getMessage() for r in caplog.records if "compiled_jagged" in r.getMessage()]
+    assert len(lines) == 1 and "falling back to pytorch_jagged" in lines[0] \
+        and "Ninja is required" in lines[0], lines
