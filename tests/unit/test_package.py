@@ -181,12 +181,28 @@ def _eager_users(model: torch.nn.Module, data: str, schema: Schema, rows: int
     return enc.user[enc.offsets[1:] - 1], hist.values(), hist.lengths().long()
 
 
+@pytest.fixture(scope="module")
+def hstu_package(tiny_nextitem: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An HSTU package (random weights, HNSW index) on ``tiny_nextitem``, shared by the
+    top-K and HTTP tests."""
+    model, task, schema = _model("hstu", tiny_nextitem)
+    out = str(tmp_path_factory.mktemp("hstu") / "pkg")
+    _package(model, task, schema, "hstu", out, index="hnsw")
+    return out
+
+
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 def test_sequential_package_topk_equals_brute_force(name: str, tiny_nextitem: str,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    """Brute force over the unsharded model's table; ``tests/integration/test_train_hstu``
+    does the same on a 2-rank run's sharded checkpoint."""
     model, task, schema = _model(name, tiny_nextitem)
-    out = str(tmp_path / "pkg")
-    _package(model, task, schema, name, out, index="hnsw" if name == "hstu" else "none")
+    if name == "hstu":
+        out = request.getfixturevalue("hstu_package")  # the same seed: the same weights
+    else:
+        out = str(tmp_path / "pkg")
+        _package(model, task, schema, name, out)
     rows = 64
     users, hist_ids, hist_len = _eager_users(model, tiny_nextitem, schema, rows)
     assert bool((hist_len > 0).all())
@@ -402,3 +418,72 @@ def test_server_scores_like_predict_rejects_bad_requests_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_topk_like_predict_and_rejects_bad_requests(hstu_package: str, tiny_nextitem: str,
+                                                           tmp_path: Path) -> None:
+    """``/topk`` of the HTTP app (in this process, on a real 127.0.0.1 socket, a real aiohttp
+    client): 16 concurrent requests (exact) and one ANN request return what
+    ``predict --top-k`` writes for the same rows; malformed requests get 400s naming the
+    field."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from trainer.serve import build_app
+
+    rows_n, k = 32, 10
+    tab = pq.read_table(split_files(tiny_nextitem, _split(tiny_nextitem))[0]).slice(0, rows_n)
+    rows_file = str(tmp_path / "rows.parquet")
+    pq.write_table(tab, rows_file)
+    want = {}
+    for search in ("exact", "ann"):
+        preds = str(tmp_path / f"{search}.parquet")
+        assert predict_main(["--package", hstu_package, "--input", rows_file, "--out", preds,
+                             "--top-k", str(k), "--search", search]) == 0
+        want[search] = pq.read_table(preds).to_pydict()
+    rows = [{"item_seq": tab.column("item_seq")[i].as_py(),
+             "item_ts": tab.column("item_ts")[i].as_py()} for i in range(rows_n)]
+    pkg = load_package(hstu_package)
+    assert pkg.info["inputs"]["timestamps"]
+
+    async def client() -> Tuple[List[Any], Any, List[Tuple[int, Any]], Dict[str, Any]]:
+        server = TestServer(build_app(pkg, max_wait_ms=20), host="127.0.0.1")
+        await server.start_server()
+        try:
+            url = f"http://127.0.0.1:{server.port}"
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+
+                async def post(path: str, payload: Any) -> Tuple[int, Any]:
+                    async with s.post(url + path, json=payload) as r:
+                        return r.status, await r.json()
+
+                exact = await asyncio.gather(*[
+                    post("/topk", {"rows": rows[2 * i:2 * i + 2], "k": k}) for i in range(16)])
+                ann = await post("/topk", {"rows": rows, "k": k, "search": "ann"})
+                no_ts = {"item_seq": rows[0]["item_seq"]}
+                bad = [await post("/topk", {"rows": [rows[0], {**rows[1], "item_seq": "x"}]}),
+                       await post("/topk", {"rows": [no_ts]}),
+                       await post("/topk", {"rows": rows[:1], "k": 0}),
+                       await post("/topk", {"rows": rows[:1], "search": "fuzzy"}),
+                       await post("/topk", {"rows": [{**rows[0], "item_seq": [10 ** 6]}]}),
+                       await post("/score", {"rows": rows[:1]})]
+                async with s.get(url + "/health") as r:
+                    health = await r.json()
+        finally:
+            await server.close()
+        return list(exact), ann, bad, health
+
+    exact, ann, bad, health = asyncio.run(client())
+    assert all(status == 200 for status, _ in exact) and ann[0] == 200
+    got = [res for _, body in exact for res in body["results"]]
+    assert [r["items"] for r in got] == want["exact"]["items"]
+    np.testing.assert_allclose(np.array([r["scores"] for r in got]),
+                               np.array(want["exact"]["scores"]), atol=1e-5)
+    assert [r["items"] for r in ann[1]["results"]] == want["ann"]["items"]
+    assert health["batches"] < 17  # concurrent requests shared program calls
+    assert [b[0] for b in bad] == [400] * 6
+    assert [b[1]["field"] for b in bad] == ["rows[1].item_seq", "rows[0].item_ts", "k",
+                                            "search", "rows", "path"]
+    assert "item_seq" in bad[4][1]["error"]  # the out-of-range id's column is named
