@@ -57,8 +57,8 @@ def _latencies(fn: Callable[[], Any], seconds: float, min_calls: int = 20) -> Li
     return out
 
 
-def bench_scoring(rows: int, seconds: float, compile_aoti: bool, work: str
-                  ) -> Dict[str, Any]:
+def bench_scoring(rows: int, seconds: float, compile_aoti: bool, work: str,
+                  min_calls: int = 20) -> Dict[str, Any]:
     from models import get_model_spec
     from trainer.package import load_package, write_package
 
@@ -99,7 +99,7 @@ def bench_scoring(rows: int, seconds: float, compile_aoti: bool, work: str
                     fn(pairs[k % len(pairs)])
                     k += 1
 
-                lat = _latencies(call, seconds)
+                lat = _latencies(call, seconds, min_calls)
                 results.append({
                     "contender": name, "batch": bs, "rows_per_s": bs * len(lat) / sum(lat),
                     # batch / median latency: robust to stalls from other processes, which
@@ -206,10 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(ns.threads)
     quick = ns.quick
     with tempfile.TemporaryDirectory() as work:
-        scoring = bench_scoring(2_000 if quick else 100_000, 0.3 if quick else 3.0,
-                                not (quick or ns.no_aoti), work)
-        topk = bench_topk(20_000 if quick else ns.items, 200 if quick else ns.queries)
-        quant = bench_quantisation("tiny" if quick else "ci", 30 if quick else 600, work)
+        # --quick: a smoke test (tens of seconds): every part runs, on tiny sizes.
+        scoring = bench_scoring(2_000 if quick else 100_000, 0.05 if quick else 3.0,
+                                not (quick or ns.no_aoti), work, 3 if quick else 20)
+        topk = bench_topk(5_000 if quick else ns.items, 200 if quick else ns.queries)
+        quant = bench_quantisation("tiny" if quick else "ci", 10 if quick else 600, work)
     print(format_table(scoring["results"], ["contender", "batch", "rows_per_s",
                                             "rows_per_s_p50", "p50_ms",
                                             "p99_ms", "max_abs_diff"]))
