@@ -176,7 +176,13 @@ class PlainEmbeddingBags(nn.Module):
         out: Dict[str, torch.Tensor] = {}
         for name, table, mode in self.features:
             jt = features[name]
-            rows = self.tables[table](jt.values())  # [N, D]
+            rows_of = self.tables[table]
+            if rows_of.quant == "fp32":
+                # One fused gather + pool over the table (no [N, D] intermediate).
+                out[name] = F.embedding_bag(jt.values(), rows_of.weight, jt.offsets(),
+                                            mode=mode, include_last_offset=True)
+                continue
+            rows = rows_of(jt.values())  # [N, D], dequantised
             # embedding_bag over the looked-up rows: ids 0..N-1, the row's bag from offsets.
             out[name] = F.embedding_bag(torch.arange(rows.shape[0]), rows, jt.offsets(),
                                         mode=mode, include_last_offset=True)
