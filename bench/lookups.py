@@ -88,7 +88,7 @@ def _worker(ctx: Any, rows: int, dim: int, batch_size: int, steps: int, warmup: 
 
 def run(rows: int, dim: int, ranks: Sequence[int], batch_size: int, steps: int, warmup: int,
         repeats: int, profile_steps: int = 0) -> Dict[str, Any]:
-    from sharding.spawn import run_ranks
+    from launch.spawn import run_ranks
 
     out: List[Dict[str, Any]] = []
     profiles: List[Dict[str, Any]] = []

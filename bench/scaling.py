@@ -20,7 +20,7 @@ Four sweeps, each printed as a table with the ratio to its smallest size:
   = (time / ΣL²) relative to the smallest L tends to a constant once the quadratic part
   dominates; the layer adds ΣL-linear projections, so its ratio falls further.
 * ``ranks``: the DeepFM step (1e5 rows, batch 4096 per rank) on 1 and 2 gloo ranks
-  (``sharding.spawn.run_ranks``; the ranks split this machine's cores), examples/s of all
+  (``launch.spawn.run_ranks``; the ranks split this machine's cores), examples/s of all
   ranks and the ratio to 1 rank.
 
 The DeepFM steps go through ``bench.common.time_pipeline`` — the same model, sharding
@@ -183,7 +183,7 @@ def run(sizes: Sizes, sweeps: Sequence[str], overlap_ranks: bool,
         profile: bool = False) -> Dict[str, Any]:
     """Measure the chosen sweeps; the 1-rank ones in this process on a 1-rank gloo group."""
     from sharding.dist import destroy_distributed, init_distributed
-    from sharding.spawn import run_ranks
+    from launch.spawn import run_ranks
 
     def two_ranks() -> Dict[str, Any]:
         return run_ranks(_rank_worker, 2, sizes.base_rows, sizes.batch_size, sizes.steps,

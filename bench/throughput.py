@@ -200,7 +200,7 @@ def mlp_flops(in_features: int, batch_size: int, dtype: torch.dtype = torch.floa
 def run(grid: Sequence[Tuple[int, int, Optional[int]]], ranks: Sequence[int], batch_size: int,
         steps: int, warmup: int, repeats: int, contenders: Sequence[str],
         profile: Sequence[str] = ()) -> Dict[str, Any]:
-    from sharding.spawn import run_ranks
+    from launch.spawn import run_ranks
 
     rows_out: List[Dict[str, Any]] = []
     profiles: List[Dict[str, Any]] = []

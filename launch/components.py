@@ -75,9 +75,10 @@ def _check_config(config: str, overrides: Sequence[str]) -> None:
     previous_level = root.level
     root.setLevel(max(previous_level, logging.WARNING))
     try:
-        from trainer.config import ConfigError, load_config
+        from trainer.config import ConfigError
+        from trainer.validation import load_checked_config
 
-        load_config(config, list(overrides))
+        load_checked_config(config, list(overrides))
     except ConfigError as e:
         raise LaunchArgumentError(
             f"--config {config} with overrides {list(overrides)} is invalid: {e}\n"

@@ -1,5 +1,5 @@
 """Building blocks shared by the models: embedding collections from a schema, pooled-field
-stacking, and the CTR task wrapper that owns the loss.
+stacking, device placement, and the backbone seam (:func:`kept_head`).
 
 torchrec's own blocks (``MLP``, ``FactorizationMachine``, ``CrossNet`` ...) are used directly
 by the models; only what torchrec lacks lives here.
@@ -93,6 +93,18 @@ def place(model: ModuleT, device: str) -> ModuleT:
     if device != "meta":
         model.to(device)
     return model
+
+
+def kept_head(layer: ModuleT, with_head: bool) -> Optional[ModuleT]:
+    """A CTR model's final logit layer(s) ``layer`` when the model keeps them, else ``None``:
+    built with ``with_head=False`` the model is a backbone, and a multi-task head maps its
+    ``representation(batch) -> [B, H]`` instead (``models.multitask.common.build_backbone``).
+
+    The model builds ``layer`` in both modes and drops it here, unregistered: building draws
+    its initial weights from the global RNG, so a backbone leaves the RNG where the whole model
+    does, and what is built after it (a multi-task model's towers) starts from the same
+    weights whichever way the backbone was made (seeded multi-task runs are unchanged)."""
+    return layer if with_head else None
 
 
 def stack_fields(pooled: KeyedTensor, feature_names: List[str], dim: int) -> torch.Tensor:

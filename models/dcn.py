@@ -38,7 +38,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place
+from models.blocks import build_ebc, kept_head, place
 from models.spec import ModelSpec
 
 STRUCTURES = ("parallel", "stacked")
@@ -80,10 +80,12 @@ class DCN(nn.Module):
         feature_names: the pooled features, in the order they are concatenated into ``x_0``.
         dense_in: number of dense features ``Dd``.
         args: :class:`DCNArgs`.
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the logit
+            layer); only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: DCNArgs) -> None:
+                 args: DCNArgs, with_head: bool = True) -> None:
         super().__init__()
         args.validate()
         self.ebc = ebc
@@ -101,7 +103,8 @@ class DCN(nn.Module):
             head_in = in_features + deep_out
         else:
             head_in = deep_out
-        self.head = nn.Linear(head_in, 1)
+        self.head_in = head_in
+        self.head = kept_head(nn.Linear(head_in, 1), with_head)
 
     def cross_input(self, batch: Batch) -> torch.Tensor:
         """``x_0 = [dense ‖ s·e_1 ‖ … ‖ s·e_F]`` of shape ``[B, N]`` (s = ``field_scale``)."""
@@ -112,7 +115,7 @@ class DCN(nn.Module):
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation` (the head's input)."""
-        return self.head.in_features
+        return self.head_in
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H]``: the cross/deep output the head maps to the logit (for multi-task
@@ -126,11 +129,12 @@ class DCN(nn.Module):
         return self.head(self.representation(batch)).squeeze(1)
 
 
-def build_dcn(schema: Schema, args: DCNArgs, device: str = "meta") -> DCN:
+def build_dcn(schema: Schema, args: DCNArgs, device: str = "meta",
+              with_head: bool = True) -> DCN:
     args.validate()
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=args.embedding_dim)
-    model = DCN(ebc, names, schema.dense_dim, args)
+    model = DCN(ebc, names, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -147,4 +151,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="DCN (v1): vector cross layers x0·(w·xl) + b + xl with a deep MLP, parallel "
                 "or stacked, over dense inputs and pooled embeddings",
+    backbone=True,
 )

@@ -37,7 +37,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place
+from models.blocks import build_ebc, kept_head, place
 from models.spec import ModelSpec
 
 CROSS_TYPES = ("full", "low_rank", "mixture")
@@ -96,10 +96,12 @@ class DCNv2(nn.Module):
         feature_names: the pooled features, in the order they are concatenated into ``x_0``.
         dense_in: number of dense features ``Dd``.
         args: :class:`DCNv2Args`.
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the logit
+            layer); only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: DCNv2Args) -> None:
+                 args: DCNv2Args, with_head: bool = True) -> None:
         super().__init__()
         args.validate()
         self.ebc = ebc
@@ -113,7 +115,8 @@ class DCNv2(nn.Module):
         self.deep = MLP(in_features, args.deep_dims) if args.deep_dims else nn.Identity()
         deep_out = args.deep_dims[-1] if args.deep_dims else in_features
         head_in = deep_out if self.structure == "stacked" else in_features + deep_out
-        self.head = nn.Linear(head_in, 1)
+        self.head_in = head_in
+        self.head = kept_head(nn.Linear(head_in, 1), with_head)
 
     def cross_input(self, batch: Batch) -> torch.Tensor:
         """``x_0 = [dense ‖ e_1 ‖ … ‖ e_F]`` of shape ``[B, N]`` (features by name: sharded
@@ -127,7 +130,7 @@ class DCNv2(nn.Module):
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation` (the head's input)."""
-        return self.head.in_features
+        return self.head_in
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H]``: the cross/deep output the head maps to the logit (for multi-task
@@ -141,13 +144,14 @@ class DCNv2(nn.Module):
         return self.head(self.representation(batch)).squeeze(1)
 
 
-def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta") -> DCNv2:
+def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta",
+                 with_head: bool = True) -> DCNv2:
     if args.embedding_dim is not None and args.embedding_dim % 4:
         raise ValueError(f"model.args.embedding_dim={args.embedding_dim} must be a multiple "
                          f"of 4 (fbgemm kernels)")
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=args.embedding_dim)
-    model = DCNv2(ebc, names, schema.dense_dim, args)
+    model = DCNv2(ebc, names, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -166,4 +170,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="DCN-v2: cross network (full / low-rank / mixture of experts) with a deep "
                 "MLP, stacked or parallel, over dense inputs and pooled embeddings",
+    backbone=True,
 )

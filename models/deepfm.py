@@ -42,7 +42,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import (FactorizationMachine, build_ebc, place, stack_fields,
+from models.blocks import (FactorizationMachine, build_ebc, kept_head, place, stack_fields,
                            uniform_width)
 from models.spec import ModelSpec
 
@@ -76,10 +76,12 @@ class DeepFM(nn.Module):
         feature_names: the pooled features, in the order their fields are stacked.
         dense_in: number of dense features ``Dd``.
         args: :class:`DeepFMArgs`.
+        with_head: False builds a backbone for multi-task heads: no logit layer
+            (``deep[1]``) and no ``bias``; only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: DeepFMArgs) -> None:
+                 args: DeepFMArgs, with_head: bool = True) -> None:
         super().__init__()
         dims = {c.embedding_dim for c in ebc.embedding_bag_configs()}
         if len(dims) != 1:
@@ -99,11 +101,12 @@ class DeepFM(nn.Module):
             )
             self.dense_linear = nn.Linear(dense_in, 1)
         self.fm = FactorizationMachine()
-        self.deep = nn.Sequential(
-            MLP(num_fields * self.dim, args.deep_dims),
-            nn.Linear(args.deep_dims[-1] if args.deep_dims else num_fields * self.dim, 1),
-        )
-        self.bias = nn.Parameter(torch.zeros(1))
+        self.hidden_dim = args.deep_dims[-1] if args.deep_dims else num_fields * self.dim
+        # deep = [MLP, logit layer]: the logit layer is the model's head (kept_head).
+        mlp = MLP(num_fields * self.dim, args.deep_dims)
+        logit = kept_head(nn.Linear(self.hidden_dim, 1), with_head)
+        self.deep = nn.Sequential(mlp, logit) if logit is not None else nn.Sequential(mlp)
+        self.bias = nn.Parameter(torch.zeros(1)) if with_head else None
 
     def fields(self, batch: Batch) -> tuple:
         """``(fields [B, F(+1), D], first_order [B])`` — the shared representation."""
@@ -118,7 +121,7 @@ class DeepFM(nn.Module):
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation`: deep hidden size + D + 1."""
-        return self.deep[-1].in_features + self.dim + 1
+        return self.hidden_dim + self.dim + 1
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H] = [h ‖ fm ‖ first]``, what the logit is a linear function of (for
@@ -136,10 +139,11 @@ class DeepFM(nn.Module):
         return first + second + deep + self.bias
 
 
-def build_deepfm(schema: Schema, args: DeepFMArgs, device: str = "meta") -> DeepFM:
+def build_deepfm(schema: Schema, args: DeepFMArgs, device: str = "meta",
+                 with_head: bool = True) -> DeepFM:
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args))
-    model = DeepFM(ebc, names, schema.dense_dim, args)
+    model = DeepFM(ebc, names, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -154,4 +158,5 @@ MODEL_SPEC = ModelSpec(
     },
     task="ctr",
     description="DeepFM: first-order + FM + deep MLP over pooled embeddings and dense inputs",
+    backbone=True,
 )

@@ -54,7 +54,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import place
+from models.blocks import kept_head, place
 from models.din import SequenceCTRBase, concat_events, jagged_softmax, segment_ids, \
     sequence_ctr_inputs
 from models.spec import ModelSpec
@@ -205,8 +205,8 @@ class DIENArch(nn.Module):
     ``lengths [B]`` → ``(logits [B], L_aux [])``.
     """
 
-    def __init__(self, pooled_dim: int, event_dim: int, args: DIENArgs, names: List[str]
-                 ) -> None:
+    def __init__(self, pooled_dim: int, event_dim: int, args: DIENArgs, names: List[str],
+                 with_head: bool = True) -> None:
         super().__init__()
         self.names, self.dim = names, event_dim
         self.extractor = nn.GRU(event_dim, event_dim, batch_first=False)
@@ -215,7 +215,8 @@ class DIENArch(nn.Module):
         self.softmax = args.attention == "softmax"
         in_dim = pooled_dim + event_dim
         self.mlp = MLP(in_dim, args.deep_dims) if args.deep_dims else nn.Identity()
-        self.head = nn.Linear(args.deep_dims[-1] if args.deep_dims else in_dim, 1)
+        self.head_in = args.deep_dims[-1] if args.deep_dims else in_dim
+        self.head = kept_head(nn.Linear(self.head_in, 1), with_head)
 
     def interest(self, target: torch.Tensor, events: torch.Tensor, lengths: torch.Tensor
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -257,20 +258,22 @@ class DIENArch(nn.Module):
 class DIEN(SequenceCTRBase):
     """See the module docstring (arguments as :class:`models.din.SequenceCTRBase`, plus
     ``args``). ``aux_loss_weight`` tells the CTR task wrapper to call
-    :meth:`forward_with_aux` in training and add the weighted auxiliary loss."""
+    :meth:`forward_with_aux` in training and add the weighted auxiliary loss.
+    ``with_head=False`` builds a backbone for multi-task heads, without ``arch.head``."""
 
     def __init__(self, ebc: EmbeddingBagCollection, ec: EmbeddingCollection,
                  feature_names: List[str], sequence_names: List[str], target_names: List[str],
-                 dense_in: int, args: DIENArgs) -> None:
+                 dense_in: int, args: DIENArgs, with_head: bool = True) -> None:
         super().__init__(ebc, ec, feature_names, sequence_names, target_names, dense_in)
         args.validate()
         self.aux_loss_weight = float(args.aux_loss_weight)
-        self.arch = DIENArch(self.pooled_dim, self.event_dim, args, self.sequence_names)
+        self.arch = DIENArch(self.pooled_dim, self.event_dim, args, self.sequence_names,
+                             with_head)
 
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation` (the head's input)."""
-        return self.arch.head.in_features
+        return self.arch.head_in
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H]``: the deep MLP's output (for multi-task heads; no auxiliary loss)."""
@@ -286,12 +289,13 @@ class DIEN(SequenceCTRBase):
         return self.forward_with_aux(batch)[0]
 
 
-def build_dien(schema: Schema, args: DIENArgs, device: str = "meta") -> DIEN:
+def build_dien(schema: Schema, args: DIENArgs, device: str = "meta",
+               with_head: bool = True) -> DIEN:
     args.validate()
     inputs = sequence_ctr_inputs(schema, args.embedding_dim, args.sequence_features,
                                  args.target_features, device, "DIEN")
     del inputs["max_len"]  # the GRUs see the order; no recency embedding
-    model = DIEN(**inputs, args=args)  # type: ignore[arg-type]
+    model = DIEN(**inputs, args=args, with_head=with_head)  # type: ignore[arg-type]
     return place(model, device)
 
 
@@ -307,4 +311,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="DIEN: GRU interest extractor with auxiliary loss and AUGRU interest "
                 "evolution over jagged behaviour sequences (sharded EC)",
+    backbone=True,
 )

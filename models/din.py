@@ -46,7 +46,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, build_sequence_collection, place, uniform_width
+from models.blocks import build_ebc, build_sequence_collection, kept_head, place, uniform_width
 from models.spec import ModelSpec
 
 
@@ -173,7 +173,7 @@ class DINArch(nn.Module):
     """
 
     def __init__(self, pooled_dim: int, event_dim: int, args: DINArgs,
-                 names: List[str], max_len: int) -> None:
+                 names: List[str], max_len: int, with_head: bool = True) -> None:
         super().__init__()
         self.names = names
         self.max_len = max_len
@@ -182,7 +182,8 @@ class DINArch(nn.Module):
                                          args.attention_softmax, args.recency_dim)
         in_dim = pooled_dim + event_dim
         self.mlp = MLP(in_dim, args.deep_dims) if args.deep_dims else nn.Identity()
-        self.head = nn.Linear(args.deep_dims[-1] if args.deep_dims else in_dim, 1)
+        self.head_in = args.deep_dims[-1] if args.deep_dims else in_dim
+        self.head = kept_head(nn.Linear(self.head_in, 1), with_head)
 
     def representation(self, pooled: torch.Tensor, target: torch.Tensor,
                        values: List[torch.Tensor], lengths: List[torch.Tensor]
@@ -248,19 +249,20 @@ class SequenceCTRBase(nn.Module):
 
 
 class DIN(SequenceCTRBase):
-    """See the module docstring (arguments as :class:`SequenceCTRBase`, plus ``args``)."""
+    """See the module docstring (arguments as :class:`SequenceCTRBase`, plus ``args``;
+    ``with_head=False`` builds a backbone for multi-task heads, without ``arch.head``)."""
 
     def __init__(self, ebc: EmbeddingBagCollection, ec: EmbeddingCollection,
                  feature_names: List[str], sequence_names: List[str], target_names: List[str],
-                 dense_in: int, max_len: int, args: DINArgs) -> None:
+                 dense_in: int, max_len: int, args: DINArgs, with_head: bool = True) -> None:
         super().__init__(ebc, ec, feature_names, sequence_names, target_names, dense_in)
         self.arch = DINArch(self.pooled_dim, self.event_dim, args, self.sequence_names,
-                            max_len)
+                            max_len, with_head)
 
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation` (the head's input)."""
-        return self.arch.head.in_features
+        return self.arch.head_in
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H]``: the deep MLP's output (for multi-task heads)."""
@@ -322,10 +324,11 @@ def sequence_ctr_inputs(schema: Schema, embedding_dim: Optional[int],
                 max_len=max(schema.feature(s).max_len for s in seqs))
 
 
-def build_din(schema: Schema, args: DINArgs, device: str = "meta") -> DIN:
+def build_din(schema: Schema, args: DINArgs, device: str = "meta",
+              with_head: bool = True) -> DIN:
     inputs = sequence_ctr_inputs(schema, args.embedding_dim, args.sequence_features,
                                  args.target_features, device, "DIN")
-    model = DIN(**inputs, args=args)  # type: ignore[arg-type]
+    model = DIN(**inputs, args=args, with_head=with_head)  # type: ignore[arg-type]
     return place(model, device)
 
 
@@ -342,4 +345,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="DIN: target attention over jagged behaviour sequences (sharded EC) plus a "
                 "deep MLP over pooled embeddings and dense inputs",
+    backbone=True,
 )

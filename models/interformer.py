@@ -61,8 +61,8 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import (build_ebc, build_sequence_collection, place, stack_fields,
-                           uniform_width)
+from models.blocks import (build_ebc, build_sequence_collection, kept_head, place,
+                           stack_fields, uniform_width)
 from models.spec import ModelSpec
 
 
@@ -238,6 +238,8 @@ class InterFormerArch(nn.Module):
         num_seqs: behaviour sequences k merged by MaskNet.
         dim: token width D.
         args: :class:`InterFormerArgs`.
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the MLP from
+            the summaries to the logit); only :meth:`representation` is used.
 
     Shapes: ``x [B, n_x, D]``, ``seqs [B, T, k·D]`` (zero or anything beyond each length),
     ``lengths [B]`` → logits ``[B]``.
@@ -248,7 +250,8 @@ class InterFormerArch(nn.Module):
         arch(torch.randn(8, 4, 16), torch.randn(8, 10, 32), torch.randint(0, 11, (8,)))
     """
 
-    def __init__(self, num_x: int, num_seqs: int, dim: int, args: InterFormerArgs) -> None:
+    def __init__(self, num_x: int, num_seqs: int, dim: int, args: InterFormerArgs,
+                 with_head: bool = True) -> None:
         super().__init__()
         self.dim, self.args = dim, args
         n_cls, n_sum = args.num_cls, args.num_cls + args.num_pma + args.num_recent
@@ -270,7 +273,7 @@ class InterFormerArch(nn.Module):
             for _ in range(args.num_layers))
         self.sequence = nn.ModuleList(SequenceLayer(dim, n_cls, args.num_heads, args.rope_base)
                                       for _ in range(args.num_layers))
-        self.head = _mlp((n_cls + n_sum) * dim, args.head_dims, 1)
+        self.head = kept_head(_mlp((n_cls + n_sum) * dim, args.head_dims, 1), with_head)
 
     def cross(self, i: int, x: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor,
               lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -344,11 +347,12 @@ class InterFormer(nn.Module):
         max_len: padded sequence length T (the schema's largest ``max_len``).
         dense_in: number of dense features.
         args: :class:`InterFormerArgs`.
+        with_head: False builds a backbone for multi-task heads (no ``arch.head``).
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, ec: EmbeddingCollection,
                  feature_names: List[str], sequence_names: List[str], max_len: int,
-                 dense_in: int, args: InterFormerArgs) -> None:
+                 dense_in: int, args: InterFormerArgs, with_head: bool = True) -> None:
         super().__init__()
         dims = {c.embedding_dim for c in ebc.embedding_bag_configs()}
         dims |= {c.embedding_dim for c in ec.embedding_configs()}
@@ -362,7 +366,8 @@ class InterFormer(nn.Module):
         if dense_in:
             self.dense_proj = _mlp(dense_in, [4 * self.dim], self.dim)
         num_x = len(self.feature_names) + (1 if dense_in else 0)
-        self.arch = InterFormerArch(num_x, len(self.sequence_names), self.dim, args)
+        self.arch = InterFormerArch(num_x, len(self.sequence_names), self.dim, args,
+                                    with_head)
 
     def tokens(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x [B, n_x, D], seqs [B, T, k·D] zero-padded, lengths [B])``."""
@@ -390,8 +395,8 @@ class InterFormer(nn.Module):
         return self.arch(x, seqs, lengths)
 
 
-def build_interformer(schema: Schema, args: InterFormerArgs, device: str = "meta"
-                      ) -> InterFormer:
+def build_interformer(schema: Schema, args: InterFormerArgs, device: str = "meta",
+                      with_head: bool = True) -> InterFormer:
     if not schema.sequence_features:
         raise ValueError("InterFormer needs sequence features; the schema has none (make "
                          "sequence data with `python -m data.synth ctr_seq`)")
@@ -401,7 +406,7 @@ def build_interformer(schema: Schema, args: InterFormerArgs, device: str = "meta
     seq_names = [f.name for f in schema.sequence_features]
     max_len = max(f.max_len for f in schema.sequence_features)
     model = InterFormer(build_ebc(schema, device, embedding_dim=width), ec, names, seq_names,
-                        max_len, schema.dense_dim, args)
+                        max_len, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -417,4 +422,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="InterFormer: interleaved DHEN interaction, PFFN + rotary MHA sequence arch "
                 "and gated cross summaries over pooled embeddings and behaviour sequences",
+    backbone=True,
 )

@@ -38,7 +38,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place, stack_fields, uniform_width
+from models.blocks import build_ebc, kept_head, place, stack_fields, uniform_width
 from models.spec import ModelSpec
 
 MODES = ("serial", "parallel")
@@ -114,10 +114,12 @@ class MaskNet(nn.Module):
         feature_names: the pooled features, in field order.
         dense_in: number of dense features ``Dd`` (projected into one field).
         args: :class:`MaskNetArgs`.
+        with_head: False builds a backbone for multi-task heads: no ``head`` (the logit
+            layer); only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: MaskNetArgs) -> None:
+                 args: MaskNetArgs, with_head: bool = True) -> None:
         super().__init__()
         args.validate()
         dims = {c.embedding_dim for c in ebc.embedding_bag_configs()}
@@ -146,7 +148,8 @@ class MaskNet(nn.Module):
             cat = args.num_blocks * h
             self.mlp = MLP(cat, args.head_dims) if args.head_dims else nn.Identity()
             out = args.head_dims[-1] if args.head_dims else cat
-        self.head = nn.Linear(out, 1)
+        self.head_in = out
+        self.head = kept_head(nn.Linear(out, 1), with_head)
 
     def embeddings(self, batch: Batch) -> torch.Tensor:
         """``V_emb [B, m, D]``: the dense field (if any) then the sparse fields."""
@@ -158,7 +161,7 @@ class MaskNet(nn.Module):
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation` (the head's input)."""
-        return self.head.in_features
+        return self.head_in
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H]``: the last block's output (serial) or the MLP over all blocks
@@ -176,12 +179,13 @@ class MaskNet(nn.Module):
         return self.head(self.representation(batch)).squeeze(1)
 
 
-def build_masknet(schema: Schema, args: MaskNetArgs, device: str = "meta") -> MaskNet:
+def build_masknet(schema: Schema, args: MaskNetArgs, device: str = "meta",
+                  with_head: bool = True) -> MaskNet:
     args.validate()
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=uniform_width(schema, args.embedding_dim,
                                                              "MaskNet", "sparse"))
-    model = MaskNet(ebc, names, schema.dense_dim, args)
+    model = MaskNet(ebc, names, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -199,4 +203,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="MaskNet: instance-guided masks over layer-normalised embeddings, serial or "
                 "parallel MaskBlocks",
+    backbone=True,
 )

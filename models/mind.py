@@ -3,7 +3,8 @@ dynamic (capsule) routing over the history.
 
 User tower, per row with history embeddings ``e_1..e_L`` (most recent ``max_len``):
 
-* behaviour-to-interest routing: ``ê_i = S e_i`` with one shared bilinear map ``S [D, D]``;
+* behaviour-to-interest routing: ``ê_i = S e_i / ‖e_i‖`` with one shared bilinear map
+  ``S [D, D]``;
   routing logits ``b [K, L]`` start from a fixed random draw (a buffer, so that the K capsules
   differ although ``S`` is shared, as in the paper); for ``routing_iters`` rounds:
   ``w = softmax_k(b)``, ``z_k = Σ_i w_ki ê_i``, ``c_k = squash(z_k)``, ``b_ki += ⟨c_k, ê_i⟩``;
@@ -31,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from data.schema import Schema
@@ -79,15 +81,20 @@ class MINDUser(UserTower):
         g = torch.Generator().manual_seed(routing_seed)
         self.register_buffer("routing_init", torch.randn(num_interests, max_len, generator=g))
         self.mlp = mlp([dim + profile_dim, *hidden, dim])
+        #: pad histories to this width instead of the batch's longest (an exported program
+        #: sets ``max_len``: a width read from the data cannot be exported); same capsules.
+        self.pad_to = 0
 
     def routing(self, hist: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``[ΣLᵢ, D]`` jagged history → ``[B, K, D]`` interest capsules (batched)."""
         offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-        t = int(lengths.max()) if lengths.numel() else 0
         b, k = lengths.numel(), self.num_interests
+        t = self.pad_to or (int(lengths.max()) if lengths.numel() else 0)
         if t == 0:
             return hist.new_zeros(b, k, hist.shape[1])
-        padded, _ = jagged_to_padded(self.bilinear(hist), offsets, t)  # [B, T, D]
+        # Routing sees the history's directions (the item tower's L2-normalised rows): raw rows
+        # start near zero, their capsules' agreements too, and the routing would not move.
+        padded, _ = jagged_to_padded(self.bilinear(F.normalize(hist, dim=-1)), offsets, t)
         mask = (torch.arange(t, device=hist.device).unsqueeze(0)
                 < lengths.unsqueeze(1)).to(hist.dtype).unsqueeze(1)  # [B, 1, T]
         logits = self.routing_init[:, :t].to(hist.dtype).unsqueeze(0).expand(b, k, t)

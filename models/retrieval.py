@@ -80,6 +80,11 @@ class RetrievalArgs:
     temperature: float = 0.05
     #: hidden widths of the user tower's MLP.
     hidden: List[int] = field(default_factory=lambda: [128])
+    #: the pooled (sparse) features the user tower sees; empty: all of the schema's. A user-id
+    #: embedding memorises a user's few training positives and generalises worse than cohort
+    #: features plus the history (the synthetic configs leave ``user_id`` out: see
+    #: docs/retrieval.md); the other tables are still looked up, their rows get no gradient.
+    user_features: List[str] = field(default_factory=list)
 
 
 def check_retrieval_args(args: RetrievalArgs) -> None:
@@ -195,14 +200,18 @@ class RetrievalEncoder(nn.Module):
         self.item_feature = item_feature
         self.user_features = user_features
         self.max_len = max_len
+        #: keep each history's ``max_len`` most recent ids; an exported program (whose
+        #: callers truncate) sets it False: the check reads the data.
+        self.truncate = True
 
     def forward(self, pooled: Optional[object], dense: torch.Tensor,
                 embeddings: Dict[str, JaggedTensor], sequence: KeyedJaggedTensor
                 ) -> RetrievalEncoding:
         hist = embeddings[self.item_feature]
         hist_ids = sequence[self.item_feature].values()
-        values, ids, lengths = truncate_recent_jagged(hist.values(), hist_ids, hist.lengths(),
-                                                      self.max_len)
+        values, ids, lengths = hist.values(), hist_ids, hist.lengths()
+        if self.truncate:
+            values, ids, lengths = truncate_recent_jagged(values, ids, lengths, self.max_len)
         parts = [dense] if dense.numel() else []
         if pooled is not None:
             by_name = pooled.to_dict()  # type: ignore[attr-defined]
@@ -241,8 +250,14 @@ def build_retrieval_tables(schema: Schema, args: RetrievalArgs, device: str
     ec = EmbeddingCollection(tables=tables, device=torch.device(device))
     sparse = schema.sparse_features
     ebc = build_ebc(schema, device) if sparse else None
-    user_features = [f.name for f in sparse]
-    profile = schema.dense_dim + sum(f.embedding_dim for f in sparse)
+    names = [f.name for f in sparse]
+    unknown = [n for n in args.user_features if n not in names]
+    if unknown:
+        raise ValueError(f"model.args.user_features: {unknown} are not pooled (sparse) features "
+                         f"of the schema; it has {names}")
+    chosen = [f for f in sparse if not args.user_features or f.name in args.user_features]
+    user_features = [f.name for f in chosen]
+    profile = schema.dense_dim + sum(f.embedding_dim for f in chosen)
     return ebc, ec, item, dim, user_features, profile
 
 

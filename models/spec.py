@@ -10,8 +10,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 from torch import nn
 
-from data.schema import Schema
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -26,14 +24,19 @@ class ModelSpec:
         task: the task kind (``trainer.tasks.TASK_KINDS``): the loss wrapper, metrics,
             evaluation and ``final`` line the trainer uses for it (``ctr``).
         description: one line for ``--help`` and error messages.
+        backbone: the model can be a multi-task backbone: ``build(schema, args, device,
+            with_head=False)`` builds it without its final logit layer(s), and its
+            ``representation(batch) -> [B, H]`` (``H = representation_dim``) is what the
+            head maps (``models.multitask.common.build_backbone``).
     """
 
     name: str
     args_cls: Type[Any]
-    build: Callable[[Schema, Any, str], nn.Module]
+    build: Callable[..., nn.Module]
     flavours: Mapping[str, Any] = field(default_factory=dict)
     task: str = "ctr"
     description: str = ""
+    backbone: bool = False
 
     def make_args(self, flavour: str = "default",
                   overrides: Optional[Dict[str, Any]] = None) -> Any:

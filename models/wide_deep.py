@@ -36,7 +36,7 @@ from torchrec.modules.mlp import MLP
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place, stack_fields
+from models.blocks import build_ebc, kept_head, place, stack_fields
 from models.deepfm import table_width
 from models.spec import ModelSpec
 
@@ -64,10 +64,12 @@ class WideDeep(nn.Module):
         feature_names: the pooled features, in field order.
         dense_in: number of dense features ``Dd``.
         args: :class:`WideDeepArgs`.
+        with_head: False builds a backbone for multi-task heads: no logit layer
+            (``deep[1]``) and no ``bias``; only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: WideDeepArgs) -> None:
+                 args: WideDeepArgs, with_head: bool = True) -> None:
         super().__init__()
         dims = {c.embedding_dim for c in ebc.embedding_bag_configs()}
         if len(dims) != 1:
@@ -89,11 +91,12 @@ class WideDeep(nn.Module):
         deep_in = dense_in + len(self.deep_names) * self.dim
         if dense_in:
             self.dense_linear = nn.Linear(dense_in, 1)
-        self.deep = nn.Sequential(
-            MLP(deep_in, args.deep_dims) if args.deep_dims else nn.Identity(),
-            nn.Linear(args.deep_dims[-1] if args.deep_dims else deep_in, 1),
-        )
-        self.bias = nn.Parameter(torch.zeros(1))
+        self.hidden_dim = args.deep_dims[-1] if args.deep_dims else deep_in
+        # deep = [MLP, logit layer]: the logit layer is the model's head (kept_head).
+        mlp = MLP(deep_in, args.deep_dims) if args.deep_dims else nn.Identity()
+        logit = kept_head(nn.Linear(self.hidden_dim, 1), with_head)
+        self.deep = nn.Sequential(mlp, logit) if logit is not None else nn.Sequential(mlp)
+        self.bias = nn.Parameter(torch.zeros(1)) if with_head else None
 
     def parts(self, batch: Batch) -> tuple:
         """``(deep input [B, Dd + F'·D], wide logit [B])``."""
@@ -109,7 +112,7 @@ class WideDeep(nn.Module):
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation`: deep hidden size + 1."""
-        return self.deep[-1].in_features + 1
+        return self.hidden_dim + 1
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H] = [h ‖ wide]`` (for multi-task heads): ``h`` the deep MLP's last hidden
@@ -122,10 +125,11 @@ class WideDeep(nn.Module):
         return wide + self.deep(deep_in).squeeze(1) + self.bias
 
 
-def build_wide_deep(schema: Schema, args: WideDeepArgs, device: str = "meta") -> WideDeep:
+def build_wide_deep(schema: Schema, args: WideDeepArgs, device: str = "meta",
+                    with_head: bool = True) -> WideDeep:
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args, "WideDeep"))
-    model = WideDeep(ebc, names, schema.dense_dim, args)
+    model = WideDeep(ebc, names, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -141,4 +145,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="Wide & Deep: a linear model over the sparse ids and dense inputs plus a "
                 "deep MLP over embeddings",
+    backbone=True,
 )

@@ -37,7 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, place
+from models.blocks import build_ebc, kept_head, place
 from models.deepfm import DeepFM, DeepFMArgs, table_width
 from models.spec import ModelSpec
 
@@ -112,20 +112,22 @@ class XDeepFM(DeepFM):
         feature_names: the pooled features, in field order.
         dense_in: number of dense features ``Dd``.
         args: :class:`XDeepFMArgs`.
+        with_head: False builds a backbone for multi-task heads: no logit layers
+            (``deep[1]``, ``cin_out``) and no ``bias``; only :meth:`representation` is used.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
-                 args: XDeepFMArgs) -> None:
-        super().__init__(ebc, feature_names, dense_in, args)
+                 args: XDeepFMArgs, with_head: bool = True) -> None:
+        super().__init__(ebc, feature_names, dense_in, args, with_head)
         del self.fm
         num_fields = len(self.feature_names) + (1 if dense_in else 0)
         self.cin = CIN(num_fields, list(args.cin_dims), args.split_half)
-        self.cin_out = nn.Linear(self.cin.out_dim, 1)
+        self.cin_out = kept_head(nn.Linear(self.cin.out_dim, 1), with_head)
 
     @property
     def representation_dim(self) -> int:
         """Width H of :meth:`representation`: deep hidden size + CIN pooled width + 1."""
-        return self.deep[-1].in_features + self.cin.out_dim + 1
+        return self.hidden_dim + self.cin.out_dim + 1
 
     def representation(self, batch: Batch) -> torch.Tensor:
         """``[B, H] = [h ‖ p ‖ first]`` (for multi-task heads): ``h`` the deep MLP's last
@@ -142,10 +144,11 @@ class XDeepFM(DeepFM):
         return first + cin + deep + self.bias
 
 
-def build_xdeepfm(schema: Schema, args: XDeepFMArgs, device: str = "meta") -> XDeepFM:
+def build_xdeepfm(schema: Schema, args: XDeepFMArgs, device: str = "meta",
+                  with_head: bool = True) -> XDeepFM:
     names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=table_width(schema, args, "xDeepFM"))
-    model = XDeepFM(ebc, names, schema.dense_dim, args)
+    model = XDeepFM(ebc, names, schema.dense_dim, args, with_head)
     return place(model, device)
 
 
@@ -161,4 +164,5 @@ MODEL_SPEC = ModelSpec(
     task="ctr",
     description="xDeepFM: linear + compressed interaction network (CIN) + deep MLP over "
                 "pooled embeddings and dense inputs",
+    backbone=True,
 )

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from trainer.config import ConfigError, builtin_configs, load_config, print_help
+from trainer.config import ConfigError, builtin_configs, print_help
 
 
 def usage() -> str:
@@ -68,8 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # TBE arguments) stays at WARNING.
     for name in ("trainer", "sharding", "data", "models"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    from trainer.validation import load_checked_config  # imports the model registry
+
     try:
-        cfg = load_config(config_path, argv)
+        cfg = load_checked_config(config_path, argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

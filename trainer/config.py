@@ -22,7 +22,7 @@ import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import tomli_w
 
@@ -448,8 +448,14 @@ def find_config(name: str) -> str:
                       f"built-in config: {', '.join(names) if names else '(none installed)'}")
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults ← TOML file ← CLI overrides, validated all at once."""
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
+                checks: Sequence[Callable[[Config], List[str]]] = ()) -> Config:
+    """Defaults ← TOML file ← CLI overrides, validated all at once.
+
+    Parsing checks types, choices, ranges and cross-field rules; it imports no model and reads
+    no dataset. ``checks`` add the caller's own checks of the parsed config (each returns its
+    problems), reported in the same one :class:`ConfigError`: the trainer's validation step
+    passes the model registry's (:func:`trainer.validation.load_checked_config`)."""
     tree: Dict[str, Any] = {}
     if path is not None:
         path = find_config(path)
@@ -472,14 +478,23 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         sections[name] = dataclass_from_dict(SECTIONS[name], values, f"{name}.", errors)
     cfg = Config(**sections)
     errors += validate(cfg)
-    if errors:
-        src = f" ({path})" if path else ""
-        raise ConfigError(f"invalid config{src}:\n  - " + "\n  - ".join(errors))
+    for check in checks:
+        errors += check(cfg)
+    raise_config_errors(errors, path)
     return cfg
 
 
+def raise_config_errors(errors: Sequence[str], path: Optional[str] = None) -> None:
+    """Raise one :class:`ConfigError` listing every problem in ``errors`` (none: return);
+    ``path`` names the config file in the message."""
+    if errors:
+        src = f" ({path})" if path else ""
+        raise ConfigError(f"invalid config{src}:\n  - " + "\n  - ".join(errors))
+
+
 def validate(cfg: Config) -> List[str]:
-    """Cross-field checks; model args are checked against the model's own dataclass."""
+    """Cross-field checks of the parsed sections (``[model.args]`` are checked against the
+    model's own dataclass by the trainer's validation step, :mod:`trainer.validation`)."""
     errors: List[str] = []
     if cfg.data.batch_size <= 0:
         errors.append(f"data.batch_size must be > 0, got {cfg.data.batch_size}")
@@ -504,29 +519,6 @@ def validate(cfg: Config) -> List[str]:
                           f"got {scale!r}")
     errors += range_errors(cfg)  # every numeric key's range, naming the key
     errors += _validate_sharding(cfg.sharding)
-    from models import get_model_spec
-
-    try:
-        spec = get_model_spec(cfg.model.name)
-    except KeyError as e:
-        errors.append(f"model.name: {e.args[0]}")
-        return errors
-    if cfg.model.flavour not in spec.flavours:
-        errors.append(f"model.flavour: {cfg.model.flavour!r} is not a flavour of "
-                      f"{spec.name!r}; flavours: {', '.join(sorted(spec.flavours))}")
-        return errors
-    args_errors: List[str] = []
-    parsed = dataclass_from_dict(spec.args_cls, cfg.model.args, "model.args.", args_errors)
-    errors += args_errors
-    if not args_errors and hasattr(parsed, "validate"):
-        # The model's own range checks (they name their model.args keys), before any work.
-        try:
-            parsed.validate()
-        except ValueError as e:
-            errors.append(str(e))
-    if not args_errors:
-        # keep only the keys the user set, now with their checked types
-        cfg.model.args = {k: getattr(parsed, k) for k in cfg.model.args}
     return errors
 
 

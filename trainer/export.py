@@ -39,7 +39,8 @@ from data.cli import ArgumentParser
 from data.io import AtomicDirectory, write_json_atomic
 from data.marker import EXPORT_MARKER, replace_refusal
 from data.schema import SCHEMA_FILE, Schema, load_schema
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError
+from trainer.validation import load_checked_config
 
 MODEL_FILE = "model.pt"
 EXPORT_FILE = "export.json"
@@ -59,7 +60,7 @@ def checkpoint_weights(checkpoint: str) -> Tuple[Config, Schema, Dict[str, torch
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MARKER} "
                               f"marker); pass a step_* directory that training finished")
     Checkpointer(os.path.dirname(os.path.abspath(checkpoint)), 0, 1, 0).verify(checkpoint)
-    cfg = load_config(os.path.join(checkpoint, "config.toml"))
+    cfg = load_checked_config(os.path.join(checkpoint, "config.toml"))
     schema = load_schema(cfg.data.schema or cfg.data.path)
     state = load_full_state_dict(checkpoint)
     weights = {k: v.contiguous() for k, v in state["model"].items()}
@@ -184,6 +185,13 @@ def export_package(checkpoint: str, out: str, quant: str = "fp32", compile: str 
         check = quantisation_auc(model, task, schema, cfg.data.path, quant, eval_rows)
     with open(os.path.join(checkpoint, "config.toml")) as fh:
         config_toml = fh.read()
+    if task == "retrieval":  # the user tower + item embeddings + index (issue 19)
+        from trainer.package_retrieval import write_retrieval_package
+
+        return write_retrieval_package(
+            model, schema, config_toml, out, model_name=cfg.model.name,  # type: ignore[arg-type]
+            step=step, preprocess=dataset_preprocess_state(cfg.data.path), quant=quant,
+            compile=compile, index=index, index_params=index_params, overwrite=overwrite)
     info = write_package(model, task, schema, config_toml, out, model_name=cfg.model.name,
                          step=step, preprocess=dataset_preprocess_state(cfg.data.path),
                          quant=quant, compile=compile, index=index, index_params=index_params,

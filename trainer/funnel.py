@@ -17,8 +17,8 @@ RANKER_EXPORT [--k 200] [--split test]`` ranks each held-out positive of ``DS/sp
 * ``retrieval_ndcg@10``: NDCG@10 of the retrieval order itself.
 
 and prints ``final recall@K=… funnel_ndcg@10=… ranker_ndcg@10=… retrieval_ndcg@10=…
-users=…``. Exports come from ``python -m trainer.retrieval_export`` and ``python -m
-trainer.export``.
+users=…``. Both exports come from ``python -m trainer.export``: the retrieval model's
+inference package (:mod:`trainer.package_retrieval`) and the ranker's ``--format weights``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.cli import ArgumentParser
@@ -41,7 +42,7 @@ from data.reader import ParquetReader, split_files
 from data.schema import FeatureSpec, LabelSpec, Schema
 from trainer.predict import load_exported
 from trainer.tasks.retrieval import RetrievalBatches
-from trainer.retrieval_export import RetrievalServer
+from trainer.package_retrieval import RetrievalPackage
 
 
 def make_ranking_data(data: str, out: str, negatives: int = 4, seed: int = 0,
@@ -52,7 +53,7 @@ def make_ranking_data(data: str, out: str, negatives: int = 4, seed: int = 0,
     users = schema.sparse_features
     rng = np.random.default_rng(seed)
     feats = [FeatureSpec(f.name, "sparse", table=f.table, num_embeddings=f.num_embeddings,
-                         embedding_dim=f.embedding_dim) for f in users]
+                         embedding_dim=f.embedding_dim, pooling=f.pooling) for f in users]
     feats.append(FeatureSpec("item_id", "sparse", table="item",
                              num_embeddings=item.num_embeddings, embedding_dim=item.embedding_dim))
     out_schema = Schema(features=feats, labels=[LabelSpec("label", "binary")])
@@ -87,7 +88,7 @@ class Funnel:
     """Retrieval export + ranker export over one retrieval dataset's user features."""
 
     def __init__(self, retrieval_dir: str, ranker_dir: str) -> None:
-        self.server = RetrievalServer(retrieval_dir)
+        self.server = RetrievalPackage(retrieval_dir)
         self.ranker, self.ranker_schema = load_exported(ranker_dir)
         self.features = [f.name for f in self.ranker_schema.sparse_features]
 
@@ -96,16 +97,25 @@ class Funnel:
         """``[B, C]`` ranker logits of each row's user with each candidate item."""
         b, c = cand.shape
         values: List[torch.Tensor] = []
+        lengths: List[torch.Tensor] = []
         for name in self.features:
             if name == "item_id":
                 values.append(cand.reshape(-1))
+                lengths.append(torch.ones(b * c, dtype=torch.int64))
                 continue
+            # Each row's ids (one or several, e.g. the multi-hot segment) once per candidate.
             jt = batch.sparse[name]
-            if not bool((jt.lengths() == 1).all()):
-                raise ValueError(f"user feature {name!r}: the funnel needs one id per row")
-            values.append(jt.values().repeat_interleave(c))
+            ln = jt.lengths().long()
+            rep = ln.repeat_interleave(c)  # [B * C]
+            starts = F.pad(torch.cumsum(ln, 0), (1, 0))[:-1].repeat_interleave(c)
+            first = F.pad(torch.cumsum(rep, 0), (1, 0))[:-1]
+            total = int(rep.sum())
+            idx = (torch.repeat_interleave(starts - first, rep, output_size=total)
+                   + torch.arange(total))
+            values.append(jt.values()[idx])
+            lengths.append(rep)
         kjt = KeyedJaggedTensor(keys=self.features, values=torch.cat(values),
-                                lengths=torch.ones(len(self.features) * b * c, dtype=torch.int32))
+                                lengths=torch.cat(lengths).int())
         rows = Batch(dense=torch.zeros(b * c, 0), sparse=kjt, labels=torch.zeros(b * c))
         return self.ranker.model(rows).reshape(b, c)
 
@@ -136,9 +146,9 @@ class Funnel:
             t_score = torch.where(at, scores, torch.zeros_like(scores)).sum(1, keepdim=True)
             funnel_rank = np.where(found, (scores > t_score).sum(1).numpy(), k)
             full = self.ranker_scores(batch, all_items.expand(batch.batch_size, -1))
-            enc = self.server.task.model(batch)
-            offsets = np.concatenate(([0], np.cumsum(enc.hist_lengths.numpy())))
-            hist = enc.hist_ids.numpy()
+            hist_ids, hist_lengths = self.server.history(batch)
+            offsets = np.concatenate(([0], np.cumsum(hist_lengths.numpy())))
+            hist = hist_ids.numpy()
             for i in range(batch.batch_size):
                 full[i, hist[offsets[i]:offsets[i + 1]] - 1] = -math.inf
             tgt = full.gather(1, batch.labels.unsqueeze(1) - 1)
@@ -171,7 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e = sub.add_parser("evaluate", help="retrieve top-k, re-rank, compare with the ranker "
                                         "over all items")
     e.add_argument("--data", required=True)
-    e.add_argument("--retrieval", required=True, help="python -m trainer.retrieval_export dir")
+    e.add_argument("--retrieval", required=True,
+                   help="retrieval package (python -m trainer.export of a two_tower or mind "
+                        "checkpoint)")
     e.add_argument("--ranker", required=True, help="python -m trainer.export dir of a ranker")
     e.add_argument("--split", default="test")
     e.add_argument("--k", type=int, default=200)

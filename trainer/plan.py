@@ -32,14 +32,15 @@ from sharding.constraints import (
 from sharding.plan import dry_run_plan, format_report, parse_args, table_shapes
 from sharding.planfile import save_plan
 from sharding.planner import GB, PlanDoesNotFit
-from trainer.config import ConfigError, load_config, sparse_optimizer_defaults
+from trainer.config import ConfigError, sparse_optimizer_defaults
 from trainer.trainer import build_model
+from trainer.validation import load_checked_config
 
 
 def run(argv: Sequence[str]) -> int:
     args, overrides = parse_args(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_checked_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,8 +42,8 @@ from models import get_model_spec
 from trainer.tasks.ctr import CTRTrain
 from models.multitask.common import Prediction
 from trainer.tasks.multitask import MultiTaskTrain
-from trainer.config import load_config
 from trainer.export import MODEL_FILE
+from trainer.validation import load_checked_config
 
 #: Task kinds this module scores, and the wrapper whose state-dict keys the export holds
 #: (the trainer checkpoints the model inside its task wrapper: ``model.<param>``).
@@ -53,7 +53,7 @@ WRAPPERS = {"ctr": CTRTrain, "multitask": MultiTaskTrain}
 def load_exported(model_dir: str) -> Tuple[nn.Module, Schema]:
     """(unsharded task model with the exported weights, schema) from an export directory;
     the task model is a :class:`CTRTrain` or a :class:`MultiTaskTrain`."""
-    cfg = load_config(os.path.join(model_dir, "config.toml"))
+    cfg = load_checked_config(os.path.join(model_dir, "config.toml"))
     schema = Schema.load(model_dir)
     spec = get_model_spec(cfg.model.name)
     if spec.task not in WRAPPERS:

@@ -16,10 +16,17 @@ with ``MAX``, so every rank learns at the same step that
 
 The cost is one 3-element all-reduce per step (tens of microseconds on gloo between local
 ranks; on CUDA it also waits for the step's loss, one host sync per step).
+
+:class:`SegmentStops` is what the training loop asks after each step and at each log line
+whether to end the current segment early: a stop signal (above), or a timed checkpoint
+(``checkpoint.every_minutes``, voted by all ranks at log lines). :class:`FaultInjection`
+runs the recovery drills of ``training.fail_at``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -28,6 +35,8 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", i.e. rerun to continue
@@ -133,3 +142,89 @@ class StepGuard:
                 f"non-finite loss (NaN or inf) at step {step} on rank {verdict.nonfinite_rank}; "
                 f"training stopped before writing any checkpoint after it: {where}")
         return verdict.stop
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class SegmentStops:
+    """Whether the current training segment ends before its planned end, the same on every
+    rank: after a stop signal (``guard``; a non-finite loss raises there instead) or when a
+    timed checkpoint is due (``every_minutes`` since the last save, 0: off).
+
+    Either way the loop stops taking batches, drains the steps in flight and saves; after a
+    stop signal it then raises :meth:`preemption`. Call :meth:`start_segment` before each
+    segment and :meth:`saved` after each checkpoint.
+    """
+
+    def __init__(self, guard: Optional[StepGuard], every_minutes: float,
+                 device: torch.device) -> None:
+        self.guard = guard
+        self.every_minutes = every_minutes
+        self.device = device
+        self.last_save = time.monotonic()
+        self.preempted = False  # a stop signal ended this segment
+        self.timed_save = False  # a timed checkpoint ended this segment
+
+    def start_segment(self) -> None:
+        self.preempted = self.timed_save = False
+
+    def after_step(self, loss: torch.Tensor, step: int, last_good: Optional[str]) -> bool:
+        """After every training step (a collective): True at the step a stop signal first
+        reached some rank; raises :class:`NonFiniteLoss` when some rank's loss was not
+        finite (before any further save)."""
+        if self.guard is not None and self.guard.check(loss, step, last_good) \
+                and not self.preempted:
+            self.preempted = True
+            return True
+        return False
+
+    def at_log_line(self) -> bool:
+        """At every log line (a collective while the timed checkpoint is on): True when
+        ``every_minutes`` have passed since the last save on some rank."""
+        if self.every_minutes > 0 and not self.timed_save and any_rank(
+                time.monotonic() - self.last_save >= 60 * self.every_minutes, self.device):
+            self.timed_save = True
+            return True
+        return False
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def preemption(self, step: int, checkpoint: Optional[str]) -> Preempted:
+        """The :class:`Preempted` to raise once the checkpoint after ``step`` is written."""
+        name = self.guard.signals.name if self.guard else "a signal"
+        return Preempted(f"stopped by {name} after step {step}; checkpoint {checkpoint} "
+                         f"written: rerun the same command to continue from it")
+
+
+class FaultInjection:
+    """The recovery drills of ``training.fail_at`` on rank ``fail_rank``: ``step:N`` and
+    ``save:N`` SIGKILL the rank after step N / while saving step N's checkpoint (before its
+    commit); ``sigterm:N`` sends SIGTERM to the launcher (``torchrun``; this process without
+    one) after step N, as a scheduler's preemption would. Only in a fresh run's first
+    attempt: never after a resume or a torchrun restart."""
+
+    def __init__(self, fail_at: str, fail_rank: int, rank: int, resumed: bool) -> None:
+        self.fail_at = fail_at
+        self.armed = (bool(fail_at) and rank == fail_rank and not resumed
+                      and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+        self.rank = rank
+
+    def at(self, kind: str, step: int) -> None:
+        """The drill point ``kind`` (``step``, ``save``, ``sigterm``) of step ``step``."""
+        if not (self.armed and self.fail_at == f"{kind}:{step}"):
+            return
+        if kind == "sigterm":
+            logger.warning("fault injection: SIGTERM to the launcher at step %d", step)
+            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+            os.kill(launcher, signal.SIGTERM)
+            wait_for_stop_signal(30.0)  # torchrun forwards it: stop at this step, not later
+            return
+        logger.warning("fault injection: killing rank %d at %s:%d", self.rank, kind, step)
+        os.kill(os.getpid(), signal.SIGKILL)

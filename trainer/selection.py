@@ -13,7 +13,8 @@ and ``loss`` metrics); with ``checkpoint.keep_best`` an improvement saves the mo
 ``keep_last``); after ``training.early_stop_patience`` evaluations without improvement
 training stops. The final test evaluation and ``trainer.export`` use the best checkpoint.
 The tracker's state travels in every regular checkpoint, so a resumed run continues with
-the same best-so-far value and patience count.
+the same best-so-far value and patience count. :class:`ValidEvaluations` is the training
+loop's side of all this: when to evaluate, and what follows an evaluation.
 """
 
 from __future__ import annotations
@@ -22,12 +23,23 @@ import logging
 import math
 import os
 import shutil
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import MARKER, find_latest, list_complete
+from trainer.checkpoint import MARKER, Checkpointer, find_latest, list_complete
+
+if TYPE_CHECKING:  # types only: the loop's parts, built by trainer.trainer
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.optim.keyed import CombinedOptimizer
+
+    from data.reader import ParquetReader
+    from sharding.dist import DistContext
+    from trainer.config import Config
+    from trainer.tasks import TaskKind
+    from trainer.tboard import RunRecords
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +123,62 @@ class EarlyStopping:
         self.best = None if state.get("best") is None else float(state["best"])
         self.best_step = int(state.get("best_step", -1))
         self.bad = int(state.get("bad", 0))
+
+
+class ValidEvaluations:
+    """The periodic evaluations of a training run and the model selection that follows them.
+
+    Every ``training.eval_every`` steps the task kind evaluates ``reader`` (the valid split;
+    the test split in older datasets), and the metrics go to the run records. With a
+    ``stopper`` the last model is evaluated too (it is a candidate), each evaluation updates
+    the tracker, an improvement saves ``<checkpoint dir>/best`` (``checkpoint.keep_best``),
+    and running out of patience ends training.
+    """
+
+    def __init__(self, cfg: Config, ctx: DistContext, task: TaskKind,
+                 pipeline: TrainPipelineSparseDist, dmp: DistributedModelParallel,
+                 optimizer: CombinedOptimizer, reader: ParquetReader, records: RunRecords,
+                 checkpointer: Checkpointer, stopper: Optional[EarlyStopping]) -> None:
+        self.cfg, self.ctx, self.task = cfg, ctx, task
+        self.pipeline, self.dmp, self.optimizer = pipeline, dmp, optimizer
+        self.reader, self.records = reader, records
+        self.checkpointer, self.stopper = checkpointer, stopper
+        self.every = cfg.training.eval_every
+
+    def due(self, step: int, done: bool) -> bool:
+        """Whether to evaluate after ``step`` (``done``: training ends there)."""
+        periodic = self.every > 0 and step % self.every == 0
+        return (periodic and not done) or (done and self.stopper is not None)
+
+    def run(self, step: int) -> bool:
+        """Evaluate after ``step``, record, and update the selection; True when early
+        stopping ends training at this step (the same on every rank)."""
+        m = self.task.evaluate(self.pipeline, self.dmp, self.reader, self.ctx,
+                               self.cfg.training.eval_batches)
+        split, is_main = self.reader.split, self.ctx.is_main
+        if is_main:
+            logger.info("%s step %d %s", split, step, self.task.summary(m))
+        self.records.write({"split": split, "step": step, **m})
+        if self.stopper is None:
+            return False
+        improved, stop = self.stopper.update(step, m)
+        if improved and self.cfg.checkpoint.keep_best:
+            best = best_checkpointer(self.checkpointer).save(step, self.dmp, self.optimizer,
+                                                             {}, self.cfg, self.dmp.plan)
+            if is_main:
+                logger.info("best %s %.6g at step %d: %s", self.stopper.metric,
+                            self.stopper.best, step, best)
+        if stop and is_main:
+            logger.info("early stop at step %d: %s has not improved for %d evaluations (best "
+                        "%.6g at step %d)", step, self.stopper.metric, self.stopper.bad,
+                        self.stopper.best, self.stopper.best_step)
+        return stop
+
+
+def best_checkpointer(checkpointer: Checkpointer) -> Checkpointer:
+    """The checkpointer of ``<dir>/best``: one complete checkpoint, outside the rotation."""
+    return Checkpointer(best_root(checkpointer.root), checkpointer.rank,
+                        checkpointer.world_size, keep_last=1)
 
 
 def _device() -> torch.device:

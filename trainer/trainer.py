@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -44,14 +43,14 @@ from trainer.checkpoint import (
 from trainer.config import Config, save_config, sparse_optimizer_defaults
 from trainer.metrics import format_final
 from trainer.optim import build_optimizer
-from trainer.preempt import Preempted, StepGuard, StopSignals, wait_for_stop_signal
+from trainer.preempt import FaultInjection, SegmentStops, StepGuard, StopSignals
 from trainer.progress import TrainLogger
 from trainer.runlock import lock_run_dir
-from trainer.selection import (EarlyStopping, best_root, drop_stale_best, find_best,
+from trainer.selection import (EarlyStopping, ValidEvaluations, drop_stale_best, find_best,
                                resolve_splits)
 from trainer.tasks import TaskKind, get_task_kind
 from trainer.tboard import RunRecords
-from trainer.validation import check_against_data
+from trainer.validation import check_against_data, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +208,10 @@ def train(cfg: Config) -> Dict[str, Any]:
     its end only if it created it: a process launched for one run (``python -m trainer``,
     under ``torchrun`` or not) ends with no group left, while a caller that owns the group
     (a test or a driver running several trainings on the same ranks, e.g.
-    ``sharding.spawn.run_ranks``) keeps it for its next ``train()`` and tears it down itself.
+    ``launch.spawn.run_ranks``) keeps it for its next ``train()`` and tears it down itself.
     """
     t = cfg.training
+    check_model(cfg)  # [model] against the registry, before any work (no-op once checked)
     owns_group = not dist.is_initialized()
     ctx = init_distributed(cfg.dist.backend, cfg.dist.device, cfg.dist.cpu_threads or None,
                            cfg.dist.timeout_s)
@@ -362,29 +362,32 @@ def resume(cfg: Config, ctx: DistContext, checkpointer: Checkpointer,
     return step
 
 
-def _fault_injection(cfg: Config, ctx: DistContext, kind: str, step: int,
-                     resumed: bool) -> None:
-    """SIGKILL this rank at the configured point, or (``sigterm:N``) send SIGTERM to the
-    launcher (``torchrun``; this process without one) as a scheduler's preemption would
-    (recovery drills and tests)."""
-    if (cfg.training.fail_at == f"{kind}:{step}" and ctx.rank == cfg.training.fail_rank
-            and not resumed and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-        if kind == "sigterm":
-            logger.warning("fault injection: SIGTERM to the launcher at step %d", step)
-            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
-            os.kill(launcher, signal.SIGTERM)
-            wait_for_stop_signal(30.0)  # torchrun forwards it: stop at this step, not later
-            return
-        logger.warning("fault injection: killing rank %d at %s:%d", ctx.rank, kind, step)
-        os.kill(os.getpid(), signal.SIGKILL)
+def next_multiple(step: int, every: int, steps: int) -> int:
+    """The first multiple of ``every`` after ``step`` (``steps`` when ``every`` is 0: off)."""
+    return (step // every + 1) * every if every > 0 else steps
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (a collective)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+class RunSaver:
+    """Writes the run's regular checkpoints: weights, optimizer state, the reader position
+    (exact: the loop saves only between segments) and the early-stopping tracker."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, dmp: DistributedModelParallel,
+                 optimizer: CombinedOptimizer, checkpointer: Checkpointer, stream: BatchStream,
+                 stopper: Optional[EarlyStopping], faults: FaultInjection) -> None:
+        self.cfg, self.ctx, self.dmp, self.optimizer = cfg, ctx, dmp, optimizer
+        self.checkpointer, self.stream, self.stopper = checkpointer, stream, stopper
+        self.faults = faults
+
+    def save(self, step: int) -> str:
+        extra: Dict[str, Any] = {"reader": self.stream.reader_state()}
+        if self.stopper is not None:
+            extra["early_stop"] = self.stopper.state_dict()
+        path = self.checkpointer.save(step, self.dmp, self.optimizer, extra, self.cfg,
+                                      self.dmp.plan,
+                                      before_commit=lambda: self.faults.at("save", step))
+        if self.ctx.is_main:
+            logger.info("checkpoint %s", path)
+        return path
 
 
 def run_training(cfg: Config, ctx: DistContext, task: TaskKind, pipeline: TrainPipelineSparseDist,
@@ -405,31 +408,19 @@ def run_training(cfg: Config, ctx: DistContext, task: TaskKind, pipeline: TrainP
     record = (os.path.join(t.run_dir, f"sample_ids.rank{ctx.rank}.txt")
               if cfg.metrics.record_sample_ids else None)
     stream = BatchStream(train_reader, handed=start_step, record_path=record)
-    resumed = start_step > 0
-    last_save = time.monotonic()
-
-    def next_multiple(every: int) -> int:
-        return (state.step // every + 1) * every if every > 0 else steps
-
-    def save() -> None:
-        nonlocal last_save
-        extra: Dict[str, Any] = {"reader": stream.reader_state()}
-        if stopper is not None:
-            extra["early_stop"] = stopper.state_dict()
-        path = checkpointer.save(
-            state.step, dmp, optimizer, extra, cfg, dmp.plan,
-            before_commit=lambda: _fault_injection(cfg, ctx, "save", state.step, resumed))
-        last_save = time.monotonic()
-        if ctx.is_main:
-            logger.info("checkpoint %s", path)
+    faults = FaultInjection(t.fail_at, t.fail_rank, ctx.rank, resumed=start_step > 0)
+    stops = SegmentStops(guard, c.every_minutes, ctx.device)
+    saver = RunSaver(cfg, ctx, dmp, optimizer, checkpointer, stream, stopper, faults)
+    evals = ValidEvaluations(cfg, ctx, task, pipeline, dmp, optimizer, eval_reader,
+                             metrics_file, checkpointer, stopper)
 
     dmp.train()
     while state.step < steps:
-        stream.stop_at = min(steps, next_multiple(t.eval_every), next_multiple(c.every_steps))
-        seg_start = time.perf_counter()
-        seg_examples = 0
+        stream.stop_at = min(steps, next_multiple(state.step, t.eval_every, steps),
+                             next_multiple(state.step, c.every_steps, steps))
+        seg_start, seg_examples = time.perf_counter(), 0
         log.restart_window()
-        timed_save = preempted = False
+        stops.start_segment()
         batches = stream.segment()
         while True:
             try:
@@ -437,62 +428,28 @@ def run_training(cfg: Config, ctx: DistContext, task: TaskKind, pipeline: TrainP
             except StopIteration:
                 break
             state.step += 1
-            _fault_injection(cfg, ctx, "step", state.step, resumed)
-            _fault_injection(cfg, ctx, "sigterm", state.step, resumed)
-            if guard is not None and guard.check(output[0], state.step,
-                                                 checkpointer.last_good) and not preempted:
-                preempted = True  # end the segment now: drain the steps in flight, then save
-                stream.stop_at = stream.handed
+            faults.at("step", state.step)
+            faults.at("sigterm", state.step)
+            if stops.after_step(output[0], state.step, checkpointer.last_good):
+                stream.stop_at = stream.handed  # end the segment: drain, save, then stop
             examples = task.examples(output) * ctx.world_size
             seg_examples += examples
-            if log.step(state.step, output, examples):  # a log line (collective)
-                if c.every_minutes > 0 and not timed_save and _any_rank(
-                        time.monotonic() - last_save >= 60 * c.every_minutes, ctx.device):
-                    timed_save = True  # end the segment now: drain, then save
-                    stream.stop_at = stream.handed
+            if log.step(state.step, output, examples) and stops.at_log_line():
+                stream.stop_at = stream.handed  # end the segment: drain, then save
         state.train_seconds += time.perf_counter() - seg_start
         state.examples += seg_examples
         done = state.step >= steps
-        if preempted and not done:
-            save()
-            raise Preempted(f"stopped by {guard.signals.name if guard else 'a signal'} after "
-                            f"step {state.step}; checkpoint {checkpointer.last_good} written: "
-                            f"rerun the same command to continue from it")
+        if stops.preempted and not done:
+            saver.save(state.step)
+            raise stops.preemption(state.step, checkpointer.last_good)
         # Evaluate before saving, so a checkpoint holds the tracker state after this step's
         # evaluation (a resumed run does not repeat it).
-        periodic = t.eval_every > 0 and state.step % t.eval_every == 0
-        # With model selection the last model is a candidate too: evaluate it on valid.
-        if (periodic and not done) or (done and stopper is not None):
-            m = task.evaluate(pipeline, dmp, eval_reader, ctx, t.eval_batches)
-            split = eval_reader.split
-            if ctx.is_main:
-                logger.info("%s step %d %s", split, state.step, task.summary(m))
-            metrics_file.write({"split": split, "step": state.step, **m})
-            if stopper is not None:
-                improved, stop = stopper.update(state.step, m)
-                if improved and c.keep_best:
-                    best = checkpointer_best(checkpointer).save(state.step, dmp, optimizer,
-                                                                {}, cfg, dmp.plan)
-                    if ctx.is_main:
-                        logger.info("best %s %.6g at step %d: %s", stopper.metric,
-                                    stopper.best, state.step, best)
-                if stop:
-                    if ctx.is_main:
-                        logger.info("early stop at step %d: %s has not improved for %d "
-                                    "evaluations (best %.6g at step %d)", state.step,
-                                    stopper.metric, stopper.bad, stopper.best,
-                                    stopper.best_step)
-                    done = True
-                    steps = state.step
-        if timed_save or checkpointer.should_save(state.step, done):
-            save()
+        if evals.due(state.step, done) and evals.run(state.step):
+            done, steps = True, state.step  # early stop
+        if stops.timed_save or checkpointer.should_save(state.step, done):
+            saver.save(state.step)
+            stops.saved()
     return state
-
-
-def checkpointer_best(checkpointer: Checkpointer) -> Checkpointer:
-    """The checkpointer of ``<dir>/best``: one complete checkpoint, outside the rotation."""
-    return Checkpointer(best_root(checkpointer.root), checkpointer.rank,
-                        checkpointer.world_size, keep_last=1)
 
 
 def _log_to_file(path: str) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +64,10 @@ class RetrievalSynthArgs:
     prototypes: int = 64
     #: noise scale of an interest around its prototype (before normalising).
     interest_noise: float = 0.05
+    #: write the user feature ``segment``: the prototype ids of the user's interests (a
+    #: cohort feature that carries most of the planted user vector, as demographics and
+    #: declared tastes do in a real log); 0: only ``user_id`` and the history.
+    segment_feature: int = 1
     #: β, sharpness of each interest's softmax over items.
     beta: float = 8.0
     #: γ, weight of log popularity.
@@ -80,7 +84,7 @@ class RetrievalSynthArgs:
 
 RETRIEVAL_PRESETS: Dict[str, Dict[str, object]] = {
     "ci": dict(num_users=3000, num_items=1000, interests=1, train_per_user=20),
-    "multi": dict(num_users=3000, num_items=1000, interests=4, train_per_user=20),
+    "multi": dict(num_users=3000, num_items=1000, interests=3, beta=12.0, train_per_user=20),
     "tiny": dict(num_users=200, num_items=120, true_dim=8, interests=2, hist_len=6,
                  train_per_user=4, embedding_dim=16, row_group_rows=64),
 }
@@ -119,8 +123,10 @@ def _draw(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate_interactions(a: RetrievalSynthArgs
-                          ) -> Tuple[np.ndarray, Dict[str, np.ndarray], Dict[str, float]]:
-    """(histories ``[U, hist_len]`` item ids, positives per split, oracle metrics)."""
+                          ) -> Tuple[np.ndarray, Dict[str, np.ndarray], Dict[str, float],
+                                     np.ndarray]:
+    """(histories ``[U, hist_len]`` item ids, positives per split, oracle metrics, the
+    prototype id of every user's interests ``[U, M]`` (0-based; zeros without prototypes))."""
     _check(a)
     rng = np.random.default_rng(a.seed)
     n = a.num_items
@@ -134,6 +140,7 @@ def generate_interactions(a: RetrievalSynthArgs
         interests = _unit(protos[which] + a.interest_noise
                           * rng.normal(size=(a.num_users, a.interests, a.true_dim)))
     else:
+        which = np.zeros((a.num_users, a.interests), dtype=np.int64)
         interests = _unit(rng.normal(size=(a.num_users, a.interests, a.true_dim)))
     hist = np.zeros((a.num_users, a.hist_len), dtype=np.int64)
     pos: Dict[str, np.ndarray] = {"train": np.zeros((a.num_users, a.train_per_user), np.int64),
@@ -168,30 +175,46 @@ def generate_interactions(a: RetrievalSynthArgs
     oracle = {**{f"recall@{k}": float(hits[k].mean()) for k in ORACLE_KS},
               **{f"expected_recall@{k}": float(mass[k].mean()) for k in ORACLE_KS},
               "ndcg@10": float(ndcg10.mean())}
-    return hist, pos, oracle
+    return hist, pos, oracle, which
+
+
+def has_segments(a: RetrievalSynthArgs) -> bool:
+    return bool(a.segment_feature) and a.prototypes > 0
 
 
 def retrieval_schema(a: RetrievalSynthArgs) -> Schema:
-    return Schema(features=[
-        FeatureSpec("user_id", "sparse", table="user", num_embeddings=a.num_users + 1,
-                    embedding_dim=a.embedding_dim),
-        FeatureSpec("item_seq", "sequence", table="item", num_embeddings=a.num_items + 1,
-                    embedding_dim=a.embedding_dim, max_len=a.hist_len + 1),
-    ], labels=[])
+    features = [FeatureSpec("user_id", "sparse", table="user", num_embeddings=a.num_users + 1,
+                            embedding_dim=a.embedding_dim)]
+    if has_segments(a):
+        features.append(FeatureSpec("segment", "sparse", table="segment",
+                                    num_embeddings=a.prototypes + 1,
+                                    embedding_dim=a.embedding_dim, pooling="mean"))
+    features.append(FeatureSpec("item_seq", "sequence", table="item",
+                                num_embeddings=a.num_items + 1, embedding_dim=a.embedding_dim,
+                                max_len=a.hist_len + 1))
+    return Schema(features=features, labels=[])
 
 
-def _rows(users: np.ndarray, hist: np.ndarray, positives: np.ndarray) -> pa.Table:
-    """One row per (user, positive): ``item_seq`` = the user's history then the positive."""
+def _rows(users: np.ndarray, hist: np.ndarray, positives: np.ndarray,
+          segments: Optional[np.ndarray]) -> pa.Table:
+    """One row per (user, positive): ``item_seq`` = the user's history then the positive;
+    ``segment`` (when ``segments [U, M]`` is given) = the user's M interest prototype ids + 1."""
     seq = np.concatenate([hist[users - 1], positives[:, None]], axis=1)
     offsets = np.arange(users.size + 1, dtype=np.int64) * seq.shape[1]
-    return pa.table({"user_id": single_id_column(users.astype(np.int64)),
-                     "item_seq": list_column(offsets, seq.reshape(-1))})
+    cols = {"user_id": single_id_column(users.astype(np.int64))}
+    if segments is not None:
+        seg = segments[users - 1] + 1
+        cols["segment"] = list_column(np.arange(users.size + 1, dtype=np.int64) * seg.shape[1],
+                                      seg.reshape(-1))
+    cols["item_seq"] = list_column(offsets, seq.reshape(-1))
+    return pa.table(cols)
 
 
 def generate_retrieval(out: str, args: RetrievalSynthArgs, overwrite: bool = False,
                        progress: bool = True) -> Dict[str, object]:
     """Write the dataset to ``out`` (atomically, as the converters do); returns meta."""
-    hist, pos, oracle = generate_interactions(args)
+    hist, pos, oracle, which = generate_interactions(args)
+    segments = which if has_segments(args) else None
     users = np.arange(1, args.num_users + 1, dtype=np.int64)
     rng = np.random.default_rng([args.seed, 7])
     train_users = np.repeat(users, args.train_per_user)
@@ -201,9 +224,9 @@ def generate_retrieval(out: str, args: RetrievalSynthArgs, overwrite: bool = Fal
     with DatasetWriter(out, overwrite, args.rows_per_file, args.row_group_rows) as writer:
         for a in range(0, perm.size, args.rows_per_file):
             idx = perm[a:a + args.rows_per_file]
-            writer.write("train", _rows(train_users[idx], hist, train_pos[idx]))
-        writer.write("valid", _rows(users, hist, pos["valid"]))
-        writer.write("test", _rows(users, hist, pos["test"]))
+            writer.write("train", _rows(train_users[idx], hist, train_pos[idx], segments))
+        writer.write("valid", _rows(users, hist, pos["valid"], segments))
+        writer.write("test", _rows(users, hist, pos["test"], segments))
         meta: Dict[str, object] = {
             "generator": "data.synth retrieval", "args": asdict(args), "task": "retrieval",
             "num_items": args.num_items, "num_users": args.num_users,

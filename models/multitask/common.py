@@ -42,19 +42,11 @@ from data.batch import Batch
 from data.schema import Schema
 from models.blocks import pooled_table_configs
 
-#: Backbones with ``representation(batch) -> [B, H]`` and ``representation_dim``, and the
-#: submodules / parameters of their final logit layer (dropped: a head replaces them).
-BACKBONES: Dict[str, Tuple[str, ...]] = {
-    "deepfm": ("deep.1", "bias"),
-    "dcn_v2": ("head",),
-    "interformer": ("arch.head",),
-    "wide_deep": ("deep.1", "bias"),
-    "dcn": ("head",),
-    "xdeepfm": ("deep.1", "cin_out", "bias"),
-    "masknet": ("head",),
-    "din": ("arch.head",),
-    "dien": ("arch.head",),
-}
+#: Models that can be a backbone (their spec says ``backbone=True``): built with
+#: ``with_head=False`` they have no logit layer, and ``representation(batch) -> [B, H]``
+#: (``H = representation_dim``) is what a head maps.
+BACKBONES: Tuple[str, ...] = ("deepfm", "dcn_v2", "interformer", "wide_deep", "dcn", "xdeepfm",
+                              "masknet", "din", "dien")
 
 
 @dataclass
@@ -206,7 +198,7 @@ def make_predictions(schema: Schema, args: MultiTaskArgs,
 
 
 def build_backbone(schema: Schema, args: MultiTaskArgs, device: str) -> Tuple[nn.Module, int]:
-    """The backbone (its final logit layer removed) and its representation width H."""
+    """The backbone (built without its logit layer) and its representation width H."""
     from models import get_model_spec  # the registry imports this package lazily
 
     spec = get_model_spec(args.backbone)
@@ -214,16 +206,8 @@ def build_backbone(schema: Schema, args: MultiTaskArgs, device: str) -> Tuple[nn
         bargs = spec.make_args(args.backbone_flavour, args.backbone_args)
     except KeyError as e:
         raise ValueError(f"model.args.backbone_flavour / backbone_args: {e.args[0]}") from None
-    model = spec.build(schema, bargs, device)
-    dim = int(model.representation_dim)
-    for path in BACKBONES[args.backbone]:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if isinstance(getattr(parent, leaf), nn.Parameter):
-            delattr(parent, leaf)
-        else:
-            setattr(parent, leaf, nn.Identity())
-    return model, dim
+    model = spec.build(schema, bargs, device, with_head=False)
+    return model, int(model.representation_dim)
 
 
 class PosoGate(nn.Module):

@@ -14,7 +14,7 @@ from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
 from sharding.state import load_full_state
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 
 def _forward_parity(ctx: DistContext, data_dir: str) -> Dict[str, float]:

@@ -12,7 +12,7 @@ import torch
 from data.reader import ParquetReader
 from data.schema import Schema
 from sharding.dist import DistContext
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, ConfigError, load_config
 from trainer.optim import dense_param_groups

@@ -23,7 +23,7 @@ from data.convert.common import DatasetWriter, single_id_column
 from data.schema import FeatureSpec, LabelSpec, Schema
 from data.metrics import log_loss, roc_auc
 from sharding.dist import DistContext
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_ROWS = 1000

@@ -16,7 +16,7 @@ from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
 from sharding.state import load_full_state
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 # (model, flavour, dataset fixture): the pooled-only models on multi-hot CTR data,
 # InterFormer on behaviour sequences.

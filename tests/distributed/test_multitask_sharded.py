@@ -15,7 +15,7 @@ from trainer.tasks.multitask import MultiTaskTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from sharding.state import load_full_state
 
 # (case, head, flavour, overrides, data): every head on the DCN-v2 backbone, MMoE also on

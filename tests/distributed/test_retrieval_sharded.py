@@ -31,7 +31,7 @@ from trainer.tasks.retrieval import RetrievalTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from sharding.state import _strip, load_full_state
 from trainer.tasks.retrieval import RetrievalBatches, all_gather_rows, positive_counts
 from trainer.tasks.sequential import local_item_shards

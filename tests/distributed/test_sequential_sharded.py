@@ -23,7 +23,7 @@ from trainer.tasks.sequential import SequentialTrain
 from sharding.dist import DistContext
 from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 from sharding.state import _strip, load_full_state
 from trainer.tasks.sequential import SequentialBatches, _RankingRun, local_item_shards
 

@@ -211,7 +211,7 @@ def _all_cases(ctx: Any) -> List[str]:
 
 
 def test_every_sharding_type_matches_unsharded_reference() -> None:
-    from sharding.spawn import run_ranks
+    from launch.spawn import run_ranks
 
     results = run_ranks(_all_cases, WORLD)
     assert len(results[0]) == len(EBC_CASES) + len(EC_CASES)

@@ -1,4 +1,4 @@
-"""The multi-rank harness (``sharding.spawn.run_ranks``) fails fast, never hangs: a rank that
+"""The multi-rank harness (``launch.spawn.run_ranks``) fails fast, never hangs: a rank that
 dies without reporting (here: ``os._exit``, as a segfault would) fails the test with its exit
 code while the surviving rank is still blocked in a collective, and an exception on a rank
 comes back with that rank's traceback."""
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 
 def _rank1_dies_rank0_waits(ctx: Any) -> int:

@@ -38,8 +38,8 @@ def test_funnel_smoke(repo_root: str, tmp_path) -> None:  # type: ignore[no-unty
             for n in ("ranker", "retrieval")}
     _py(repo_root, "-m", "trainer.export", "--checkpoint", ckpt["ranker"], "--out",
         str(tmp_path / "ranker_export"), "--format", "weights")
-    _py(repo_root, "-m", "trainer.retrieval_export", "--checkpoint", ckpt["retrieval"],
-        "--out", str(tmp_path / "retrieval_export"))
+    _py(repo_root, "-m", "trainer.export", "--checkpoint", ckpt["retrieval"],
+        "--out", str(tmp_path / "retrieval_export"), "--compile", "none")
     common = ["-m", "trainer.funnel", "evaluate", "--data", data, "--retrieval",
               str(tmp_path / "retrieval_export"), "--ranker", str(tmp_path / "ranker_export")]
     everything = parse_final(_py(repo_root, *common, "--k", "120"))

@@ -4,7 +4,7 @@ ESMM's CVR, evaluated over the whole impression space, against a CVR model train
 clicked rows only, on ESMM's data-sparsity setting (``--preset esmm_ci``); the sharded MMoE
 checkpoint exported and scored by ``trainer.predict`` in one process.
 
-The four runs share ONE 2-rank spawn (``sharding.spawn.run_ranks``) and its process group
+The four runs share ONE 2-rank spawn (``launch.spawn.run_ranks``) and its process group
 (``train()`` leaves a group it did not create), so the suite pays for process start-up and
 the torchrec imports once, not once per ``torchrun``; ``python -m trainer`` under
 ``torchrun`` is covered by the other integration tests, and ``train()`` is what it runs.
@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from sharding.dist import DistContext
-from sharding.spawn import run_ranks
+from launch.spawn import run_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -1,13 +1,14 @@
 """End to end under torchrun (2 gloo ranks): ``two_tower`` with the shipped config (3 of its
 5 epochs) on the CI-sized synthetic retrieval set (``data.synth retrieval --preset ci``:
 planted user/item vectors, oracle recall@50 0.538) ends with the retrieval ``final`` line,
-learns a good part of the oracle's recall, and the FAISS index keeps the exact recall; the
-run's last checkpoint exported (``trainer.retrieval_export``) and served retrieves the test
-positives as the trainer measured, exactly and through the exported index.
+reaches 0.85 of the oracle's recall@50, and the FAISS index keeps the exact recall; the
+run's last checkpoint packaged (``trainer.export``: user tower program, item matrix, FAISS
+index) retrieves the test positives as the trainer measured, exactly and through the index.
 
-Measured on the loaded 2-core machine (2026-12-02): recall@50 0.34 at 5 epochs on 2 ranks
-(0.64 of the oracle; 0.68 in one process), ANN fraction 1.00. The test asserts 0.55 of the
-oracle after 3 epochs (measured: see ``RATIO_BOUND``) and an ANN fraction of at least 0.95.
+The user tower sees the ``segment`` cohort feature and the history (the config leaves the
+memorising ``user_id`` out). Measured 2026-12-02, 2 ranks, 3 epochs: recall@50 0.469 of
+oracle 0.538 (0.872) with data seed 0, 0.468 of 0.526 (0.890) with seed 1; ANN fraction
+1.00. The test asserts 0.85 of the oracle and an ANN fraction of at least 0.95.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from data.schema import Schema
 from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from tests.integration.runner import parse_final, run_trainer
 from trainer.tasks.retrieval import RetrievalBatches
-from trainer.retrieval_export import RetrievalServer, export_retrieval
+from trainer.export import export_package
+from trainer.package_retrieval import RetrievalPackage
 
 pytestmark = pytest.mark.slow
 
-RATIO_BOUND = 0.55  # recall@50 / oracle recall@50 after 3 epochs on 2 ranks, measured 0.60
+RATIO_BOUND = 0.85  # recall@50 / oracle recall@50 after 3 epochs on 2 ranks: 0.872, 0.890
 
 
 def test_two_tower_learns_and_ann_keeps_recall(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -40,7 +42,7 @@ def test_two_tower_learns_and_ann_keeps_recall(repo_root: str, tmp_path) -> None
     final = parse_final(proc.stdout)
     assert set(final) >= {"recall@50", "oracle_recall@50", "ndcg@10", "eval_users",
                           "ann_recall@50", "ann_fraction@50", "examples_per_s"}, final
-    assert final["eval_users"] >= 2500, final
+    assert final["eval_users"] == 3000, final
     assert final["recall@50"] >= RATIO_BOUND * final["oracle_recall@50"], final
     assert 0.0 < final["ndcg@10"] < final["recall@50"], final
     assert final["ann_fraction@50"] >= 0.95, final
@@ -48,9 +50,10 @@ def test_two_tower_learns_and_ann_keeps_recall(repo_root: str, tmp_path) -> None
     # Export and serve: the exported towers retrieve what the trainer's evaluation measured.
     ckpt = sorted(glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*")))[-1]
     out = str(tmp_path / "export")
-    info = export_retrieval(ckpt, out)
-    assert info["num_items"] == 1001 and info["user_vectors"] == 1
-    server = RetrievalServer(out)
+    info = export_package(ckpt, out, compile="none")
+    assert info["kind"] == "retrieval" and info["inputs"]["num_items"] == 1001
+    assert info["inputs"]["user_vectors"] == 1
+    server = RetrievalPackage(out)
     reader = ParquetReader(data, "test", 500, prefetch=0, schema=Schema.load(data),
                            shuffle=False,
                            transform=RetrievalBatches("item_seq", 1001, 1, 0, "test"))
@@ -63,6 +66,6 @@ def test_two_tower_learns_and_ann_keeps_recall(repo_root: str, tmp_path) -> None
         overlap += sum(len(set(a) & set(e)) for a, e in zip(ann.tolist(), exact.tolist()))
         rows += batch.batch_size
     assert rows == 3000
-    # Other rows than the trainer's 2,560 evaluated users: equal within sampling noise.
-    assert abs(hits_exact / rows - final["recall@50"]) < 0.04, (hits_exact / rows, final)
+    # The same 3,000 users as the trainer's evaluation: the same hits (up to score ties).
+    assert abs(hits_exact / rows - final["recall@50"]) < 0.002, (hits_exact / rows, final)
     assert hits_ann >= 0.95 * hits_exact and overlap >= 0.95 * 50 * rows, (hits_ann, overlap)

@@ -8,6 +8,7 @@ import pytest
 
 from trainer.checkpoint import model_changes
 from trainer.config import Config, ConfigError, help_text, load_config, parse_value, to_toml
+from trainer.validation import load_checked_config
 
 
 def _write(tmp_path, text: str) -> str:  # type: ignore[no-untyped-def]
@@ -51,16 +52,29 @@ def test_wrong_types(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="data.shuffle: expected true or false"):
         load_config(None, ["--data.shuffle=3"])
     with pytest.raises(ConfigError, match=r"model.args.deep_dims\[1\]: expected an integer"):
-        load_config(None, ["--model.args.deep_dims=[64, \"x\"]"])
+        load_checked_config(None, ["--model.args.deep_dims=[64, \"x\"]"])
 
 
 def test_model_args_checked_against_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The trainer's validation step checks [model] against the registry; parsing alone
+    # imports no model and accepts any name and args.
     with pytest.raises(ConfigError, match="unknown key 'model.args.depth'.*deep_dims"):
-        load_config(None, ["--model.args.depth=3"])
+        load_checked_config(None, ["--model.args.depth=3"])
     with pytest.raises(ConfigError, match="model.name: unknown model 'xgb'; known models"):
-        load_config(None, ["--model.name=xgb"])
-    cfg = load_config(None, ["--model.args.deep_dims=[32, 16]"])
-    assert cfg.model.args == {"deep_dims": [32, 16]}
+        load_checked_config(None, ["--model.name=xgb"])
+    assert load_config(None, ["--model.name=xgb"]).model.name == "xgb"
+    cfg = load_checked_config(None, ["--model.args.deep_dims=[32, 16]",
+                                     "--model.args.field_scale=2"])
+    assert cfg.model.args == {"deep_dims": [32, 16], "field_scale": 2.0}
+    assert isinstance(cfg.model.args["field_scale"], float)  # coerced to the args' type
+
+
+def test_parse_and_model_problems_in_one_error() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_checked_config(None, ["--data.batch_size=0", "--model.args.depth=3"])
+    msg = str(e.value)
+    assert msg.startswith("invalid config:")
+    assert "data.batch_size must be > 0" in msg and "unknown key 'model.args.depth'" in msg
 
 
 def test_bad_override_syntax() -> None:

@@ -130,3 +130,30 @@ def test_no_import_cycles() -> None:
                        and not d.startswith(name + ".") and not name.startswith(d + ".")}
     cycle = find_cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def reachable(start: str, mods: Dict[str, Path]) -> Set[str]:
+    """Every module of ours that importing ``start`` may load (lazy imports included)."""
+    seen: Set[str] = set()
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for _, imp in imports(mods[name]):
+            owner = _owner(imp, mods)
+            # Loading ``a.b.c`` runs the packages ``a`` and ``a.b`` first.
+            parts = owner.split(".") if owner else []
+            todo += [p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                     if p in mods]
+    return seen
+
+
+def test_config_parsing_needs_no_model() -> None:
+    # The model registry (and what the models pull in) is the validation step's
+    # (trainer.validation): parsing a config never imports a model, even lazily.
+    mods = our_modules()
+    models = sorted(m for m in reachable("trainer.config", mods)
+                    if m.split(".")[0] == "models")
+    assert not models, f"trainer.config can import {models}"

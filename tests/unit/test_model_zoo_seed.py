@@ -311,3 +311,36 @@ def test_wide_only_features_skip_the_deep_part(tiny_ctr: str) -> None:
     deep_in, wide = model.parts(batch)
     assert deep_in.shape[1] == schema.dense_dim + (len(schema.sparse_features) - 1) * model.dim
     assert model.deep_names == [f.name for f in schema.sparse_features[1:]]
+
+
+#: The state-dict keys of each backbone's logit layer(s): what ``with_head=False`` leaves out.
+HEAD_KEYS = {"deepfm": ("deep.1.", "bias"), "wide_deep": ("deep.1.", "bias"),
+             "xdeepfm": ("deep.1.", "cin_out.", "bias"), "dcn": ("head.",),
+             "dcn_v2": ("head.",), "masknet": ("head.",), "din": ("arch.head.",),
+             "dien": ("arch.head.",), "interformer": ("arch.head.",)}
+
+
+def test_backbone_is_the_model_without_its_head(tiny_ctr: str, tiny_seq: str) -> None:
+    """``with_head=False`` leaves out exactly the logit layer(s): every other weight keeps
+    its name and initial value, and the build leaves the RNG where the whole model's does
+    (so what a multi-task model builds next, its towers, starts from the same weights)."""
+    assert set(BACKBONES) == {n for n in list_models() if get_model_spec(n).backbone}
+    assert set(HEAD_KEYS) == set(BACKBONES)
+    for name in BACKBONES:
+        spec = get_model_spec(name)
+        schema = Schema.load(tiny_seq if name in ("din", "dien", "interformer") else tiny_ctr)
+        args = spec.make_args("small")
+        torch.manual_seed(0)
+        whole = spec.build(schema, args, "cpu").state_dict()
+        after_whole = torch.rand(4)
+        torch.manual_seed(0)
+        backbone = spec.build(schema, args, "cpu", with_head=False)
+        after_backbone = torch.rand(4)
+        kept = backbone.state_dict()
+        dropped = set(whole) - set(kept)
+        assert set(kept) <= set(whole), (name, sorted(set(kept) - set(whole)))
+        assert dropped and all(k.startswith(HEAD_KEYS[name]) for k in dropped), (name, dropped)
+        assert all(not k.startswith(HEAD_KEYS[name]) for k in kept), name
+        for key, value in kept.items():
+            torch.testing.assert_close(value, whole[key], rtol=0, atol=0)
+        assert torch.equal(after_whole, after_backbone), name

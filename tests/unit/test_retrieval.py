@@ -82,7 +82,7 @@ def _routing_loop(tower: MINDUser, hist: torch.Tensor, lengths: torch.Tensor) ->
     """MIND's B2I routing one user at a time, as the paper writes it."""
     out, start = [], 0
     for n in lengths.tolist():
-        e = tower.bilinear(hist[start:start + n])  # [n, D]
+        e = tower.bilinear(F.normalize(hist[start:start + n], dim=-1))  # [n, D]
         start += n
         b = tower.routing_init[:, :n].clone()  # [K, n]
         caps = torch.zeros(tower.num_interests, hist.shape[1])
@@ -184,6 +184,16 @@ def test_generator_and_data_path(tmp_path) -> None:  # type: ignore[no-untyped-d
     # The positive is never in the user's history (drawn from the unseen items).
     rows = hist.values().view(16, -1)
     assert not (rows == batch.labels.unsqueeze(1)).any()
+    # The cohort feature: each user's interests' prototype ids (1-based), pooled by mean.
+    seg = batch.sparse["segment"]  # type: ignore[index]
+    assert schema.feature("segment").pooling == "mean"
+    assert seg.lengths().tolist() == [args.interests] * 16
+    assert 1 <= int(seg.values().min()) and int(seg.values().max()) <= args.prototypes
+    from models import get_model_spec
+
+    spec = get_model_spec("two_tower")
+    with pytest.raises(ValueError, match="model.args.user_features"):
+        spec.build(schema, spec.make_args("default", {"user_features": ["age"]}), "cpu")
 
 
 def test_bench_search_smoke() -> None:
@@ -214,3 +224,56 @@ def test_movielens_retrieval_leave_one_out(tmp_path) -> None:  # type: ignore[no
     schema = Schema.load(out)
     assert schema.feature("item_seq").max_len == 3
     assert json.load(open(os.path.join(out, "meta.json")))["task"] == "retrieval"
+
+
+# two_tower (K = 1) is packaged by tests/integration/test_train_retrieval.py.
+@pytest.mark.parametrize("name", ["mind"])
+def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The retrieval inference package (torch.export user tower, item matrix, FAISS index,
+    checked manifest) answers top-K as brute force over the unsharded towers does: the
+    exported user vectors equal the model's, the exact top-K is the K best items outside the
+    history by the best interest's score, and the index finds >= 0.95 of them."""
+    from models import get_model_spec
+    from trainer.package import PackageError
+    from trainer.package_retrieval import RetrievalPackage, write_retrieval_package
+
+    data = str(tmp_path / "r")
+    generate_retrieval(data, RetrievalSynthArgs(**RETRIEVAL_PRESETS["tiny"]),  # type: ignore
+                       progress=False)
+    schema = Schema.load(data)
+    spec = get_model_spec(name)
+    torch.manual_seed(0)
+    args = spec.make_args("default", {"user_features": ["segment"], "hidden": [16]})
+    model = spec.build(schema, args, "cpu").eval()
+    out = str(tmp_path / "pkg")
+    info = write_retrieval_package(model, schema, "", out, model_name=name, compile="none")
+    assert info["inputs"]["features"] == ["segment", "item_seq"]
+    pkg = RetrievalPackage(out)
+    reader = ParquetReader(data, "test", 64, prefetch=0, schema=schema, shuffle=False,
+                           transform=RetrievalBatches("item_seq", 121, 1, 0, "test"))
+    batch = next(iter(reader))
+    with torch.no_grad():
+        enc = model(batch)
+    user = pkg.user_vectors(batch)
+    k_vectors = 1 if name == "two_tower" else args.num_interests
+    assert user.shape == (64, k_vectors, 16)
+    assert torch.allclose(user, enc.user, atol=1e-5)
+    items = torch.nn.functional.normalize(model.ec.embeddings["item"].weight.detach(), dim=-1)
+    scores = torch.einsum("bkd,nd->bn", enc.user, items) if k_vectors == 1 else \
+        torch.einsum("bkd,nd->bkn", enc.user, items).max(1).values
+    scores[:, 0] = -math.inf
+    offsets = [0] + torch.cumsum(enc.hist_lengths, 0).tolist()
+    for i in range(64):
+        scores[i, enc.hist_ids[offsets[i]:offsets[i + 1]]] = -math.inf
+    want = torch.topk(scores, 20, dim=1).indices
+    got, got_s = pkg.search(batch, 20, exact=True)
+    assert torch.equal(got, want)
+    assert torch.allclose(got_s, torch.topk(scores, 20, dim=1).values, atol=1e-5)
+    ann, _ = pkg.search(batch, 20)
+    overlap = sum(len(set(a) & set(w)) for a, w in zip(ann.tolist(), want.tolist()))
+    assert overlap >= 0.95 * 20 * 64, overlap
+    # A changed file is refused by name.
+    with open(os.path.join(out, "items.pt"), "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(PackageError, match="items.pt"):
+        RetrievalPackage(out)

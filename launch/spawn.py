@@ -1,5 +1,6 @@
-"""Run a function on N gloo ranks, each in its own spawned process, and collect results
-(multi-process tests and benchmarks).
+"""A local multi-process launcher: run a function on N gloo ranks, each in its own spawned
+process, and collect results (the multi-process tests and the benchmarks use it; it sits in
+``launch`` above every package it drives, so both can import it).
 
 Each rank sets the rendezvous environment, joins the default process group through
 ``sharding.dist.init_distributed`` (the trainer's path) and returns a picklable value.
