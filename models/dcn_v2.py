@@ -29,15 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.modules.mlp import MLP
 
-from data.batch import Batch
 from data.schema import Schema
-from models.blocks import build_ebc, kept_head, place
+from models.blocks import build_ebc, place
+from models.cross_deep import CrossDeep, cross_input_width, pooled_feature_names
 from models.spec import ModelSpec
 
 CROSS_TYPES = ("full", "low_rank", "mixture")
@@ -88,8 +86,9 @@ def build_cross_net(in_features: int, args: DCNv2Args) -> nn.Module:
                                   num_experts=args.num_experts, low_rank=args.low_rank)
 
 
-class DCNv2(nn.Module):
-    """See the module docstring.
+class DCNv2(CrossDeep):
+    """See the module docstring (the stacking, head and representation are
+    :class:`models.cross_deep.CrossDeep`'s).
 
     Args:
         ebc: unsharded EBC over the pooled tables.
@@ -102,46 +101,13 @@ class DCNv2(nn.Module):
 
     def __init__(self, ebc: EmbeddingBagCollection, feature_names: List[str], dense_in: int,
                  args: DCNv2Args, with_head: bool = True) -> None:
-        super().__init__()
         args.validate()
-        self.ebc = ebc
-        self.feature_names = list(feature_names)
-        dims = {f: c.embedding_dim for c in ebc.embedding_bag_configs()
-                for f in c.feature_names}
-        in_features = dense_in + sum(dims[f] for f in self.feature_names)
-        self.dense_in = dense_in
+        cross = build_cross_net(cross_input_width(ebc, feature_names, dense_in), args)
+        # Without a deep network the parallel model's head sees [Cross(x_0) ‖ x_0].
+        super().__init__(ebc, feature_names, dense_in, cross, args.structure,
+                         list(args.deep_dims), parallel_keeps_input=True,
+                         with_head=with_head)
         self.structure = args.structure
-        self.cross = build_cross_net(in_features, args)
-        self.deep = MLP(in_features, args.deep_dims) if args.deep_dims else nn.Identity()
-        deep_out = args.deep_dims[-1] if args.deep_dims else in_features
-        head_in = deep_out if self.structure == "stacked" else in_features + deep_out
-        self.head_in = head_in
-        self.head = kept_head(nn.Linear(head_in, 1), with_head)
-
-    def cross_input(self, batch: Batch) -> torch.Tensor:
-        """``x_0 = [dense ‖ e_1 ‖ … ‖ e_F]`` of shape ``[B, N]`` (features by name: sharded
-        and unsharded EBCs may order their output keys differently)."""
-        by_name = self.ebc(batch.sparse).to_dict()
-        parts = [by_name[n] for n in self.feature_names]
-        if self.dense_in:
-            parts = [batch.dense] + parts
-        return torch.cat(parts, dim=1)
-
-    @property
-    def representation_dim(self) -> int:
-        """Width H of :meth:`representation` (the head's input)."""
-        return self.head_in
-
-    def representation(self, batch: Batch) -> torch.Tensor:
-        """``[B, H]``: the cross/deep output the head maps to the logit (for multi-task
-        heads); ``forward(batch) == head(representation(batch)).squeeze(1)``."""
-        x0 = self.cross_input(batch)
-        if self.structure == "stacked":
-            return self.deep(self.cross(x0))
-        return torch.cat([self.cross(x0), self.deep(x0)], dim=1)
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.head(self.representation(batch)).squeeze(1)
 
 
 def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta",
@@ -149,9 +115,8 @@ def build_dcn_v2(schema: Schema, args: DCNv2Args, device: str = "meta",
     if args.embedding_dim is not None and args.embedding_dim % 4:
         raise ValueError(f"model.args.embedding_dim={args.embedding_dim} must be a multiple "
                          f"of 4 (fbgemm kernels)")
-    names = [f for t in schema.tables("sparse").values() for f in t.features]
     ebc = build_ebc(schema, device, embedding_dim=args.embedding_dim)
-    model = DCNv2(ebc, names, schema.dense_dim, args, with_head)
+    model = DCNv2(ebc, pooled_feature_names(schema), schema.dense_dim, args, with_head)
     return place(model, device)
 
 

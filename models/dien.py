@@ -20,6 +20,15 @@ Behaviours ``h_1 … h_n`` (``[ΣLᵢ, E]``) and the target ``t`` (``[B, E]``) a
 * Interest evolving layer, AUGRU: a GRU whose update gate is scaled by the attention,
   ``ũ_τ = a_τ · u_τ``, ``s'_τ = (1 − ũ_τ) ⊙ s'_{τ−1} + ũ_τ ⊙ s̃_τ``; the final state ``s'_n``
   is the evolved interest (zero for an empty history).
+* or AIGRU (``evolution = "aigru"``, the paper's "GRU with attentional input"): a plain
+  GRU over ``a_τ · s_τ``. The difference matters when the signal is a recency-decayed count
+  of matching behaviours, ``Σ_τ 1[match_τ] · λ^(n−τ)`` (the sequence-signal synthetic set):
+  it needs the state to decay at every step and to grow at matches. In the AUGRU the
+  candidate ``s̃_τ`` never sees the target (only the gate does), and a non-matching step
+  (``a_τ ≈ 0``) leaves the state unchanged, so the recency of a match is lost; the AIGRU
+  reads a zero input at non-matching steps, which its own update gate can decay, and a
+  large one at matches. One epoch on that set (oracle 0.770): AUGRU 0.724, AIGRU 0.747 /
+  0.735 (seeds 0 / 1).
 * ``logit = w · MLP([dense ‖ e_1 ‖ … ‖ e_F ‖ s'_n]) + b`` and the training loss is
   ``BCE + aux_loss_weight · L_aux`` (the CTR task wrapper adds it; evaluation reports BCE).
 
@@ -61,6 +70,7 @@ from models.spec import ModelSpec
 
 
 ATTENTIONS = ("softmax", "sigmoid")
+EVOLUTIONS = ("augru", "aigru")
 
 
 @dataclass
@@ -78,6 +88,10 @@ class DIENArgs:
     #: attention normalisation: ``softmax`` within each history (the paper's) or
     #: ``sigmoid`` per event (see the module docstring).
     attention: str = "softmax"
+    #: interest evolving layer: ``augru`` (attention scales the update gate, the paper's
+    #: choice) or ``aigru`` (attention scales the GRU's input, the paper's AIGRU; see the
+    #: module docstring).
+    evolution: str = "augru"
     #: hidden sizes of the MLP over ``[dense ‖ pooled ‖ s'_n]``.
     deep_dims: List[int] = field(default_factory=lambda: [256, 128])
 
@@ -85,6 +99,9 @@ class DIENArgs:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"model.args.attention={self.attention!r}; choose one of "
                              f"{list(ATTENTIONS)}")
+        if self.evolution not in EVOLUTIONS:
+            raise ValueError(f"model.args.evolution={self.evolution!r}; choose one of "
+                             f"{list(EVOLUTIONS)}")
         if not self.aux_loss_weight >= 0:
             raise ValueError(f"model.args.aux_loss_weight={self.aux_loss_weight} must be >= 0")
 
@@ -181,6 +198,17 @@ def augru(cell: AUGRUCell, order: PackedOrder, states: torch.Tensor, attention: 
     return final_sorted[order.rank]
 
 
+def aigru(gru: nn.GRU, order: PackedOrder, states: torch.Tensor, attention: torch.Tensor
+          ) -> torch.Tensor:
+    """AIGRU: a plain GRU over packed ``states [N, H]`` scaled by packed ``attention [N]``
+    (``i'_τ = a_τ · s_τ``); the final state of every row ``[B, H]`` (zero for empty rows)."""
+    B = order.order.numel()
+    _, h_n = gru(PackedSequence(states * attention.unsqueeze(1), order.batch_sizes))
+    h = h_n[0]  # [active rows, H], longest first (the packed order)
+    final_sorted = torch.cat([h, h.new_zeros(B - h.shape[0], h.shape[1])], dim=0)
+    return final_sorted[order.rank]
+
+
 def auxiliary_loss(states: torch.Tensor, events: torch.Tensor, lengths: torch.Tensor
                    ) -> torch.Tensor:
     """DIEN's auxiliary loss on jagged ``states [N, H]`` and ``events [N, H]`` (see the
@@ -211,7 +239,9 @@ class DIENArch(nn.Module):
         self.names, self.dim = names, event_dim
         self.extractor = nn.GRU(event_dim, event_dim, batch_first=False)
         self.bilinear = nn.Linear(event_dim, event_dim, bias=False)  # s W t = s · (W t)
-        self.evolution = AUGRUCell(event_dim, event_dim)
+        self.evolution_kind = args.evolution
+        self.evolution: nn.Module = (AUGRUCell(event_dim, event_dim) if args.evolution == "augru"
+                                     else nn.GRU(event_dim, event_dim))
         self.softmax = args.attention == "softmax"
         in_dim = pooled_dim + event_dim
         self.mlp = MLP(in_dim, args.deep_dims) if args.deep_dims else nn.Identity()
@@ -235,7 +265,10 @@ class DIENArch(nn.Module):
         rows = segment_ids(order.lengths)
         scores = (states * self.bilinear(target)[rows]).sum(1)
         att = jagged_softmax(scores, rows, B) if self.softmax else torch.sigmoid(scores)
-        final = augru(self.evolution, order, out.data, att[order.to_packed], self.dim)
+        if self.evolution_kind == "augru":
+            final = augru(self.evolution, order, out.data, att[order.to_packed], self.dim)
+        else:
+            final = aigru(self.evolution, order, out.data, att[order.to_packed])
         return final, states
 
     def representation(self, pooled: torch.Tensor, target: torch.Tensor,
@@ -307,9 +340,10 @@ MODEL_SPEC = ModelSpec(
         "default": DIENArgs(),
         "small": DIENArgs(deep_dims=[64, 32]),
         "no_aux": DIENArgs(aux_loss_weight=0.0),
+        "aigru": DIENArgs(evolution="aigru"),
     },
     task="ctr",
-    description="DIEN: GRU interest extractor with auxiliary loss and AUGRU interest "
-                "evolution over jagged behaviour sequences (sharded EC)",
+    description="DIEN: GRU interest extractor with auxiliary loss and AUGRU (or AIGRU) "
+                "interest evolution over jagged behaviour sequences (sharded EC)",
     backbone=True,
 )

@@ -32,6 +32,15 @@ they carry no information about the next item) or ``line_order`` (the chain, tim
 SASRec-format Amazon sets). Without a time signal the time-blind oracle is the oracle. The
 presets ``ci_notime`` and ``ci_lineorder`` are ``ci`` with these.
 
+A long-range signal for long histories (``revisit > 0``, off by default): with probability
+``revisit`` a step revisits, drawing a lag ``d`` uniformly from ``revisit_lags`` and then an
+item from the cluster of the user's item ``d`` steps back (with the same ``noise``; a lag
+longer than the history so far falls back to the chain). A model that attends only to the
+last ``W`` events sees the lags below ``W`` and must guess the rest: the probe of semi-local
+attention's window (preset ``long``: 512–8,192 events, log-uniform lengths, lags 48 / 200 /
+800, no time signal). ``length_dist = "log_uniform"`` draws history lengths log-uniformly in
+``[min_len, max_seq]`` instead of uniformly.
+
 Oracle: at a user's last step the true next-item distribution is known; its 10 most likely
 unseen items are the oracle's top-10. ``meta.json`` stores ``oracle.hr@10`` (the fraction of
 eval rows whose held-out item is in that top-10: the best HR@10 any model can expect under
@@ -91,6 +100,15 @@ class NextItemSynthArgs:
     #: what time tells: sessions (a session break returns to the previous cluster), none
     #: (uninformative gaps) or line_order (timestamps 0, 1, 2, ...).
     time_signal: str = "sessions"
+    #: probability that a step revisits the cluster of the item ``d`` steps back.
+    revisit: float = 0.0
+    #: the lags ``d`` of a revisit (drawn uniformly).
+    revisit_lags: Tuple[int, ...] = (48, 200, 800)
+    #: history lengths: uniform or log_uniform in [min_len, max_seq].
+    length_dist: str = "uniform"
+    #: with revisits, meta.json also has the oracle of a model that sees only the last W
+    #: events, for each W here (``oracle.window{W}_hr@10`` ...).
+    oracle_windows: Tuple[int, ...] = (64, 256, 1024)
 
 
 NEXT_ITEM_PRESETS: Dict[str, Dict[str, object]] = {
@@ -100,12 +118,22 @@ NEXT_ITEM_PRESETS: Dict[str, Dict[str, object]] = {
                       max_len=40, row_group_rows=256, time_signal="none"),
     "ci_lineorder": dict(num_users=6000, num_items=1000, num_clusters=50, min_len=10,
                          max_seq=40, max_len=40, row_group_rows=256, time_signal="line_order"),
+    # Long histories with a long-range signal (semi-local attention's quality table,
+    # docs/hstu-long.md); the no-repeat rule needs num_items well above max_seq.
+    "long": dict(num_users=300, num_items=20_000, num_clusters=200, min_len=512,
+                 max_seq=8192, max_len=8192, length_dist="log_uniform", revisit=0.5,
+                 revisit_lags=(48, 200, 800), time_signal="none", row_group_rows=16),
+    # The same at a fourth of the length and a fourth of the items (a CPU-sized table).
+    "long_small": dict(num_users=300, num_items=5000, num_clusters=100, min_len=256,
+                       max_seq=2048, max_len=2048, length_dist="log_uniform", revisit=0.5,
+                       revisit_lags=(48, 200, 800), time_signal="none", row_group_rows=16),
     "tiny": dict(num_users=256, num_items=120, num_clusters=12, min_len=3, max_seq=12,
                  max_len=10, embedding_dim=16, row_group_rows=32),
 }
 
 
 TIME_SIGNALS = ("sessions", "none", "line_order")
+LENGTH_DISTS = ("uniform", "log_uniform")
 
 
 def _check(args: NextItemSynthArgs) -> None:
@@ -129,6 +157,14 @@ def _check(args: NextItemSynthArgs) -> None:
     if args.time_signal not in TIME_SIGNALS:
         raise ValueError(f"--time-signal {args.time_signal!r} is not one of "
                          f"{', '.join(TIME_SIGNALS)}")
+    if args.length_dist not in LENGTH_DISTS:
+        raise ValueError(f"--length-dist {args.length_dist!r} is not one of "
+                         f"{', '.join(LENGTH_DISTS)}")
+    if not 0.0 <= args.revisit <= 1.0:
+        raise ValueError(f"--revisit {args.revisit} must lie in [0, 1]")
+    if args.revisit > 0 and (not args.revisit_lags or min(args.revisit_lags) < 1):
+        raise ValueError(f"--revisit-lags {','.join(map(str, args.revisit_lags))}: give one "
+                         "or more lags >= 1")
     if args.max_len < 2 or args.num_users < 1:
         raise ValueError("--max-len must be >= 2 and --num-users >= 1")
 
@@ -195,6 +231,21 @@ def _top10(score: np.ndarray, p: np.ndarray, drawn: np.ndarray) -> Tuple[np.ndar
     return at.any(1), truth.sum(1), (at * _DISCOUNT).sum(1), (truth * _DISCOUNT).sum(1)
 
 
+def _with_revisits(p: np.ndarray, chain: PlantedChain, items: np.ndarray, t: int,
+                   lags: np.ndarray, revisit: float) -> np.ndarray:
+    """Mix into the step-``t`` distributions ``p [U, N + 1]`` the revisits: each lag ``d`` of
+    ``lags`` (no more than ``t``) with weight ``revisit / len(lags)``, the cluster of
+    ``items[:, t − d]`` (``items [U, max_seq]``, the users' histories so far)."""
+    valid = lags[lags <= t]
+    if valid.size == 0:
+        return p
+    w = revisit / lags.size
+    out = (1.0 - w * valid.size) * p
+    for d in valid:
+        out += w * chain.return_given[chain.cluster[items[:, t - d]]]
+    return out
+
+
 def _log_uniform(rng: np.random.Generator, bounds: Tuple[int, int],
                  shape: Tuple[int, ...]) -> np.ndarray:
     """Integer seconds, log-uniform in ``[low, high]``."""
@@ -209,7 +260,12 @@ def generate_histories(args: NextItemSynthArgs
     rng = np.random.default_rng(args.seed)
     chain = PlantedChain(args, rng)
     u_n, n = args.num_users, args.num_items
-    lengths = rng.integers(args.min_len, args.max_seq + 1, size=u_n)
+    if args.length_dist == "log_uniform":
+        lengths = np.minimum(_log_uniform(rng, (args.min_len, args.max_seq), (u_n,)),
+                             args.max_seq)
+    else:
+        lengths = rng.integers(args.min_len, args.max_seq + 1, size=u_n)
+    lags = np.asarray(args.revisit_lags if args.revisit > 0 else (), dtype=np.int64)
     items = np.zeros((u_n, args.max_seq), dtype=np.int64)
     seen = np.zeros((u_n, n + 1), dtype=bool)
     seen[:, 0] = True
@@ -223,6 +279,8 @@ def generate_histories(args: NextItemSynthArgs
     b = args.session_break if args.time_signal == "sessions" else 0.0
     aware = np.zeros((len(_ORACLE_KEYS), u_n))
     blind = np.zeros((len(_ORACLE_KEYS), u_n))
+    windows = tuple(args.oracle_windows) if lags.size else ()
+    local = np.zeros((len(windows), len(_ORACLE_KEYS), u_n))
     for t in range(args.max_seq):
         active = np.flatnonzero(lengths > t)
         if t == 0:
@@ -231,6 +289,7 @@ def generate_histories(args: NextItemSynthArgs
             prev = chain.cluster[items[active, t - 1]]
             p = np.where(returns[active, t, None], chain.return_given[prev],
                          chain.next_given[prev])
+            p = _with_revisits(p, chain, items[active], t, lags, args.revisit)
         p = _unseen(p, seen[active], chain.global_pop)
         nxt = _draw(p, rng)
         last = lengths[active] == t + 1
@@ -241,10 +300,30 @@ def generate_histories(args: NextItemSynthArgs
             aware[:, ended] = _top10(pl, pl, nxt[last])
             guess = pl
             if t > 0:
-                guess = _unseen(b * chain.return_given[prev[last]]
-                                + (1.0 - b) * chain.next_given[prev[last]],
-                                seen[ended], chain.global_pop)
+                guess = _with_revisits(b * chain.return_given[prev[last]]
+                                       + (1.0 - b) * chain.next_given[prev[last]], chain,
+                                       items[ended], t, lags, args.revisit)
+                guess = _unseen(guess, seen[ended], chain.global_pop)
             blind[:, ended] = _top10(guess, pl, nxt[last])
+            for w_i, w in enumerate(windows):
+                # A model that sees the last w events (and the next event's time) knows
+                # the revisits of the lags below w; for the others its best simple guess is
+                # the global popularity (the clusters that far back are unknown to it), so
+                # this is about, not exactly, its ceiling. History stays excluded: the
+                # evaluation protocol excludes the whole history from the ranking.
+                guess = pl
+                if t > 0:
+                    wt = args.revisit / lags.size
+                    valid = lags[lags <= t]
+                    base = np.where(returns[ended, t, None], chain.return_given[prev[last]],
+                                    chain.next_given[prev[last]])
+                    guess = (1.0 - wt * valid.size) * base \
+                        + wt * int((valid >= w).sum()) * chain.global_pop[None, :]
+                    for d in valid[valid < w]:
+                        guess = guess + wt * chain.return_given[chain.cluster[items[ended,
+                                                                                   t - d]]]
+                local[w_i][:, ended] = _top10(_unseen(guess, seen[ended], chain.global_pop),
+                                              pl, nxt[last])
         items[active, t] = nxt
         seen[active, nxt] = True
     user = np.repeat(np.arange(u_n, dtype=np.int64), lengths)
@@ -258,7 +337,9 @@ def generate_histories(args: NextItemSynthArgs
     if args.time_signal == "line_order":
         ts = np.arange(item.size) - np.repeat(offsets[:-1], lengths)
     oracle = {**{k: float(v) for k, v in zip(_ORACLE_KEYS, aware.mean(1))},
-              **{f"time_blind_{k}": float(v) for k, v in zip(_ORACLE_KEYS, blind.mean(1))}}
+              **{f"time_blind_{k}": float(v) for k, v in zip(_ORACLE_KEYS, blind.mean(1))},
+              **{f"window{w}_{k}": float(v) for w_i, w in enumerate(windows)
+                 for k, v in zip(_ORACLE_KEYS, local[w_i].mean(1))}}
     return user, item, ts.astype(np.int64), oracle
 
 

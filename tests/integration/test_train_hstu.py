@@ -13,8 +13,18 @@ end with the sequential ``final`` line, and:
   brute force over the checkpoint's item table gives (history and padding excluded).
 
 Measured on a quiet 2-core CPU (2026-11-22): HSTU 0.644 HR@10 (0.96 of the oracle; 0.632-
-0.638 on training seeds 1-2), NDCG@10 0.395 (0.92 of the oracle's 0.427; 0.91-0.93), SASRec 0.506-0.509, HSTU without its time bias 0.507; ~55 s
-and ~40 s wall time. docs/hstu.md has the table.
+0.638 on training seeds 1-2), NDCG@10 0.395 (0.92 of the oracle's 0.427; 0.91-0.93), SASRec
+0.506-0.509, HSTU without its time bias 0.507; ~55 s and ~40 s wall time. docs/hstu.md has
+the table.
+
+Where time says nothing (``data.synth seq --preset ci_notime``: the same chain without the
+session returns, timestamps with session-like but uninformative gaps; oracle HR@10 0.656,
+popularity 0.170), HSTU's default flavour (``hstu_synthetic.toml``: its time bias on) must
+at least match SASRec (``sasrec_synthetic.toml``) trained the same way. Four epochs (88
+steps) keep it cheap; measured on training seeds 0-3 (2026-12-02, loaded 2-core machine):
+HSTU HR@10 0.560-0.576 / NDCG@10 0.344-0.354, SASRec 0.509-0.544 / 0.308-0.331 (HSTU
+converges faster; at the shipped 16 epochs they tie within one standard error,
+docs/hstu-long.md).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from typing import Dict
 
 import pytest
 
+from data.synth.next_item import NEXT_ITEM_PRESETS, NextItemSynthArgs, generate_next_item
 from tests.integration.runner import parse_final, run_trainer
 
 pytestmark = pytest.mark.slow
@@ -36,11 +47,28 @@ NDCG_BOUND = 0.88  # NDCG / oracle NDCG measured 0.91-0.93
 OVER_BLIND = 0.04
 BLIND_SLACK = 0.02
 MARGIN = 0.08
+# No time signal, 4 epochs: HSTU − SASRec measured +0.028 … +0.067 HR@10 and +0.014 …
+# +0.041 NDCG@10 (seeds 0-3), so HSTU may trail by at most 0.01 (1.5 standard errors of one
+# HR@10 on 6,000 users, ~0.0064); both must reach 0.65 × the oracle's HR@10 (0.43; measured
+# 0.78-0.88 × oracle), which is 2.5 × the popularity baseline's 0.170.
+NOTIME_EPOCHS, NOTIME_STEPS = 4, 88
+NOTIME_SLACK = 0.01
+NOTIME_FLOOR = 0.65
 
 
-def _train(repo_root: str, config: str, data: str, run_dir: str) -> Dict[str, float]:
+@pytest.fixture(scope="module")
+def ci_notime(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("data") / "ci_notime")
+    args = NextItemSynthArgs(**NEXT_ITEM_PRESETS["ci_notime"])  # type: ignore[arg-type]
+    generate_next_item(out, args, progress=False)
+    return out
+
+
+def _train(repo_root: str, config: str, data: str, run_dir: str, epochs: float = 16.0,
+           steps: int = 352) -> Dict[str, float]:
     proc = run_trainer(repo_root, 2, ["--config", f"launch/configs/{config}.toml",
-                                      f"--data.path={data}", f"--training.run_dir={run_dir}"],
+                                      f"--data.path={data}", f"--training.run_dir={run_dir}",
+                                      f"--training.epochs={epochs}"],
                        timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
     final = parse_final(proc.stdout)
@@ -48,7 +76,7 @@ def _train(repo_root: str, config: str, data: str, run_dir: str) -> Dict[str, fl
                           "oracle_ndcg@10", "time_blind_oracle_hr@10", "sampled_hr@10",
                           "sampled_ndcg@10"}, final
     assert 0.0 < final["sampled_ndcg@10"] <= final["sampled_hr@10"] <= 1.0, final
-    assert final["steps"] == 352, final  # the shipped 16 epochs
+    assert final["steps"] == steps, final  # 352: the shipped 16 epochs
     return final
 
 
@@ -134,3 +162,17 @@ def test_hstu_approaches_oracle_and_beats_sasrec(repo_root: str, ci_nextitem: st
     assert hstu["hr@10"] >= blind + OVER_BLIND, hstu
     assert sasrec["hr@10"] <= blind + BLIND_SLACK, sasrec
     assert hstu["hr@10"] - sasrec["hr@10"] >= MARGIN, (hstu, sasrec)
+
+
+def test_hstu_matches_sasrec_without_time_signal(repo_root: str, ci_notime: str,
+                                                 tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hstu = _train(repo_root, "hstu_synthetic", ci_notime, str(tmp_path / "hstu"),
+                  NOTIME_EPOCHS, NOTIME_STEPS)
+    sasrec = _train(repo_root, "sasrec_synthetic", ci_notime, str(tmp_path / "sasrec"),
+                    NOTIME_EPOCHS, NOTIME_STEPS)
+    # No time signal: the time-blind oracle is the oracle.
+    assert hstu["time_blind_oracle_hr@10"] == hstu["oracle_hr@10"], hstu
+    for final in (hstu, sasrec):
+        assert final["hr@10"] >= NOTIME_FLOOR * final["oracle_hr@10"], final
+    assert hstu["hr@10"] >= sasrec["hr@10"] - NOTIME_SLACK, (hstu, sasrec)
+    assert hstu["ndcg@10"] >= sasrec["ndcg@10"] - NOTIME_SLACK, (hstu, sasrec)

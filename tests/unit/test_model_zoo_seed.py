@@ -174,12 +174,14 @@ def _augru_loop(cell: AUGRUCell, x: torch.Tensor, a: torch.Tensor) -> torch.Tens
     return h
 
 
-@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
-def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
-                                                                  attention: str) -> None:
+@pytest.mark.parametrize("attention,evolution", [("softmax", "augru"), ("sigmoid", "augru"),
+                                                 ("sigmoid", "aigru")])
+def test_dien_extractor_evolution_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
+                                                                     attention: str,
+                                                                     evolution: str) -> None:
     spec = get_model_spec("dien")
-    model = _perturbed(spec.build(Schema.load(tiny_seq),
-                                  spec.make_args("small", {"attention": attention}), "cpu"))
+    args = spec.make_args("small", {"attention": attention, "evolution": evolution})
+    model = _perturbed(spec.build(Schema.load(tiny_seq), args, "cpu"))
     arch = model.arch
     E = arch.dim
     lens, events, rows = _jagged([3, 0, 5, 1, 2], E, seed=2)
@@ -198,8 +200,11 @@ def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
                                    atol=1e-5)
         scores = s @ arch.bilinear(target[r])
         a = torch.softmax(scores, dim=0) if attention == "softmax" else torch.sigmoid(scores)
-        torch.testing.assert_close(final[r], _augru_loop(arch.evolution, s, a), rtol=1e-5,
-                                   atol=1e-5)
+        if evolution == "augru":
+            want_final = _augru_loop(arch.evolution, s, a)
+        else:  # AIGRU: a plain GRU over the attention-scaled states, the row alone
+            want_final = arch.evolution((s * a.unsqueeze(1)).unsqueeze(1))[1][0, 0]
+        torch.testing.assert_close(final[r], want_final, rtol=1e-5, atol=1e-5)
         for t in range(len(hist) - 1):
             j = starts[r] + t
             pairs.append((s[t], events[j + 1], events[(j + 1 + N // 2) % N]))
@@ -207,15 +212,16 @@ def test_dien_extractor_augru_and_aux_loss_equal_per_sample_loop(tiny_seq: str,
                         for s, p, n in pairs]).mean()
     torch.testing.assert_close(auxiliary_loss(states, events, lens), want, rtol=1e-5,
                                atol=1e-5)
-    # The cell on a batch equals the loop too (a = 1 everywhere is a plain GRU step).
-    cell = arch.evolution
-    x, h0, a = torch.randn(3, E), torch.zeros(3, E), torch.rand(3)
-    step = cell(x, h0, a)
-    for i in range(3):
-        torch.testing.assert_close(step[i], _augru_loop(cell, x[i:i + 1], a[i:i + 1]),
-                                   rtol=1e-5, atol=1e-5)
-    assert augru(cell, PackedOrder(torch.tensor([0, 0])), torch.zeros(0, E), torch.zeros(0),
-                 E).shape == (2, E)
+    if evolution == "augru":
+        # The cell on a batch equals the loop too (a = 1 everywhere is a plain GRU step).
+        cell = arch.evolution
+        x, h0, a = torch.randn(3, E), torch.zeros(3, E), torch.rand(3)
+        step = cell(x, h0, a)
+        for i in range(3):
+            torch.testing.assert_close(step[i], _augru_loop(cell, x[i:i + 1], a[i:i + 1]),
+                                       rtol=1e-5, atol=1e-5)
+        assert augru(cell, PackedOrder(torch.tensor([0, 0])), torch.zeros(0, E),
+                     torch.zeros(0), E).shape == (2, E)
     # A batch without any event: zero interest, and every weight still gets a gradient
     # (DDP requires each parameter to take part on every rank).
     arch.zero_grad()
@@ -296,7 +302,8 @@ def test_bad_arguments_name_the_key(tiny_ctr: str, tiny_seq: str) -> None:
              ("din", seq, {"target_features": ["user"]}, "must pair one pooled feature"),
              ("dien", seq, {"target_features": ["item", "hist_x"]}, "hist_x"),
              ("din", seq, {"sequence_features": ["item"]}, "not sequence features"),
-             ("dien", seq, {"attention": "tanh"}, "attention='tanh'.*'sigmoid'")]
+             ("dien", seq, {"attention": "tanh"}, "attention='tanh'.*'sigmoid'"),
+             ("dien", seq, {"evolution": "agru"}, "evolution='agru'.*'aigru'")]
     for name, schema, overrides, message in cases:
         spec = get_model_spec(name)
         with pytest.raises(ValueError, match=message):

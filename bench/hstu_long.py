@@ -1,0 +1,72 @@
+"""The long-history sections of :mod:`bench.hstu_attention` on their own: semi-local against
+full jagged attention at ``L`` up to 16,384, and the cross-rank step-time spread of plain vs
+length-balanced batches.
+
+``python -m bench.hstu_long [--quick] [--repeats N] [--json PATH]``
+
+Same workloads, contenders and measurements as the full benchmark's ``long-16384`` and
+length-balanced tables (see that module's docstring): one HSTU layer (D = 256, 4 heads,
+``n`` = 16,384, time bias on) on a batch of lengths 16,384 / 4,096 / 1,024 / 256, forward +
+backward, each contender in a fresh interpreter so its peak memory is its own; then the
+balanced-batches simulation (4 ranks, 8 rows a batch, log-normal lengths capped at 4,096).
+For a machine where the whole benchmark (the padded long-tail run, the profiles) takes too
+long; ``--repeats 1`` times one step after the warm-up.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from bench.common import format_table, write_results
+from bench.hstu_attention import (DIM, HEADS, LONG, LONG_QUICK, QUICK, balance_spread,
+                                  run_contender, semi_local_ratios, worker)
+from data.cli import ArgumentParser
+
+
+def long_rows(quick: bool, repeats: int) -> List[Dict[str, Any]]:
+    """Time and peak memory of full (``pytorch_jagged``, ``compiled_jagged``) and semi-local
+    attention on the long workload."""
+    long = LONG_QUICK if quick else LONG
+    dim, heads = (QUICK["dim"], QUICK["heads"]) if quick else (DIM, HEADS)
+    name = f"long-{long['max_len']}"
+    rows = []
+    for impl in ("pytorch_jagged", "compiled_jagged", "semi_local"):
+        spec = {"workload": name, "impl": impl, "lengths": long["lengths"], "dim": dim,
+                "heads": heads, "max_len": long["max_len"], "warmup": 1,
+                "repeats": 1 if quick else repeats, "window": long["window"],
+                "global_tokens": long["global"], "profile": False}
+        res = worker(spec) if quick else run_contender(spec)
+        rows.append({"workload": name, "impl": impl, **res,
+                     "peak_MB": res["peak_bytes"] / 2**20})
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(prog="python -m bench.hstu_long", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed steps per contender after one warm-up (median; default 3)")
+    p.add_argument("--json", help="also write the results here")
+    ns = p.parse_args(argv)
+    if ns.repeats < 1:
+        p.error(f"--repeats {ns.repeats} must be >= 1")
+    long = LONG_QUICK if ns.quick else LONG
+    rows = long_rows(ns.quick, ns.repeats)
+    print(format_table(rows, ["workload", "impl", "layer_s", "attention_s", "peak_MB"]))
+    semi = semi_local_ratios(rows, rows[0]["workload"])
+    print(f"{rows[0]['workload']}: semi_local (W={long['window']}, G={long['global']}) vs full "
+          "causal attention (<1 = semi-local cheaper)")
+    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
+    spread = balance_spread(ns.quick)
+    print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
+    print(format_table(spread, ["batches", "ranks", "steps", "spread", "cost_spread", "step_s",
+                                "tokens_per_s"]))
+    write_results("hstu_long_quick" if ns.quick else "hstu_long",
+                  {"quick": ns.quick, "results": rows, "semi_local": semi,
+                   "balance_spread": spread}, ns.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
