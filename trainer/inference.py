@@ -232,6 +232,12 @@ class PaddedDIENArch(DIENArch):
         scores = (states * self.bilinear(target)[rows]).sum(1)
         att = jagged_softmax(scores, rows, b) if self.softmax else torch.sigmoid(scores)
         att_p = att.new_zeros(b * t).index_copy(0, slot, att).view(b, t)
+        if getattr(self, "evolution_kind", "augru") == "aigru":
+            # AIGRU: a plain GRU over the attention-scaled states; a row's final state is
+            # its output at its last real position (zero for an empty history).
+            seq, _ = self.evolution(out * att_p.T.unsqueeze(2))  # [T, B, E]
+            last = seq[(lengths - 1).clamp_min(0), torch.arange(b)]
+            return torch.where((lengths > 0)[:, None], last, torch.zeros_like(last)), states
         h = target.new_zeros(b, self.dim)
         for step in range(t):
             nxt = self.evolution(out[step], h, att_p[:, step])
