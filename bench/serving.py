@@ -1,6 +1,7 @@
 """Serving benchmark: exported vs eager scoring, ANN vs exact top-K, int8 vs fp32 AUC.
 
-``python -m bench.serving [--quick] [--threads N] [--items 1000000] [--out FILE]``
+``python -m bench.serving [--quick] [--threads N] [--items 1000000] [--parts scoring,topk,
+quantisation] [--out FILE]``
 
 One run measures, on this machine's cores:
 
@@ -57,8 +58,8 @@ def _latencies(fn: Callable[[], Any], seconds: float, min_calls: int = 20) -> Li
     return out
 
 
-def bench_scoring(rows: int, seconds: float, compile_aoti: bool, work: str
-                  ) -> Dict[str, Any]:
+def bench_scoring(rows: int, seconds: float, compile_aoti: bool, work: str,
+                  min_calls: int = 20) -> Dict[str, Any]:
     from models import get_model_spec
     from trainer.package import load_package, write_package
 
@@ -99,7 +100,7 @@ def bench_scoring(rows: int, seconds: float, compile_aoti: bool, work: str
                     fn(pairs[k % len(pairs)])
                     k += 1
 
-                lat = _latencies(call, seconds)
+                lat = _latencies(call, seconds, min_calls)
                 results.append({
                     "contender": name, "batch": bs, "rows_per_s": bs * len(lat) / sum(lat),
                     # batch / median latency: robust to stalls from other processes, which
@@ -200,27 +201,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--items", type=int, default=1_000_000, help="top-K catalogue size")
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor contender")
+    p.add_argument("--parts", default="scoring,topk,quantisation",
+                   help="comma-separated parts to run (scoring, topk, quantisation)")
     p.add_argument("--out", default=None, help="result file (default bench/results/serving.json)")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     quick = ns.quick
+    parts = {x.strip() for x in ns.parts.split(",") if x.strip()}
+    unknown = parts - {"scoring", "topk", "quantisation"}
+    if unknown:
+        print(f"error: --parts {sorted(unknown)}: choose from scoring, topk, quantisation",
+              file=sys.stderr)
+        return 2
+    res: Dict[str, Any] = {"quick": quick, "threads": torch.get_num_threads(),
+                           "load_average": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as work:
-        scoring = bench_scoring(2_000 if quick else 100_000, 0.3 if quick else 3.0,
-                                not (quick or ns.no_aoti), work)
-        topk = bench_topk(20_000 if quick else ns.items, 200 if quick else ns.queries)
-        quant = bench_quantisation("tiny" if quick else "ci", 30 if quick else 600, work)
-    print(format_table(scoring["results"], ["contender", "batch", "rows_per_s",
-                                            "rows_per_s_p50", "p50_ms",
-                                            "p99_ms", "max_abs_diff"]))
-    print(" ".join(f"{k}={v:.2f}" for k, v in scoring["ratios"].items()))
-    print(format_table(topk["results"], ["method", "qps", "recall@10", "speedup_vs_exact",
-                                         "build_s"]))
-    for q in ("int8", "int4"):
-        print(f"{q}: " + " ".join(f"{k}={v:.5f}" for k, v in quant[q].items()))
-    path = write_results("serving", {"quick": quick, "threads": torch.get_num_threads(),
-                                     "scoring": scoring, "topk": topk, "quantisation": quant},
-                         ns.out)
+        # --quick: a smoke test (tens of seconds): every part runs, on tiny sizes.
+        if "scoring" in parts:
+            res["scoring"] = bench_scoring(2_000 if quick else 100_000, 0.05 if quick else 3.0,
+                                           not (quick or ns.no_aoti), work, 3 if quick else 20)
+        if "topk" in parts:
+            res["topk"] = bench_topk(5_000 if quick else ns.items,
+                                     200 if quick else ns.queries)
+        if "quantisation" in parts:
+            res["quantisation"] = bench_quantisation("tiny" if quick else "ci",
+                                                     10 if quick else 600, work)
+    res["load_average_end"] = list(os.getloadavg())
+    if "scoring" in res:
+        print(format_table(res["scoring"]["results"],
+                           ["contender", "batch", "rows_per_s", "rows_per_s_p50", "p50_ms",
+                            "p99_ms", "max_abs_diff"]))
+        print(" ".join(f"{k}={v:.2f}" for k, v in res["scoring"]["ratios"].items()))
+    if "topk" in res:
+        print(format_table(res["topk"]["results"], ["method", "qps", "recall@10",
+                                                    "speedup_vs_exact", "build_s"]))
+    for q in ("int8", "int4") if "quantisation" in res else ():
+        print(f"{q}: " + " ".join(f"{k}={v:.5f}" for k, v in res["quantisation"][q].items()))
+    print("load average " + " -> ".join(
+        "/".join(f"{x:.1f}" for x in res[k]) for k in ("load_average", "load_average_end")))
+    path = write_results("serving", res, ns.out)
     print(f"wrote {path}")
     return 0
 

@@ -41,6 +41,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from data.batch import Batch
 from data.schema import Schema
+from models.dien import DIENArch
+from models.din import jagged_softmax
 
 QUANTISATIONS = ("fp32", "int8", "int4")
 
@@ -174,7 +176,13 @@ class PlainEmbeddingBags(nn.Module):
         out: Dict[str, torch.Tensor] = {}
         for name, table, mode in self.features:
             jt = features[name]
-            rows = self.tables[table](jt.values())  # [N, D]
+            rows_of = self.tables[table]
+            if rows_of.quant == "fp32":
+                # One fused gather + pool over the table (no [N, D] intermediate).
+                out[name] = F.embedding_bag(jt.values(), rows_of.weight, jt.offsets(),
+                                            mode=mode, include_last_offset=True)
+                continue
+            rows = rows_of(jt.values())  # [N, D], dequantised
             # embedding_bag over the looked-up rows: ids 0..N-1, the row's bag from offsets.
             out[name] = F.embedding_bag(torch.arange(rows.shape[0]), rows, jt.offsets(),
                                         mode=mode, include_last_offset=True)
@@ -201,9 +209,51 @@ class PlainEmbeddings(nn.Module):
         return out
 
 
-def plain_copy(model: nn.Module, quant: str = "fp32") -> nn.Module:
+class PaddedDIENArch(DIENArch):
+    """DIEN's recurrences over histories padded to the schema's ``max_len`` (set on the
+    instance): the packed form loops over a data-dependent number of steps, which
+    ``torch.export`` cannot trace. The extractor GRU runs on ``[T, B, E]`` (a forward GRU's
+    outputs at a row's real positions do not depend on the padding after them) and the AUGRU
+    steps all T positions, a row keeping its state once its history ends, as the packed
+    loop does. Inference only: the auxiliary loss is returned as 0."""
+
+    max_len: int
+
+    def interest(self, target: torch.Tensor, events: torch.Tensor, lengths: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        b, t, n = target.shape[0], self.max_len, events.shape[0]
+        lengths = lengths.to(torch.long)
+        rows = torch.repeat_interleave(torch.arange(b), lengths, output_size=n)
+        pos = torch.arange(n) - (torch.cumsum(lengths, 0) - lengths)[rows]
+        slot = rows * t + pos  # histories are at most max_len long (the reader truncates)
+        padded = events.new_zeros(b * t, events.shape[1]).index_copy(0, slot, events)
+        out, _ = self.extractor(padded.view(b, t, -1).transpose(0, 1))  # [T, B, E]
+        states = out.transpose(0, 1).reshape(b * t, -1)[slot]  # [N, E], jagged order
+        scores = (states * self.bilinear(target)[rows]).sum(1)
+        att = jagged_softmax(scores, rows, b) if self.softmax else torch.sigmoid(scores)
+        att_p = att.new_zeros(b * t).index_copy(0, slot, att).view(b, t)
+        if getattr(self, "evolution_kind", "augru") == "aigru":
+            # AIGRU: a plain GRU over the attention-scaled states; a row's final state is
+            # its output at its last real position (zero for an empty history).
+            seq, _ = self.evolution(out * att_p.T.unsqueeze(2))  # [T, B, E]
+            last = seq[(lengths - 1).clamp_min(0), torch.arange(b)]
+            return torch.where((lengths > 0)[:, None], last, torch.zeros_like(last)), states
+        h = target.new_zeros(b, self.dim)
+        for step in range(t):
+            nxt = self.evolution(out[step], h, att_p[:, step])
+            h = torch.where((lengths > step)[:, None], nxt, h)
+        return h, states
+
+    def forward(self, pooled: torch.Tensor, target: torch.Tensor, values: List[torch.Tensor],
+                lengths: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(self.representation(pooled, target, values, lengths)).squeeze(1)
+        return logits, logits.new_zeros(())
+
+
+def plain_copy(model: nn.Module, quant: str = "fp32", max_len: int = 0) -> nn.Module:
     """``model`` with every torchrec embedding collection replaced by its pure-torch
-    counterpart (weights copied, optionally quantised); the original is left untouched."""
+    counterpart (weights copied, optionally quantised) and DIEN's recurrences padded to
+    ``max_len`` (the schema's longest sequence); the original is left untouched."""
     import copy
 
     model = copy.deepcopy(model)
@@ -215,6 +265,9 @@ def plain_copy(model: nn.Module, quant: str = "fp32") -> nn.Module:
             elif isinstance(child, EmbeddingCollection):
                 setattr(parent, name, PlainEmbeddings(child, quant))
             else:
+                if type(child) is DIENArch:
+                    child.__class__ = PaddedDIENArch  # same parameters, exportable loops
+                    child.max_len = max(1, max_len)
                 swap(child)
 
     swap(model)
@@ -239,7 +292,8 @@ class ScoringProgram(nn.Module):
     def __init__(self, model: nn.Module, schema: Schema, binary: Sequence[bool],
                  quant: str = "fp32") -> None:
         super().__init__()
-        self.model = plain_copy(model, quant).eval()
+        max_len = max([f.max_len or 0 for f in schema.sequence_features], default=0)
+        self.model = plain_copy(model, quant, max_len).eval()
         self.sparse = [f.name for f in schema.sparse_features]
         self.sequence = [f.name for f in schema.sequence_features]
         self.register_buffer("binary", torch.tensor(list(binary), dtype=torch.bool))

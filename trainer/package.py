@@ -48,6 +48,8 @@ PACKAGE_FILE = "package.json"
 MANIFEST_FILE = "manifest.json"
 PREPROCESS_FILE = "preprocess.json"
 PACKAGE_VERSION = 1
+#: batch size of the example inputs CTR / multi-task programs are exported (and compiled) with.
+EXAMPLE_BATCH = 512
 
 
 class PackageError(ValueError):
@@ -102,18 +104,23 @@ def verify_manifest(directory: str) -> Dict[str, str]:
 # -- example inputs and export --------------------------------------------------------------
 
 def example_inputs(schema: Schema, features: Sequence[str], batch: int = 5,
-                   timestamps: bool = False, max_len: int = 0, seed: int = 0
-                   ) -> Tuple[Any, ...]:
+                   timestamps: bool = False, max_len: int = 0, seed: int = 0,
+                   aligned: Sequence[str] = ()) -> Tuple[Any, ...]:
     """Random inputs of the program signature (lengths varied so no feature's size equals B
-    by accident, which export would specialise on)."""
+    by accident, which export would specialise on). The ``aligned`` features (sequences
+    that describe the same events, e.g. DIN's item and category histories) share lengths."""
     g = torch.Generator().manual_seed(seed)
     dense = torch.randn(batch, schema.dense_dim, generator=g)
     values, lengths = [], []
+    shared: Optional[torch.Tensor] = None
     for k, name in enumerate(features):
         f = schema.feature(name)
         hi = max(2, min(max_len or f.max_len or 3, 3))
         ln = torch.randint(1, hi + 1, (batch,), generator=g)
         ln[0] = hi  # total != batch
+        if name in aligned:
+            shared = ln if shared is None else shared
+            ln = shared.clone()
         values.append(torch.randint(1, f.num_embeddings, (int(ln.sum()),), generator=g))
         lengths.append(ln)
     args: Tuple[Any, ...] = (dense, values, lengths)
@@ -123,13 +130,19 @@ def example_inputs(schema: Schema, features: Sequence[str], batch: int = 5,
     return args
 
 
-def export_program(program: torch.nn.Module, args: Tuple[Any, ...]) -> Any:
-    """``torch.export`` of ``program`` with a dynamic batch and dynamic id counts."""
+def export_program(program: torch.nn.Module, args: Tuple[Any, ...],
+                   features: Sequence[str] = (), aligned: Sequence[str] = ()) -> Any:
+    """``torch.export`` of ``program`` with a dynamic batch and dynamic id counts (one per
+    feature; the ``aligned`` ones among ``features`` share one)."""
     batch = Dim("batch", min=1, max=1 << 24)
     n = len(args[1])
+    ids = [Dim(f"ids_{k}", min=1, max=1 << 30) for k in range(n)]
+    together = [k for k, name in enumerate(features) if name in aligned]
+    for k in together[1:]:
+        ids[k] = ids[together[0]]
     shapes: Dict[str, Any] = {
         "dense": {0: batch},
-        "values": [{0: Dim(f"ids_{k}", min=1, max=1 << 30)} for k in range(n)],
+        "values": [{0: d} for d in ids],
         "lengths": [{0: batch} for _ in range(n)],
     }
     if len(args) > 3:
@@ -284,6 +297,7 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
     info: Dict[str, Any] = {"version": PACKAGE_VERSION, "kind": task, "model": model_name,
                             "step": step, "quantisation": quant,
                             "torch": torch.__version__, **(extra or {})}
+    aligned: List[str] = []
     if task == "sequential":
         enc = model.encoder  # type: ignore[attr-defined]
         use_time = bool(getattr(enc, "use_time", False))
@@ -300,7 +314,13 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
         names, binary = _binary_outputs(model, task)
         feats = input_features(schema)
         program = ScoringProgram(model, schema, binary, quant)
-        args = example_inputs(schema, feats)
+        # Sequences a model reads as one event stream (DIN / DIEN) have equal id counts.
+        aligned = sorted({n for m in model.modules()
+                          for n in getattr(m, "sequence_names", None) or []})
+        # A serving-sized example batch: AOTInductor takes its loop-parallelisation hints
+        # from the example's sizes, and with B = 5 it parallelised the 27-wide FM reduction
+        # inside the loop over rows (one OpenMP region per row) instead of the rows.
+        args = example_inputs(schema, feats, batch=EXAMPLE_BATCH, aligned=aligned)
         info["outputs"] = names
         info["inputs"] = {"features": feats, "timestamps": False,
                           "dense": [f.name for f in schema.dense_features]}
@@ -309,7 +329,7 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
     with target as d:
         tmp = d.path
         t = time.time()
-        ep = export_program(program, args)
+        ep = export_program(program, args, feats, aligned)
         torch.export.save(ep, os.path.join(tmp, PROGRAM_FILE))
         info["export_s"] = round(time.time() - t, 2)
         info["compiled"] = False

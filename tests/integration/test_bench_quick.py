@@ -61,3 +61,27 @@ def test_scaling_and_report_quick(repo_root: str, tmp_path) -> None:  # type: ig
     text = (out / "RESULTS.md").read_text()
     assert "## Machine" in text and "## Scaling" in text and "](scaling.png)" in text
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serving_quick(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bench.serving --quick: eager and exported DeepFM score the same inputs alike at every
+    batch size, the top-K part measures every index against exact, the quantisation part
+    reports an AUC per table format."""
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.serving", "--quick", "--out", str(out)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    scoring = res["scoring"]["results"]
+    assert {(r["contender"], r["batch"]) for r in scoring} == {
+        (c, b) for c in ("eager", "exported") for b in (1, 64, 512)}
+    for r in scoring:
+        assert r["max_abs_diff"] < 1e-5, r  # the exported program scores as eager does
+        assert math.isfinite(r["rows_per_s"]) and r["rows_per_s"] > 0, r
+    assert all(math.isfinite(v) and v > 0 for v in res["scoring"]["ratios"].values())
+    topk = res["topk"]["results"]
+    assert topk[0]["method"] == "exact" and len(topk) == 7
+    assert all(0.0 <= r["recall@10"] <= 1.0 and r["qps"] > 0 for r in topk), topk
+    for q in ("int8", "int4"):
+        assert 0.5 < res["quantisation"][q][f"auc_{q}_ctr"] <= 1.0, res["quantisation"]
+    assert "exported_vs_eager_b512" in proc.stdout

@@ -1,7 +1,8 @@
 """The inference package against the training-time model.
 
-* every CTR model and multi-task head: the package's scores of dataset rows (through
-  ``trainer.predict --package``) equal the task wrapper's in-process scores (atol 1e-5);
+* every registered CTR model and multi-task head: the package's scores of dataset rows
+  (its exported program through the row-input path ``trainer.predict`` uses; raw CSV through
+  the stored preprocessing for DeepFM) equal the task wrapper's in-process scores (atol 1e-5);
 * HSTU / SASRec: the package's user vectors equal the eager model's last-position outputs, and
   its top-K equals brute force over the model's item table with history and padding excluded;
   FAISS (IVF-Flat, HNSW) recall@10 >= 0.95 against exact on a synthetic catalogue;
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from data.reader import ParquetReader, split_files
 from data.schema import Schema
-from models import get_model_spec
+from models import get_model_spec, list_models
 from trainer.tasks.ctr import CTRTrain
 from trainer.tasks.multitask import MultiTaskTrain
 from trainer.package import PackageError, load_package, write_package
@@ -38,11 +39,12 @@ from trainer.predict import main as predict_main
 from trainer.topk import ann_topk, build_index, exact_topk, recall_at_k
 
 
-def _model(name: str, data: str, **args: Any) -> Tuple[torch.nn.Module, str, Schema]:
+def _model(name: str, data: str, flavour: str = "default", **args: Any
+           ) -> Tuple[torch.nn.Module, str, Schema]:
     schema = Schema.load(data)
     spec = get_model_spec(name)
     torch.manual_seed(0)
-    model = spec.build(schema, spec.make_args("default", args), "cpu").eval()
+    model = spec.build(schema, spec.make_args(flavour, args), "cpu").eval()
     with torch.no_grad():  # embeddings far from zero, so the scores spread
         for n, p in model.named_parameters():
             if "embedding" in n and p.dim() == 2:
@@ -59,28 +61,36 @@ def _split(data: str) -> str:
     return "eval" if os.path.isdir(os.path.join(data, "eval")) else "test"
 
 
-CTR_CASES = [("deepfm", "tiny_ctr", {}), ("dcn_v2", "tiny_ctr", {}),
-             ("autoint", "tiny_ctr", {}), ("interformer", "tiny_seq", {}),
-             ("mmoe", "tiny_ctr2", {"backbone_flavour": "small"}),
-             ("esmm", "tiny_ctr2", {"backbone_flavour": "small"}),
-             ("ple", "tiny_ctr2", {"backbone_flavour": "small"}),
-             ("shared_bottom", "tiny_ctr2", {"backbone_flavour": "small"}),
-             ("poso", "tiny_ctr2", {"backbone_flavour": "small"})]
+def _scoring_cases() -> List[Tuple[str, str, Dict[str, Any]]]:
+    """(model, dataset fixture, args) for every registered CTR and multi-task model, so a
+    model added to the registry is covered without editing this test: CTR models on the
+    behaviour-sequence CTR data (sparse + sequence features: every CTR model builds on it),
+    multi-task heads on the two-task data over the small backbone."""
+    out: List[Tuple[str, str, Dict[str, Any]]] = []
+    for name in list_models():
+        spec = get_model_spec(name)
+        if spec.task == "ctr":  # the small flavour where there is one: export is the cost
+            out.append((name, "tiny_seq",
+                        {"flavour": "small"} if "small" in spec.flavours else {}))
+        elif spec.task == "multitask":
+            out.append((name, "tiny_ctr2", {"backbone_flavour": "small"}))
+    return out
+
+
+SCORING_CASES = _scoring_cases()
 
 
 def _training_time_scores(model: torch.nn.Module, task: str, schema: Schema, data: str,
-                          split: str) -> Tuple[np.ndarray, List[Any]]:
+                          split: str) -> np.ndarray:
     """Scores ``[N, P]`` of every row (by sample id) through the task wrapper the trainer
-    runs, and the reader's batches."""
+    runs."""
     wrapper = (CTRTrain(model) if task == "ctr" else MultiTaskTrain(model)).eval()
     want: List[np.ndarray] = []
     ids: List[np.ndarray] = []
-    batches = []
     with torch.no_grad():
         # remainder="pad" wraps the last batch to the first rows: placed by sample id below.
         for batch in ParquetReader(data, split, 512, schema=schema, remainder="pad"):
             ids.append(batch.sample_ids.numpy())
-            batches.append(batch)
             if task == "ctr":
                 want.append(torch.sigmoid(wrapper(batch)[1][1]).numpy()[:, None])
             else:
@@ -89,59 +99,32 @@ def _training_time_scores(model: torch.nn.Module, task: str, schema: Schema, dat
                 want.append(torch.where(binary, torch.sigmoid(logits), logits).numpy())
     expected = np.zeros((int(np.concatenate(ids).max()) + 1, want[0].shape[1]), np.float32)
     expected[np.concatenate(ids)] = np.concatenate(want)
-    return expected, batches
+    return expected
 
 
-@pytest.mark.parametrize("name,dataset,args", CTR_CASES, ids=[c[0] for c in CTR_CASES])
-def test_program_equals_training_time_model(name: str, dataset: str, args: Dict[str, Any],
-                                            request: pytest.FixtureRequest) -> None:
-    """Every CTR model and multi-task head: the plain-tensor program that the package
-    exports (pure-torch lookups, sigmoid per binary column) scores the reader's batches as
-    the task wrapper does. (``torch.export`` of it is exact: see the next test.)"""
-    from trainer.inference import ScoringProgram
-    from trainer.package import _binary_outputs
-
-    data = request.getfixturevalue(dataset)
-    model, task, schema = _model(name, data, **args)
-    expected, batches = _training_time_scores(model, task, schema, data, _split(data))
-    prog = ScoringProgram(model, schema, _binary_outputs(model, task)[1])
-    feats = [f.name for f in schema.sparse_features] + [f.name for f in schema.sequence_features]
-    with torch.no_grad():
-        for batch in batches:
-            kjts = {**batch.sparse.to_dict(),
-                    **(batch.sequence.to_dict() if batch.sequence is not None else {})}
-            got = prog(batch.dense, [kjts[n].values() for n in feats],
-                       [kjts[n].lengths().long() for n in feats])
-            np.testing.assert_allclose(got.numpy(), expected[batch.sample_ids.numpy()],
-                                       atol=1e-5, rtol=0)
-    assert expected.std() > 1e-3  # the comparison is not between constants
-
-
-PACKAGE_CASES = [CTR_CASES[3]]  # interformer (sequence features); deepfm: raw CSV below
-
-
-@pytest.mark.parametrize("name,dataset,args", PACKAGE_CASES, ids=[c[0] for c in PACKAGE_CASES])
+@pytest.mark.parametrize("name,dataset,args", SCORING_CASES, ids=[c[0] for c in SCORING_CASES])
 def test_package_scores_equal_training_time_model(name: str, dataset: str, args: Dict[str, Any],
                                                   request: pytest.FixtureRequest,
                                                   tmp_path: Path) -> None:
+    """Every registered CTR model and multi-task head: the package (its ``torch.export``
+    program, loaded back from disk, fed through the package's row-input path) scores the
+    split's rows as the task wrapper the trainer runs does (atol 1e-5)."""
+    from trainer.package import run_inputs, table_inputs
+
+    assert {"deepfm", "din", "dien", "mmoe"} <= {c[0] for c in SCORING_CASES}
     data = request.getfixturevalue(dataset)
     model, task, schema = _model(name, data, **args)
     out = str(tmp_path / "pkg")
     info = _package(model, task, schema, name, out)
-    expected, _ = _training_time_scores(model, task, schema, data, _split(data))
     split = _split(data)
-    rows = str(tmp_path / "rows.parquet")
-    pq.write_table(pq.read_table(split_files(data, split)[0]), rows)
-    preds = str(tmp_path / "preds.parquet")
-    assert predict_main(["--package", out, "--input", rows, "--out", preds,
-                         "--chunk-rows", "300"]) == 0
-    got = pq.read_table(preds)
-    assert got.column("row").to_pylist() == list(range(got.num_rows))
-    scores = np.stack([got.column(c).to_numpy() for c in info["outputs"]], axis=1)
-    n = got.num_rows
-    assert n == pq.read_metadata(rows).num_rows and n <= expected.shape[0]
-    np.testing.assert_allclose(scores, expected[:n], atol=1e-5, rtol=0)
-    assert scores.std() > 1e-3  # the comparison is not between constants
+    expected = _training_time_scores(model, task, schema, data, split)
+    pkg = load_package(out, prefer_compiled=False)
+    tab = pq.read_table(split_files(data, split)[0])  # sample id = row of the first file
+    got = run_inputs(pkg, table_inputs(pkg, tab)).numpy()
+    n = tab.num_rows
+    assert got.shape == (n, len(info["outputs"])) and n <= expected.shape[0]
+    np.testing.assert_allclose(got, expected[:n], atol=1e-5, rtol=0)
+    assert expected.std() > 1e-3  # the comparison is not between constants
 
 
 def test_package_scores_raw_csv_through_stored_preprocessing(tmp_path: Path) -> None:
@@ -161,7 +144,7 @@ def test_package_scores_raw_csv_through_stored_preprocessing(tmp_path: Path) -> 
     model, task, schema = _model("deepfm", data)
     out = str(tmp_path / "pkg")
     _package(model, task, schema, "deepfm", out, preprocess=dataset_preprocess_state(data))
-    expected, _ = _training_time_scores(model, task, schema, data, "test")
+    expected = _training_time_scores(model, task, schema, data, "test")
     test_ids = [r for f in split_files(data, "test")
                 for r in pq.read_table(f, columns=["req_id"]).column("req_id").to_pylist()]
     want = {rid: float(expected[k, 0]) for k, rid in enumerate(test_ids)}
@@ -198,12 +181,28 @@ def _eager_users(model: torch.nn.Module, data: str, schema: Schema, rows: int
     return enc.user[enc.offsets[1:] - 1], hist.values(), hist.lengths().long()
 
 
+@pytest.fixture(scope="module")
+def hstu_package(tiny_nextitem: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An HSTU package (random weights, HNSW index) on ``tiny_nextitem``, shared by the
+    top-K and HTTP tests."""
+    model, task, schema = _model("hstu", tiny_nextitem)
+    out = str(tmp_path_factory.mktemp("hstu") / "pkg")
+    _package(model, task, schema, "hstu", out, index="hnsw")
+    return out
+
+
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 def test_sequential_package_topk_equals_brute_force(name: str, tiny_nextitem: str,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    """Brute force over the unsharded model's table; ``tests/integration/test_train_hstu``
+    does the same on a 2-rank run's sharded checkpoint."""
     model, task, schema = _model(name, tiny_nextitem)
-    out = str(tmp_path / "pkg")
-    _package(model, task, schema, name, out, index="hnsw" if name == "hstu" else "none")
+    if name == "hstu":
+        out = request.getfixturevalue("hstu_package")  # the same seed: the same weights
+    else:
+        out = str(tmp_path / "pkg")
+        _package(model, task, schema, name, out)
     rows = 64
     users, hist_ids, hist_len = _eager_users(model, tiny_nextitem, schema, rows)
     assert bool((hist_len > 0).all())
@@ -419,3 +418,72 @@ def test_server_scores_like_predict_rejects_bad_requests_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_topk_like_predict_and_rejects_bad_requests(hstu_package: str, tiny_nextitem: str,
+                                                           tmp_path: Path) -> None:
+    """``/topk`` of the HTTP app (in this process, on a real 127.0.0.1 socket, a real aiohttp
+    client): 16 concurrent requests (exact) and one ANN request return what
+    ``predict --top-k`` writes for the same rows; malformed requests get 400s naming the
+    field."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from trainer.serve import build_app
+
+    rows_n, k = 32, 10
+    tab = pq.read_table(split_files(tiny_nextitem, _split(tiny_nextitem))[0]).slice(0, rows_n)
+    rows_file = str(tmp_path / "rows.parquet")
+    pq.write_table(tab, rows_file)
+    want = {}
+    for search in ("exact", "ann"):
+        preds = str(tmp_path / f"{search}.parquet")
+        assert predict_main(["--package", hstu_package, "--input", rows_file, "--out", preds,
+                             "--top-k", str(k), "--search", search]) == 0
+        want[search] = pq.read_table(preds).to_pydict()
+    rows = [{"item_seq": tab.column("item_seq")[i].as_py(),
+             "item_ts": tab.column("item_ts")[i].as_py()} for i in range(rows_n)]
+    pkg = load_package(hstu_package)
+    assert pkg.info["inputs"]["timestamps"]
+
+    async def client() -> Tuple[List[Any], Any, List[Tuple[int, Any]], Dict[str, Any]]:
+        server = TestServer(build_app(pkg, max_wait_ms=20), host="127.0.0.1")
+        await server.start_server()
+        try:
+            url = f"http://127.0.0.1:{server.port}"
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+
+                async def post(path: str, payload: Any) -> Tuple[int, Any]:
+                    async with s.post(url + path, json=payload) as r:
+                        return r.status, await r.json()
+
+                exact = await asyncio.gather(*[
+                    post("/topk", {"rows": rows[2 * i:2 * i + 2], "k": k}) for i in range(16)])
+                ann = await post("/topk", {"rows": rows, "k": k, "search": "ann"})
+                no_ts = {"item_seq": rows[0]["item_seq"]}
+                bad = [await post("/topk", {"rows": [rows[0], {**rows[1], "item_seq": "x"}]}),
+                       await post("/topk", {"rows": [no_ts]}),
+                       await post("/topk", {"rows": rows[:1], "k": 0}),
+                       await post("/topk", {"rows": rows[:1], "search": "fuzzy"}),
+                       await post("/topk", {"rows": [{**rows[0], "item_seq": [10 ** 6]}]}),
+                       await post("/score", {"rows": rows[:1]})]
+                async with s.get(url + "/health") as r:
+                    health = await r.json()
+        finally:
+            await server.close()
+        return list(exact), ann, bad, health
+
+    exact, ann, bad, health = asyncio.run(client())
+    assert all(status == 200 for status, _ in exact) and ann[0] == 200
+    got = [res for _, body in exact for res in body["results"]]
+    assert [r["items"] for r in got] == want["exact"]["items"]
+    np.testing.assert_allclose(np.array([r["scores"] for r in got]),
+                               np.array(want["exact"]["scores"]), atol=1e-5)
+    assert [r["items"] for r in ann[1]["results"]] == want["ann"]["items"]
+    assert health["batches"] < 17  # concurrent requests shared program calls
+    assert [b[0] for b in bad] == [400] * 6
+    assert [b[1]["field"] for b in bad] == ["rows[1].item_seq", "rows[0].item_ts", "k",
+                                            "search", "rows", "path"]
+    assert "item_seq" in bad[4][1]["error"]  # the out-of-range id's column is named
