@@ -191,6 +191,21 @@ def compiled_goals(rows: List[Dict[str, Any]], workloads: Sequence[str]
     return out
 
 
+def print_long_sections(rows: List[Dict[str, Any]], workload: str, long: Dict[str, Any],
+                        quick: bool) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Print (and return) the long-sequence sections: semi-local vs full attention on
+    ``workload`` and the length-balanced batches' cross-rank step-time spread."""
+    semi = semi_local_ratios(rows, workload)
+    print(f"{workload}: semi_local (W={long['window']}, G={long['global']}) vs full "
+          "causal attention (<1 = semi-local cheaper)")
+    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
+    spread = balance_spread(quick)
+    print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
+    print(format_table(spread, ["batches", "ranks", "steps", "spread", "cost_spread", "step_s",
+                                "tokens_per_s"]))
+    return semi, spread
+
+
 def semi_local_ratios(rows: List[Dict[str, Any]], workload: str) -> List[Dict[str, Any]]:
     semi = next(r for r in rows if r["workload"] == workload and r["impl"] == "semi_local")
     out = []
@@ -440,14 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     goals = compiled_goals(rows, [w[0] for w in workloads if w[0].startswith("longtail")])
     print("compiled_jagged goals (attn/matmul >= 0.40, layer >= 1.5x pytorch_jagged):")
     print(format_table(goals, ["workload", "attn/matmul", "layer_speedup", "goals_met"]))
-    semi = semi_local_ratios(rows, workloads[3][0])
-    print(f"{workloads[3][0]}: semi_local (W={long['window']}, G={long['global']}) vs full "
-          "causal attention (<1 = semi-local cheaper)")
-    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
-    spread = balance_spread(ns.quick)
-    print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
-    print(format_table(spread, ["batches", "ranks", "steps", "spread", "cost_spread", "step_s",
-                                "tokens_per_s"]))
+    semi, spread = print_long_sections(rows, workloads[3][0], long, ns.quick)
     payload = {"quick": ns.quick, "matmul_flops": flops, "results": rows, "ratios": ratios,
                "profiles": profiles, "compiled_goals": goals, "semi_local": semi,
                "balance_spread": spread}

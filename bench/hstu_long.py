@@ -19,8 +19,8 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from bench.common import format_table, write_results
-from bench.hstu_attention import (DIM, HEADS, LONG, LONG_QUICK, QUICK, balance_spread,
-                                  run_contender, semi_local_ratios, worker)
+from bench.hstu_attention import (DIM, HEADS, LONG, LONG_QUICK, QUICK, print_long_sections,
+                                  run_contender, worker)
 from data.cli import ArgumentParser
 
 
@@ -54,14 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     long = LONG_QUICK if ns.quick else LONG
     rows = long_rows(ns.quick, ns.repeats)
     print(format_table(rows, ["workload", "impl", "layer_s", "attention_s", "peak_MB"]))
-    semi = semi_local_ratios(rows, rows[0]["workload"])
-    print(f"{rows[0]['workload']}: semi_local (W={long['window']}, G={long['global']}) vs full "
-          "causal attention (<1 = semi-local cheaper)")
-    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
-    spread = balance_spread(ns.quick)
-    print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
-    print(format_table(spread, ["batches", "ranks", "steps", "spread", "cost_spread", "step_s",
-                                "tokens_per_s"]))
+    semi, spread = print_long_sections(rows, rows[0]["workload"], long, ns.quick)
     write_results("hstu_long_quick" if ns.quick else "hstu_long",
                   {"quick": ns.quick, "results": rows, "semi_local": semi,
                    "balance_spread": spread}, ns.json)

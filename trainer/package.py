@@ -151,6 +151,26 @@ def export_program(program: torch.nn.Module, args: Tuple[Any, ...],
         return torch.export.export(program, args, dynamic_shapes=shapes, strict=False)
 
 
+def save_program(program: torch.nn.Module, args: Tuple[Any, ...], directory: str, compile: str,
+                 info: Dict[str, Any], features: Sequence[str] = (),
+                 aligned: Sequence[str] = ()) -> None:
+    """Export ``program`` (:func:`export_program`) into ``directory`` as ``model.pt2`` and,
+    unless ``compile`` is ``none``, AOTInductor-compile it beside (``aoti`` fails when the
+    toolchain does, ``auto`` keeps the portable program alone); records ``export_s`` and
+    ``compiled`` in ``info``."""
+    t = time.time()
+    ep = export_program(program, args, features, aligned)
+    torch.export.save(ep, os.path.join(directory, PROGRAM_FILE))
+    info["export_s"] = round(time.time() - t, 2)
+    info["compiled"] = False
+    if compile != "none":
+        done = compile_aoti(ep, os.path.join(directory, AOTI_FILE))
+        if done is None and compile == "aoti":
+            raise RuntimeError("AOTInductor compilation failed (see the log); pass "
+                               "--compile auto to package the portable program alone")
+        info["compiled"] = done is not None
+
+
 def compile_aoti(ep: Any, path: str) -> Optional[str]:
     """AOTInductor-compile ``ep`` into ``path``; None (logged) when the toolchain fails."""
     try:
@@ -328,17 +348,7 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
         raise ValueError(f"task kind {task!r} has no inference package")
     with target as d:
         tmp = d.path
-        t = time.time()
-        ep = export_program(program, args, feats, aligned)
-        torch.export.save(ep, os.path.join(tmp, PROGRAM_FILE))
-        info["export_s"] = round(time.time() - t, 2)
-        info["compiled"] = False
-        if compile != "none":
-            done = compile_aoti(ep, os.path.join(tmp, AOTI_FILE))
-            if done is None and compile == "aoti":
-                raise RuntimeError("AOTInductor compilation failed (see the log); pass "
-                                   "--compile auto to package the portable program alone")
-            info["compiled"] = done is not None
+        save_program(program, args, tmp, compile, info, feats, aligned)
         if task == "sequential":
             table = program.model.ec.tables[model.item_table]  # type: ignore[attr-defined,index]
             items = torch.nn.functional.normalize(table.dequantised(), dim=-1)

@@ -94,16 +94,13 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
     from data.io import AtomicDirectory
     from data.marker import EXPORT_MARKER
     from trainer.package import (
-        AOTI_FILE,
         INDEX_FILE,
         ITEMS_FILE,
         PACKAGE_FILE,
         PACKAGE_VERSION,
         PREPROCESS_FILE,
-        PROGRAM_FILE,
-        compile_aoti,
         example_inputs,
-        export_program,
+        save_program,
         write_json,
         write_manifest,
     )
@@ -131,17 +128,7 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
     args = example_inputs(schema, feats, max_len=program.max_len)
     with target as d:
         tmp = d.path
-        t = time.time()
-        ep = export_program(program, args)
-        torch.export.save(ep, os.path.join(tmp, PROGRAM_FILE))
-        info["export_s"] = round(time.time() - t, 2)
-        info["compiled"] = False
-        if compile != "none":
-            done = compile_aoti(ep, os.path.join(tmp, AOTI_FILE))
-            if done is None and compile == "aoti":
-                raise RuntimeError("AOTInductor compilation failed (see the log); pass "
-                                   "--compile auto to package the portable program alone")
-            info["compiled"] = done is not None
+        save_program(program, args, tmp, compile, info)
         table = program.model.ec.tables[model.item_table]
         items = F.normalize(table.dequantised(), dim=-1)
         items[0] = 0.0

@@ -63,11 +63,10 @@ from trainer.tasks.sequential import (
     _all_gather_jagged,
     _all_reduce,
     _history_pairs,
-    _TrainRunning,
     local_item_shards,
     target_scores,
 )
-from trainer.tasks.base import RunningMetrics, eval_batches, run_eval
+from trainer.tasks.base import eval_batches, run_eval
 
 logger = logging.getLogger(__name__)
 
@@ -331,12 +330,6 @@ class RetrievalKind(ItemTableKind):
                 self.num_items))
         task.loss.gather = all_gather_rows
         return task
-
-    def examples(self, output: Tuple[Any, ...]) -> int:
-        return int(output[4].numel())
-
-    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
-        return _TrainRunning(ctx.device)
 
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
                  reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:

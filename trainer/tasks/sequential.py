@@ -401,6 +401,13 @@ class ItemTableKind(TaskKind):
         """The sequence feature of item ids."""
         return item_spec(schema, self.args)
 
+    def examples(self, output: Tuple[Any, ...]) -> int:
+        # Both kinds' outputs carry the batch's target ids at index 4 (one per example).
+        return int(output[4].numel())
+
+    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
+        return _TrainRunning(ctx.device)
+
 
 class SequentialKind(ItemTableKind):
     """Next-item prediction with sampled softmax; full-ranking leave-one-out evaluation."""
@@ -416,12 +423,6 @@ class SequentialKind(ItemTableKind):
         return SequentialTrain(model, self.args.temperature,  # type: ignore[arg-type]
                               self.args.in_batch_negatives, self.cfg.training.dense_dtype,
                               device_type)
-
-    def examples(self, output: Tuple[Any, ...]) -> int:
-        return int(output[4].numel())
-
-    def train_metrics(self, ctx: DistContext, window_examples: int) -> RunningMetrics:
-        return _TrainRunning(ctx.device)
 
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
                  reader: ParquetReader, ctx: DistContext, max_batches: int) -> Dict[str, float]:
