@@ -171,6 +171,19 @@ def save_program(program: torch.nn.Module, args: Tuple[Any, ...], directory: str
         info["compiled"] = done is not None
 
 
+def write_package_files(directory: str, schema: Schema, preprocess: Optional[Dict[str, Any]],
+                        config_toml: str, info: Dict[str, Any]) -> None:
+    """The files every package holds beside its program: the schema, the preprocessing
+    state, the run's config, ``package.json`` (``info``), then the checksum manifest of
+    everything in ``directory`` (last, so it covers the rest)."""
+    schema.save(directory)
+    write_json(os.path.join(directory, PREPROCESS_FILE), preprocess or {})
+    with open(os.path.join(directory, "config.toml"), "w") as fh:
+        fh.write(config_toml)
+    write_json(os.path.join(directory, PACKAGE_FILE), info)
+    write_manifest(directory)
+
+
 def compile_aoti(ep: Any, path: str) -> Optional[str]:
     """AOTInductor-compile ``ep`` into ``path``; None (logged) when the toolchain fails."""
     try:
@@ -359,12 +372,7 @@ def write_package(model: torch.nn.Module, task: str, schema: Schema, config_toml
                 write_index(build_index(items, index, dict(index_params or {})),
                             os.path.join(tmp, INDEX_FILE))
                 info["index"] = {"kind": index, "params": dict(index_params or {})}
-        schema.save(tmp)
-        write_json(os.path.join(tmp, PREPROCESS_FILE), preprocess or {})
-        with open(os.path.join(tmp, "config.toml"), "w") as fh:
-            fh.write(config_toml)
-        write_json(os.path.join(tmp, PACKAGE_FILE), info)
-        write_manifest(tmp)
+        write_package_files(tmp, schema, preprocess, config_toml, info)
         d.commit()
     return info
 

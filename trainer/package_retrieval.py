@@ -96,13 +96,10 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
     from trainer.package import (
         INDEX_FILE,
         ITEMS_FILE,
-        PACKAGE_FILE,
         PACKAGE_VERSION,
-        PREPROCESS_FILE,
         example_inputs,
         save_program,
-        write_json,
-        write_manifest,
+        write_package_files,
     )
     from trainer.topk import build_index, write_index
 
@@ -136,12 +133,7 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
         t = time.time()
         write_index(build_index(items, index_kind, params), os.path.join(tmp, INDEX_FILE))
         info["index_build_s"] = round(time.time() - t, 3)
-        schema.save(tmp)
-        write_json(os.path.join(tmp, PREPROCESS_FILE), preprocess or {})
-        with open(os.path.join(tmp, "config.toml"), "w") as fh:
-            fh.write(config_toml)
-        write_json(os.path.join(tmp, PACKAGE_FILE), info)
-        write_manifest(tmp)
+        write_package_files(tmp, schema, preprocess, config_toml, info)
         d.commit()
     return info
 
