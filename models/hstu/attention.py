@@ -41,6 +41,7 @@ Three implementations sit behind :func:`hstu_attention`:
 ``compiled_jagged`` runs the same tiles in a compiled C++ CPU kernel (one fused pass over
 each tile's scores for bias, SiLU, ``1/n`` and the mask, no Python per tile; see
 :mod:`models.hstu.compiled`), falling back to ``pytorch_jagged`` where it cannot be built.
+``auto`` picks it for CPU tensors (:func:`auto_impl`) and ``triton`` for CUDA tensors.
 
 ``semi_local`` is a different attention pattern, not another way to compute this one: query
 ``i`` sees only keys with ``i − j < window`` or ``j < global_tokens`` (see
@@ -59,8 +60,8 @@ from models.hstu.jagged import (TIME_BUCKET_DIVISOR, jagged_positions, next_time
                                time_buckets)
 
 IMPLS = ("auto", "pytorch_padded", "pytorch_jagged", "compiled_jagged", "triton", "semi_local")
-__all__ = ["IMPLS", "TIME_BUCKET_DIVISOR", "hstu_attention", "jagged_positions", "next_timestamps",
-           "time_buckets"]
+__all__ = ["IMPLS", "TIME_BUCKET_DIVISOR", "auto_impl", "hstu_attention", "jagged_positions",
+           "next_timestamps", "time_buckets"]
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
            max_seq_len: int, rab_pos: torch.Tensor, rab_time: Optional[torch.Tensor],
@@ -104,8 +105,9 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         rab_time: ``[num_buckets + 1]`` learned bias per time-gap bucket, or None.
         timestamps: ``[ΣLᵢ]`` int64 event times (needed iff ``rab_time`` is given).
         impl: ``"pytorch_padded"``, ``"pytorch_jagged"``, ``"compiled_jagged"``,
-            ``"triton"``, ``"semi_local"`` or ``"auto"``
-            (``triton`` for CUDA tensors when Triton imports, else ``pytorch_jagged``).
+            ``"triton"``, ``"semi_local"`` or ``"auto"`` (:func:`auto_impl`: ``triton`` for
+            CUDA tensors when Triton imports, ``compiled_jagged`` for CPU tensors when its
+            C++ kernel builds and loads, else ``pytorch_jagged``).
         query_timestamps: ``[ΣLᵢ]`` the time each query's gaps are measured from, instead of
             ``ts[i + 1]`` (own time for a last token) — e.g. the held-out item's time for the
             last token at evaluation, so it sees the gap it was trained with. Only with
@@ -135,7 +137,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
                          f"reference 'pytorch_padded'; got impl={impl!r}, window={window}, "
                          f"global_tokens={global_tokens}")
     if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_available() else "pytorch_jagged"
+        impl = auto_impl(q.device)
     if impl == "pytorch_padded":
         return _padded(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
                        query_timestamps, window, global_tokens)
@@ -159,6 +161,21 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
 
     return triton_hstu_attention(q, k, v, offsets, max_seq_len, rab_pos, rab_time, timestamps,
                                  query_timestamps)
+
+
+def auto_impl(device: torch.device) -> str:
+    """What ``impl="auto"`` runs on tensors of ``device``: ``triton`` on CUDA where Triton
+    imports; on the CPU ``compiled_jagged`` where its C++ kernel builds (or is cached) and
+    loads — where it cannot, :func:`models.hstu.compiled.load_kernel` logs one line saying
+    why and ``pytorch_jagged`` (the same values, eagerly) is used; ``pytorch_jagged``
+    elsewhere."""
+    if device.type == "cuda":
+        return "triton" if _triton_available() else "pytorch_jagged"
+    if device.type == "cpu":
+        from models.hstu.compiled import load_kernel
+
+        return "compiled_jagged" if load_kernel() is not None else "pytorch_jagged"
+    return "pytorch_jagged"
 
 
 def _triton_available() -> bool:

@@ -57,7 +57,8 @@ class HSTUArgs(SequentialArgs):
     time_bias: bool = True
     #: time-gap buckets of that bias.
     num_time_buckets: int = 128
-    #: attention implementation: auto (triton on CUDA, pytorch_jagged on CPU),
+    #: attention implementation: auto (triton on CUDA; on CPU compiled_jagged, the C++
+    #: kernel, where it builds, else pytorch_jagged with one log line), compiled_jagged,
     #: pytorch_jagged, pytorch_padded, triton, or semi_local (a local window plus global
     #: tokens instead of full causal attention: cost O(ΣLᵢ·(W + G)) instead of O(ΣLᵢ²)).
     attention_impl: str = "auto"

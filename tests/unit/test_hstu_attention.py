@@ -279,3 +279,43 @@ def test_compiled_falls_back_with_one_log_line(monkeypatch: pytest.MonkeyPatch,
     lines = [r.getMessage() for r in caplog.records if "compiled_jagged" in r.getMessage()]
     assert len(lines) == 1 and "falling back to pytorch_jagged" in lines[0] \
         and "Ninja is required" in lines[0], lines
+
+
+def test_auto_picks_compiled_on_cpu_else_falls_back(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """``impl="auto"`` on CPU tensors runs the compiled kernel where it loads (here it does:
+    the kernel's own entry point is called) and ``pytorch_jagged`` where it cannot be built,
+    with one log line; CUDA tensors get ``triton`` (where it imports)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    import models.hstu.compiled as compiled
+    from models.hstu import attention
+
+    assert attention.auto_impl(torch.device("cpu")) == "compiled_jagged"
+    assert attention.auto_impl(torch.device("meta")) == "pytorch_jagged"
+    monkeypatch.setattr(attention, "_triton_available", lambda: True)
+    assert attention.auto_impl(torch.device("cuda")) == "triton"
+    monkeypatch.setattr(attention, "_triton_available", lambda: False)
+    assert attention.auto_impl(torch.device("cuda")) == "pytorch_jagged"
+    batch = make_batch([5, 0, 9], heads=2, dim=4, dtype=torch.float64, seed=9, with_time=True)
+    calls = []
+    real = compiled.compiled_jagged_attention
+    monkeypatch.setattr(compiled, "compiled_jagged_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    want = run(batch, "pytorch_jagged")
+    assert_all_close(run(batch, "auto"), want, 1e-10)
+    assert calls == [1]
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(compiled, "_kernel", None)
+    monkeypatch.setattr(compiled, "_tried", False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level("WARNING", logger="models.hstu.compiled"):
+        assert attention.auto_impl(torch.device("cpu")) == "pytorch_jagged"
+        got = run(batch, "auto")
+    assert_all_close(got, want, 1e-12)
+    assert calls == [1]
+    lines = [r.getMessage() for r in caplog.records if "compiled_jagged" in r.getMessage()]
+    assert len(lines) == 1 and "falling back to pytorch_jagged" in lines[0], lines
