@@ -29,7 +29,9 @@ peak-memory ratios.
 Length-balanced batches (``data.balance_batches``, ``data.length_sampling``): a long-tailed
 dataset (log-normal lengths, mean 256, capped at 4,096) read by 4 simulated ranks, 8 rows a
 batch; each step's layer time is measured per rank and the spread is ``max / mean`` over the
-ranks (the synchronous step waits for the slowest), averaged over the steps: plain batches,
+ranks (the synchronous step waits for the slowest; ``spread_cpu`` the same in the thread's
+CPU time, which a shared machine's other jobs do not inflate), averaged over the steps
+(the layer runs with the CPU default attention, ``auto``): plain batches,
 balanced (``balance_batches=8``, attention cost) and balanced + ``hstu`` length sampling
 (α = 1.6, which also trains on less of the longest histories).
 
@@ -107,6 +109,8 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from models.hstu.layer import HSTULayer
 
     torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     device = torch.device("cuda" if spec["impl"] == "triton" else "cpu")
     lengths, dim, heads, max_len = spec["lengths"], spec["dim"], spec["heads"], spec["max_len"]
     impl = "pytorch_padded" if spec["impl"] == "loop" else spec["impl"]
@@ -201,8 +205,8 @@ def print_long_sections(rows: List[Dict[str, Any]], workload: str, long: Dict[st
     print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
     spread = balance_spread(quick)
     print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
-    print(format_table(spread, ["batches", "ranks", "steps", "spread", "cost_spread", "step_s",
-                                "tokens_per_s"]))
+    print(format_table(spread, ["batches", "ranks", "steps", "spread", "spread_cpu",
+                                "cost_spread", "step_s", "tokens_per_s"]))
     return semi, spread
 
 
@@ -210,7 +214,9 @@ def semi_local_ratios(rows: List[Dict[str, Any]], workload: str) -> List[Dict[st
     semi = next(r for r in rows if r["workload"] == workload and r["impl"] == "semi_local")
     out = []
     for full in ("pytorch_jagged", "compiled_jagged"):
-        them = next(r for r in rows if r["workload"] == workload and r["impl"] == full)
+        them = next((r for r in rows if r["workload"] == workload and r["impl"] == full), None)
+        if them is None:  # bench.hstu_long --full may leave one out
+            continue
         out.append({"vs": full, "time_ratio": semi["layer_s"] / them["layer_s"],
                     "attn_time_ratio": semi["attention_s"] / them["attention_s"],
                     "memory_ratio": semi["peak_bytes"] / max(them["peak_bytes"], 1.0)})
@@ -250,7 +256,7 @@ def balance_spread(quick: bool, ranks: int = 4) -> List[Dict[str, Any]]:
                 "label": pa.array(np.zeros(rows, np.float32))}),
                 os.path.join(root, "train", "part-00000.parquet"), row_group_size=16)
             torch.manual_seed(0)
-            layer = HSTULayer(dim, heads, cap, num_time_buckets=128, impl="pytorch_jagged")
+            layer = HSTULayer(dim, heads, cap, num_time_buckets=128, impl="auto")
             settings = [("plain", {}),
                         ("balanced", {"balance_batches": 8, "balance_cost": "attention"}),
                         ("balanced+hstu_sampling",
@@ -260,24 +266,27 @@ def balance_spread(quick: bool, ranks: int = 4) -> List[Dict[str, Any]]:
                 readers = [ParquetReader(root, "train", batch, rank=r, world_size=ranks,
                                          shuffle=True, seed=0, prefetch=0, **kw)
                            for r in range(ranks)]
-                spreads, cost_spreads, steps, tokens = [], [], [], 0
+                spreads, cpu_spreads, cost_spreads, steps, tokens = [], [], [], [], 0
                 for batches in zip(*readers):
-                    times, costs = [], []
+                    times, cpu_times, costs = [], [], []
                     for b in batches:
                         lens = b.sequence["item"].lengths().long()
                         # The attention term dominates a long batch: Σ L² (+ Σ L, linear).
                         costs.append(float((lens * lens).sum() + lens.sum() * dim))
                         offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
                         x = torch.randn(int(offsets[-1]), dim, requires_grad=True)
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         layer(x, offsets, b.timestamps["item"].values()).sum().backward()
                         times.append(time.perf_counter() - t0)
+                        cpu_times.append(time.thread_time() - c0)
                         tokens += int(offsets[-1])
                     spreads.append(max(times) / (sum(times) / len(times)))
+                    cpu_spreads.append(max(cpu_times) / (sum(cpu_times) / len(cpu_times)))
                     cost_spreads.append(max(costs) / (sum(costs) / len(costs)))
                     steps.append(max(times))
                 out.append({"batches": name, "ranks": ranks, "steps": len(steps),
                             "spread": float(np.mean(spreads)),
+                            "spread_cpu": float(np.mean(cpu_spreads)),
                             "cost_spread": float(np.mean(cost_spreads)),
                             "step_s": float(np.mean(steps)),
                             "tokens_per_s": tokens / ranks / float(np.sum(steps))})

@@ -2,7 +2,8 @@
 full jagged attention at ``L`` up to 16,384, and the cross-rank step-time spread of plain vs
 length-balanced batches.
 
-``python -m bench.hstu_long [--quick] [--repeats N] [--json PATH]``
+``python -m bench.hstu_long [--quick] [--repeats N] [--full IMPL,...] [--threads N]
+[--json PATH]``
 
 Same workloads, contenders and measurements as the full benchmark's ``long-16384`` and
 length-balanced tables (see that module's docstring): one HSTU layer (D = 256, 4 heads,
@@ -24,18 +25,22 @@ from bench.hstu_attention import (DIM, HEADS, LONG, LONG_QUICK, QUICK, print_lon
 from data.cli import ArgumentParser
 
 
-def long_rows(quick: bool, repeats: int) -> List[Dict[str, Any]]:
-    """Time and peak memory of full (``pytorch_jagged``, ``compiled_jagged``) and semi-local
-    attention on the long workload."""
+FULL = ("pytorch_jagged", "compiled_jagged")
+
+
+def long_rows(quick: bool, repeats: int, full: Sequence[str] = FULL,
+              threads: int = 0) -> List[Dict[str, Any]]:
+    """Time and peak memory of full (``full``: ``pytorch_jagged``, ``compiled_jagged``) and
+    semi-local attention on the long workload; ``threads`` intra-op threads (0: torch's)."""
     long = LONG_QUICK if quick else LONG
     dim, heads = (QUICK["dim"], QUICK["heads"]) if quick else (DIM, HEADS)
     name = f"long-{long['max_len']}"
     rows = []
-    for impl in ("pytorch_jagged", "compiled_jagged", "semi_local"):
+    for impl in (*full, "semi_local"):
         spec = {"workload": name, "impl": impl, "lengths": long["lengths"], "dim": dim,
                 "heads": heads, "max_len": long["max_len"], "warmup": 1,
                 "repeats": 1 if quick else repeats, "window": long["window"],
-                "global_tokens": long["global"], "profile": False}
+                "global_tokens": long["global"], "profile": False, "threads": threads}
         res = worker(spec) if quick else run_contender(spec)
         rows.append({"workload": name, "impl": impl, **res,
                      "peak_MB": res["peak_bytes"] / 2**20})
@@ -47,12 +52,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed steps per contender after one warm-up (median; default 3)")
+    p.add_argument("--full", default=",".join(FULL),
+                   help="the full-attention contenders, comma-separated (default "
+                        f"{','.join(FULL)}; pytorch_jagged takes minutes a step at L = 16,384 "
+                        "on a loaded machine)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of each contender (default: torch's)")
     p.add_argument("--json", help="also write the results here")
     ns = p.parse_args(argv)
+    full = [f for f in ns.full.split(",") if f]
     if ns.repeats < 1:
         p.error(f"--repeats {ns.repeats} must be >= 1")
+    if not full or any(f not in FULL for f in full):
+        p.error(f"--full {ns.full!r}: a comma-separated subset of {','.join(FULL)}")
+    if ns.threads < 0:
+        p.error(f"--threads {ns.threads} must be >= 0")
     long = LONG_QUICK if ns.quick else LONG
-    rows = long_rows(ns.quick, ns.repeats)
+    rows = long_rows(ns.quick, ns.repeats, full, ns.threads)
     print(format_table(rows, ["workload", "impl", "layer_s", "attention_s", "peak_MB"]))
     semi, spread = print_long_sections(rows, rows[0]["workload"], long, ns.quick)
     write_results("hstu_long_quick" if ns.quick else "hstu_long",
