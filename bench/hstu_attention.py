@@ -49,7 +49,8 @@ column means little), so its peak memory is the rise of the process's peak RSS
 forward pass, i.e. the activations, gradients and workspaces of one step (inputs and weights
 excluded); on CUDA it is ``torch.cuda.max_memory_allocated`` instead. Times are the median of
 the timed repetitions after one warm-up (the padded long-tail run, ≈ 30 s, is timed once
-without warm-up). The attention op is also timed alone (forward + backward on the same
+without warm-up); ``layer_cpu_s`` / ``attention_cpu_s`` are the same steps in this
+process's CPU time (the ``long-16384`` ratios are printed in both). The attention op is also timed alone (forward + backward on the same
 jagged Q, K, V); its FLOP/s counts the useful causal work only,
 ``12 · d · H · Σ Lᵢ(Lᵢ+1)/2``
 (QKᵀ and AV forward, their four gradient matmuls backward), and is printed beside this
@@ -147,16 +148,21 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                                  impl=impl, window=local[0], global_tokens=local[1])
         out.sum().backward()
 
-    def timed(step: Any) -> float:
-        samples = []
+    cpu: Dict[str, float] = {}
+
+    def timed(step: Any, key: str) -> float:
+        samples, cpu_samples = [], []
         for _ in range(spec["repeats"]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - t0)
+            cpu_samples.append(time.process_time() - c0)
+        # This process's CPU time: on a shared machine, what the other jobs do not inflate.
+        cpu[key] = float(np.median(cpu_samples))
         return float(np.median(samples))
 
     if device.type == "cuda":
@@ -164,12 +170,12 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     before = _peak_bytes(device)
     for _ in range(spec["warmup"]):
         layer_step()
-    layer_s = timed(layer_step)
+    layer_s = timed(layer_step, "layer_cpu_s")
     peak = _peak_bytes(device) - before
     for _ in range(spec["warmup"]):
         attention_step()
-    attn_s = timed(attention_step)
-    out = {"layer_s": layer_s, "attention_s": attn_s, "peak_bytes": peak,
+    attn_s = timed(attention_step, "attention_cpu_s")
+    out = {"layer_s": layer_s, "attention_s": attn_s, **cpu, "peak_bytes": peak,
            "attention_flops": attention_flops(lengths, heads, head_dim) / attn_s}
     if spec.get("profile"):
         # Where the attention op's time goes (the evidence for its FLOP/s against matmul).
@@ -202,7 +208,8 @@ def print_long_sections(rows: List[Dict[str, Any]], workload: str, long: Dict[st
     semi = semi_local_ratios(rows, workload)
     print(f"{workload}: semi_local (W={long['window']}, G={long['global']}) vs full "
           "causal attention (<1 = semi-local cheaper)")
-    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "memory_ratio"]))
+    print(format_table(semi, ["vs", "time_ratio", "attn_time_ratio", "cpu_time_ratio",
+                              "attn_cpu_time_ratio", "memory_ratio"]))
     spread = balance_spread(quick)
     print("length-balanced batches: step-time spread across ranks (max/mean, mean over steps)")
     print(format_table(spread, ["batches", "ranks", "steps", "spread", "spread_cpu",
@@ -219,6 +226,8 @@ def semi_local_ratios(rows: List[Dict[str, Any]], workload: str) -> List[Dict[st
             continue
         out.append({"vs": full, "time_ratio": semi["layer_s"] / them["layer_s"],
                     "attn_time_ratio": semi["attention_s"] / them["attention_s"],
+                    "cpu_time_ratio": semi["layer_cpu_s"] / them["layer_cpu_s"],
+                    "attn_cpu_time_ratio": semi["attention_cpu_s"] / them["attention_cpu_s"],
                     "memory_ratio": semi["peak_bytes"] / max(them["peak_bytes"], 1.0)})
     return out
 

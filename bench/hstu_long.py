@@ -69,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--threads {ns.threads} must be >= 0")
     long = LONG_QUICK if ns.quick else LONG
     rows = long_rows(ns.quick, ns.repeats, full, ns.threads)
-    print(format_table(rows, ["workload", "impl", "layer_s", "attention_s", "peak_MB"]))
+    print(format_table(rows, ["workload", "impl", "layer_s", "attention_s", "layer_cpu_s",
+                              "attention_cpu_s", "peak_MB"]))
     semi, spread = print_long_sections(rows, rows[0]["workload"], long, ns.quick)
     write_results("hstu_long_quick" if ns.quick else "hstu_long",
                   {"quick": ns.quick, "results": rows, "semi_local": semi,
