@@ -71,7 +71,7 @@ def finals(repo_root: str, ci_ctr: str, ci_seq: str,
                             f"--training.epochs={epochs}"])
             for name, (config, d, epochs, batch) in RUNS.items()]
     ranks = run_ranks(_train_all, 2, repo_root, runs, str(tmp_path_factory.mktemp("zoo")),
-                      timeout_s=1200, cpu_threads=None)
+                      timeout_s=2400, cpu_threads=None)
     by_name = dict(zip(RUNS, ranks[0]))
     for name, final in by_name.items():
         assert set(final) >= {"auc", "oracle_auc", "logloss", "examples_per_s"}, (name, final)
