@@ -75,11 +75,13 @@ def _cflags() -> List[str]:
 def _name() -> str:
     """The extension's cache name, tagged with this CPU's features (``-march=native`` code
     from another CPU, in a shared ``$TORCH_EXTENSIONS_DIR``, is never loaded here) and the
-    source's path: two checkouts sharing the cache each keep their own build (one name for
-    both makes ninja rebuild, ~1 min, whenever the other checkout loaded it last)."""
+    paths the build command names (the source, torch's headers as this interpreter found
+    them): two checkouts or virtualenv paths sharing the cache each keep their own build
+    (one name for both makes ninja rebuild, ~1 min, whenever the other one loaded it last)."""
     import hashlib
 
-    tag = hashlib.sha1(f"{platform.machine()} {_cpu_flags()} {_SOURCE}".encode()
+    paths = f"{_SOURCE} {os.path.dirname(torch.__file__)} {sys.executable}"
+    tag = hashlib.sha1(f"{platform.machine()} {_cpu_flags()} {paths}".encode()
                        ).hexdigest()[:10]
     return f"{_NAME}_{tag}"
 
