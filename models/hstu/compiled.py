@@ -76,11 +76,12 @@ def _name() -> str:
     """The extension's cache name, tagged with this CPU's features (``-march=native`` code
     from another CPU, in a shared ``$TORCH_EXTENSIONS_DIR``, is never loaded here) and the
     paths the build command names (the source, torch's headers as this interpreter found
-    them): two checkouts or virtualenv paths sharing the cache each keep their own build
-    (one name for both makes ninja rebuild, ~1 min, whenever the other one loaded it last)."""
+    them): two checkouts, or one virtualenv reached by two paths (a symlink), sharing the
+    cache each keep their own build (one name for both makes ninja rebuild, ~1 min, under a
+    lock the other processes wait on, whenever the other one loaded it last)."""
     import hashlib
 
-    paths = f"{_SOURCE} {os.path.dirname(torch.__file__)} {sys.executable}"
+    paths = f"{_SOURCE} {os.path.dirname(torch.__file__)}"
     tag = hashlib.sha1(f"{platform.machine()} {_cpu_flags()} {paths}".encode()
                        ).hexdigest()[:10]
     return f"{_NAME}_{tag}"
