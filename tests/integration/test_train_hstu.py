@@ -15,7 +15,8 @@ end with the sequential ``final`` line, and:
 Measured on a quiet 2-core CPU (2026-11-22): HSTU 0.644 HR@10 (0.96 of the oracle; 0.632-
 0.638 on training seeds 1-2), NDCG@10 0.395 (0.92 of the oracle's 0.427; 0.91-0.93), SASRec
 0.506-0.509, HSTU without its time bias 0.507; ~55 s and ~40 s wall time. docs/hstu.md has
-the table.
+the table. HSTU's attention is the CPU default, ``auto`` = ``compiled_jagged`` (its training
+loop 1.75x ``pytorch_jagged``'s speed on this data, 2026-12-02, docs/hstu-long.md).
 
 Where time says nothing (``data.synth seq --preset ci_notime``: the same chain without the
 session returns, timestamps with session-like but uninformative gaps; oracle HR@10 0.656,
