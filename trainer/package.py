@@ -189,8 +189,13 @@ def write_package_files(directory: str, schema: Schema, preprocess: Optional[Dic
 #: ``mkldnn._linear_pointwise`` on a weight reordered once at compile time, with its ReLU
 #: fused, instead of ``addmm`` (MKL sgemm, which on this workplace's AMD EPYC ran a 512×432
 #: by 432×256 product in 1.3 ms against oneDNN's 0.66 ms, one thread). Inductor only freezes
-#: a graph compiled with autograd off, hence the ``no_grad`` below.
-AOTI_OPTIONS: Dict[str, Any] = {"freezing": True}
+#: a graph compiled with autograd off, hence the ``no_grad`` below. ``cpp.threads = 1``: the
+#: generated elementwise / reduction loops are serial (the matmuls and the embedding bag
+#: still use the caller's torch threads). Left to itself inductor bakes the exporting
+#: process's thread count into ``omp parallel`` regions, which then run at that count
+#: whatever the server sets; on the shared 2-core machine such regions made batch-1 calls
+#: take 0.8 s (each region waits for a descheduled thread) for loops worth microseconds.
+AOTI_OPTIONS: Dict[str, Any] = {"freezing": True, "cpp.threads": 1}
 
 
 def compile_aoti(ep: Any, path: str) -> Optional[str]:
