@@ -292,3 +292,15 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
         fh.write(b"x")
     with pytest.raises(PackageError, match="items.pt"):
         RetrievalPackage(out)
+
+
+@pytest.mark.parametrize("bad,key", [({"routing_init": "kmeans"}, "model.args.routing_init"),
+                                     ({"routing_scale": -1.0}, "model.args.routing_scale")])
+def test_mind_bad_routing_args_name_the_key(bad: dict, key: str) -> None:
+    from data.synth.retrieval import retrieval_schema
+    from models import get_model_spec
+
+    schema = retrieval_schema(RetrievalSynthArgs(**RETRIEVAL_PRESETS["tiny"]))  # type: ignore
+    spec = get_model_spec("mind")
+    with pytest.raises(ValueError, match=key):
+        spec.build(schema, spec.make_args("default", bad), "meta")
