@@ -252,6 +252,14 @@ class PaddedDIENArch(DIENArch):
 
     max_len: int
 
+    @classmethod
+    def from_arch(cls, arch: DIENArch, max_len: int) -> "PaddedDIENArch":
+        """``arch`` itself (a copy the caller owns), now stepping padded histories of
+        ``max_len``: the class changes, the parameters, their names and the RNG stay."""
+        arch.__class__ = cls
+        arch.max_len = max(1, max_len)
+        return arch
+
     def interest(self, target: torch.Tensor, events: torch.Tensor, lengths: torch.Tensor
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         b, t, n = target.shape[0], self.max_len, events.shape[0]
@@ -265,7 +273,7 @@ class PaddedDIENArch(DIENArch):
         scores = (states * self.bilinear(target)[rows]).sum(1)
         att = jagged_softmax(scores, rows, b) if self.softmax else torch.sigmoid(scores)
         att_p = att.new_zeros(b * t).index_copy(0, slot, att).view(b, t)
-        if getattr(self, "evolution_kind", "augru") == "aigru":
+        if self.evolution_kind == "aigru":
             # AIGRU: a plain GRU over the attention-scaled states; a row's final state is
             # its output at its last real position (zero for an empty history).
             seq, _ = self.evolution(out * att_p.T.unsqueeze(2))  # [T, B, E]
@@ -299,8 +307,7 @@ def plain_copy(model: nn.Module, quant: str = "fp32", max_len: int = 0) -> nn.Mo
                 setattr(parent, name, PlainEmbeddings(child, quant))
             else:
                 if type(child) is DIENArch:
-                    child.__class__ = PaddedDIENArch  # same parameters, exportable loops
-                    child.max_len = max(1, max_len)
+                    child = PaddedDIENArch.from_arch(child, max_len)
                 swap(child)
 
     swap(model)
