@@ -39,7 +39,12 @@ from torch import nn
 
 from data.batch import Batch
 from data.schema import Schema
-from models.retrieval import RetrievalModel, truncate_recent_jagged
+from models.retrieval import (
+    RetrievalModel,
+    item_feature_key,
+    item_feature_table,
+    truncate_recent_jagged,
+)
 
 KIND = "retrieval"
 
@@ -75,7 +80,15 @@ class RetrievalUserProgram(nn.Module):
         b = lengths[-1].shape[0]
         sparse = PlainFeatures({f: PlainJagged(v, ln) for f, v, ln in
                                 zip(self.user_features, values[:n], lengths[:n])}, lengths[-1])
-        seq = PlainFeatures({self.item: PlainJagged(values[n], lengths[n])}, lengths[-1])
+        hist = {self.item: PlainJagged(values[n], lengths[n])}
+        items = self.model.encoder.item_tower
+        for name in items.features:
+            # The history's item features, from the item tower's own lookup (the package's
+            # callers send item ids only).
+            ids = items.lookup(name)
+            hist[item_feature_key(self.item, name)] = PlainJagged(
+                ids[values[n]].reshape(-1), lengths[n] * ids.shape[1])
+        seq = PlainFeatures(hist, lengths[-1])
         enc = self.model(Batch(dense=dense, sparse=sparse,  # type: ignore[arg-type]
                                labels=dense.new_zeros(b), sequence=seq))  # type: ignore[arg-type]
         return enc.user
@@ -126,9 +139,18 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
     with target as d:
         tmp = d.path
         save_program(program, args, tmp, compile, info)
-        table = program.model.ec.tables[model.item_table]
-        items = F.normalize(table.dequantised(), dim=-1)
-        items[0] = 0.0
+        tables = program.model.ec.tables
+        tower = program.model.encoder.item_tower
+        if tower.features:
+            # The item tower over every item: id row + each feature's rows (its lookup).
+            feature_tables = {name: tables[item_feature_table(model.item_table, name)]
+                              .dequantised() for name in tower.features}
+            items = tower.matrix(tables[model.item_table].dequantised(), feature_tables)
+            item_features_file(tower, {n: int(t.shape[0]) for n, t in
+                                       feature_tables.items()}).save(tmp)
+        else:
+            items = F.normalize(tables[model.item_table].dequantised(), dim=-1)
+            items[0] = 0.0
         torch.save({"items": items.contiguous()}, os.path.join(tmp, ITEMS_FILE))
         t = time.time()
         write_index(build_index(items, index_kind, params), os.path.join(tmp, INDEX_FILE))
@@ -136,6 +158,14 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
         write_package_files(tmp, schema, preprocess, config_toml, info)
         d.commit()
     return info
+
+
+def item_features_file(tower: Any, rows: Dict[str, int]) -> Any:
+    """The item tower's lookups as :class:`data.item_features.ItemFeatures` (the package's
+    ``item_features.parquet``: which features made ``items.pt``, checksummed like the rest)."""
+    from data.item_features import ItemFeatures
+
+    return ItemFeatures({n: tower.lookup(n).numpy() for n in tower.features}, rows)
 
 
 class RetrievalPackage:

@@ -22,7 +22,9 @@ Items and users are renumbered ``1..N`` in raw-id order.
 is an interaction), sparse ``user_id`` and, with a users file, ``gender``, ``age``,
 ``occupation``, ``zip3``; ``item_seq`` (table ``item``) = the user's earlier ratings (time
 order, ties in file order; most recent ``--history-len``) **followed by this item**, the
-positive.
+positive. With a movies file, ``item_features.parquet`` (:mod:`data.item_features`) holds
+every item's multi-hot ``genres`` for the item tower (``model.args.item_features =
+["genres"]``).
 Leave-one-out: each user's last rating goes to ``test``, the one before to ``valid``, the
 others to ``train``.
 """
@@ -43,6 +45,7 @@ from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, BadLines, check_embe
                                  single_id_column)
 from data.convert.sequential import renumber, sort_by_user_time, write_sequences
 from data.convert.text import float_column, integer_column, read_delimited, report_bad_rows
+from data.item_features import ItemFeatures
 from data.schema import FeatureSpec, LabelSpec, Schema
 
 logger = logging.getLogger(__name__)
@@ -224,6 +227,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
             meta["action"] = "2 x rating (half stars)" if half_stars else "rating"
         elif args.task == "retrieval":
             schema, facts = _write_retrieval(writer, user, item, ts, users_path, args)
+            if movies_path:
+                facts["item_features"] = _write_item_genres(writer.tmp, item, movies_path)
             meta.update(facts)
         else:
             schema, facts = _write_ctr(writer, user, item, rating, ts, movies_path, users_path,
@@ -327,6 +332,21 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
         writer.write("valid", table.filter(pa.array(is_valid)))
         writer.write("test", table.filter(pa.array(is_test)))
     return schema, facts
+
+
+def _write_item_genres(directory: str, item: np.ndarray, movies_path: str) -> Dict[str, int]:
+    """``item_features.parquet`` (:mod:`data.item_features`) of ``--task retrieval``: each
+    renumbered item's ``genres`` (multi-hot, ids ``1..G`` in genre-name order; none for a
+    movie the movies file lacks). Returns the vocabulary sizes."""
+    genres = read_movies(movies_path)
+    names = sorted({g for gs in genres.values() for g in gs})
+    gid = {g: k + 1 for k, g in enumerate(names)}
+    _, item_keys = renumber(item)  # the same numbering as the rows (raw-id order)
+    per_item: List[List[int]] = [[]] + [[gid[g] for g in genres.get(int(raw), [])]
+                                        for raw in item_keys]
+    rows = {"genres": len(names) + 1}
+    ItemFeatures.from_lists({"genres": per_item}, rows).save(directory)
+    return rows
 
 
 def _write_retrieval(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, ts: np.ndarray,
