@@ -11,8 +11,12 @@ package``) dispatches a retrieval checkpoint here. ``DIR`` is a package of
   signature of :mod:`trainer.inference`; the inputs (``package.json["inputs"]["features"]``)
   are the pooled user features the tower reads, in schema order, then the item feature
   (the history, at most ``max_len`` most recent ids: :class:`RetrievalPackage` truncates);
-* ``items.pt``: ``{"items": [num_items, D]}``, the L2-normalised item table (the item tower;
-  row 0 is padding and never returned);
+* ``items.pt``: ``{"items": [num_items, D]}``, the item tower's L2-normalised output for
+  every item (the item table row plus, with ``model.args.item_features``, the mean rows of its
+  feature ids; row 0 is padding and never returned);
+* ``item_features.parquet`` (with item features only; :mod:`data.item_features`): the item →
+  feature ids lookup ``items.pt`` was made from. The user program holds the same lookup and
+  adds the history's item features itself, so callers send item ids only;
 * ``items.faiss``: a FAISS inner-product index over rows ``1..N-1`` (ids = rows; HNSW unless
   ``--index ivf_flat``).
 
