@@ -239,7 +239,7 @@ def test_movielens_retrieval_leave_one_out(tmp_path) -> None:  # type: ignore[no
     with open(os.path.join(d, "users.dat"), "w") as fh:
         fh.write("1::F::1::10::48067\n2::M::56::16::70072\n")  # user 3 unknown
     with open(os.path.join(d, "movies.dat"), "w") as fh:  # movie 30 unknown
-        fh.write("10::A (1995)::Drama|Comedy\n20::B (1996)::Action\n40::C (1990)::Comedy\n")
+        fh.write("10::A (1995)::Drama|Comedy\n20::B (2001)::Action\n40::C (1990)::Comedy\n")
     out = str(tmp_path / "ds")
     run("movielens", ratings, os.path.join(d, "users.dat"), os.path.join(d, "movies.dat"),
         "--out", out, "--task", "retrieval", "--history-len", "2")
@@ -252,10 +252,14 @@ def test_movielens_retrieval_leave_one_out(tmp_path) -> None:  # type: ignore[no
     schema = Schema.load(out)
     assert schema.feature("item_seq").max_len == 3
     meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["task"] == "retrieval" and meta["item_features"] == {"genres": 4}
-    # Genres (multi-hot) per renumbered item, ids in name order: Action 1, Comedy 2, Drama 3.
-    genres = ItemFeatures.load(out).tables["genres"]  # type: ignore[union-attr]
-    assert genres.tolist() == [[0, 0], [3, 2], [1, 0], [0, 0], [2, 0]]
+    assert meta["task"] == "retrieval"
+    assert meta["item_features"] == {"genres": 4, "decade": 3}
+    # Per renumbered item (0 = padding; movie 30 unknown): genres (multi-hot, ids in name
+    # order: Action 1, Comedy 2, Drama 3) and the decade (ids in time order: 1990s 1, 2000s 2).
+    feats = ItemFeatures.load(out)
+    assert feats is not None
+    assert feats.tables["genres"].tolist() == [[0, 0], [3, 2], [1, 0], [0, 0], [2, 0]]
+    assert feats.tables["decade"].tolist() == [[0], [1], [2], [0], [1]]
 
 
 # two_tower (K = 1) is packaged by tests/integration/test_train_retrieval.py.
