@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -62,7 +61,7 @@ def shard_model_from_config(model: nn.Module, ctx: DistContext, sharding: Any,
 
     Args:
         model: unsharded, embeddings on meta, fused optimizers attached
-            (:func:`sharding.constraints.apply_table_optimizers`).
+            (:func:`sharding.table_optimizers.apply_table_optimizers`).
         sharding: the ``ShardingConfig``.
         settings: per-table settings (:func:`sharding.constraints.resolve_table_settings`).
         batch_size: per-rank batch size, for the planner's estimates.

@@ -37,7 +37,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-from sharding.constraints import table_weights
+from sharding.table_optimizers import table_weights
 
 logger = logging.getLogger(__name__)
 

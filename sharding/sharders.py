@@ -7,7 +7,7 @@ in torchrec 1.8.0 data-parallel and the dense kernel fail on CPU because fbgemm'
 TBE ignores ``PoolingMode.NONE``, so :class:`SequenceSharder` never proposes them.
 
 Without an explicit fused optimizer, sharded tables silently train with SGD lr 0.01, so
-:func:`sharding.constraints.apply_table_optimizers` (per table) or
+:func:`sharding.table_optimizers.apply_table_optimizers` (per table) or
 :func:`apply_sparse_optimizer` (one optimizer for all) must run on the unsharded model before
 wrapping. Both sharders offer only the kernels in :data:`SUPPORTED_KERNELS`.
 """

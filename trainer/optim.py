@@ -14,7 +14,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from sharding.constraints import TableSettings, data_parallel_table_optimizers
+from sharding.constraints import TableSettings
+from sharding.table_optimizers import data_parallel_table_optimizers
 from trainer.config import Config, ConfigError
 
 DENSE_OPTIMIZERS = {

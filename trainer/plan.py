@@ -23,15 +23,11 @@ import time
 from typing import Optional, Sequence
 
 from data.schema import SchemaError, load_schema
-from sharding.constraints import (
-    ShardingConfigError,
-    apply_table_optimizers,
-    build_constraints,
-    resolve_table_settings,
-)
+from sharding.constraints import ShardingConfigError, build_constraints, resolve_table_settings
 from sharding.plan import dry_run_plan, format_report, parse_args, table_shapes
 from sharding.planfile import save_plan
 from sharding.planner import GB, PlanDoesNotFit
+from sharding.table_optimizers import apply_table_optimizers
 from trainer.config import ConfigError, sparse_optimizer_defaults
 from trainer.trainer import build_model, model_task
 from trainer.validation import load_checked_config

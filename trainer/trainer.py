@@ -31,8 +31,9 @@ from data.reader import ParquetReader
 from data.schema import Schema, load_meta, load_schema
 from models import get_model_spec
 from sharding.dist import DistContext, destroy_distributed, init_distributed
-from sharding.constraints import apply_table_optimizers, resolve_table_settings
+from sharding.constraints import resolve_table_settings
 from sharding.parallel import shard_model_from_config
+from sharding.table_optimizers import apply_table_optimizers
 from trainer.checkpoint import (
     Checkpointer,
     check_resume,

@@ -126,7 +126,7 @@ def _hstu_parity(ctx: DistContext, data_dir: str) -> Dict[str, Any]:
     grad_diff = max(float((p.grad - ref_grads[_strip(n)]).abs().max())
                     for n, p in dmp.named_parameters() if p.grad is not None
                     and _strip(n) in ref_grads)
-    moved = max(float((w - reference.state_dict()[f"model.ec.embeddings.item.weight"][
+    moved = max(float((w - reference.state_dict()["model.ec.embeddings.item.weight"][
         off:off + w.shape[0]]).abs().max()) for off, w in local_item_shards(dmp, "item"))
     return {"max_diff": max(diffs), "grad_diff": grad_diff, "moved": moved,
             "metrics": sharded_metrics,

@@ -111,12 +111,8 @@ def _loss(outs: Dict[str, torch.Tensor], rank: int) -> torch.Tensor:
 def _run_case(ctx: Any, kind: str, sharding_type: str, seed: int) -> str:
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    from sharding.constraints import (
-        apply_table_optimizers,
-        build_constraints,
-        data_parallel_table_optimizers,
-        resolve_table_settings,
-    )
+    from sharding.constraints import build_constraints, resolve_table_settings
+    from sharding.table_optimizers import apply_table_optimizers, data_parallel_table_optimizers
     from sharding.parallel import wrap_model
     from sharding.planner import build_planner, plan_model, topology_from_config
     from sharding.sharders import build_sharders

@@ -11,7 +11,6 @@ from data.schema import Schema
 from models import get_model_spec
 from models.autoint import InteractingLayer
 from trainer.tasks.ctr import CTRTrain
-from models.dcn_v2 import DCNv2Args
 
 
 def test_cross_layer_equals_formula(tiny_ctr: str) -> None:

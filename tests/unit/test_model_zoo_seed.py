@@ -188,7 +188,7 @@ def test_dien_extractor_evolution_and_aux_loss_equal_per_sample_loop(tiny_seq: s
     target = torch.randn(5, E)
     final, states = arch.interest(target, events, lens)
     starts = (torch.cumsum(lens, 0) - lens).tolist()
-    pairs, negs = [], []
+    pairs = []
     N = events.shape[0]
     for r, hist in enumerate(rows):
         if hist.shape[0] == 0:

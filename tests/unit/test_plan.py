@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -139,10 +138,10 @@ def plan_tiny(model: torch.nn.Module, schema: Schema, world: int, device: str,
               types: Dict[str, str], **sharding_kw: Any) -> Any:
     from sharding.constraints import (
         SparseOptimizerDefaults,
-        apply_table_optimizers,
         build_constraints,
         resolve_table_settings,
     )
+    from sharding.table_optimizers import apply_table_optimizers
     from sharding.planner import build_planner, plan_model, topology_from_config
     from sharding.sharders import build_sharders
     from trainer.config import ShardingConfig
@@ -259,8 +258,8 @@ def test_plan_command_rejects_bad_table_settings() -> None:
 
 def test_trainer_path_uses_plan_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """``sharding.plan_file`` replaces planning: the DMP gets the file's placement."""
-    from sharding.constraints import (SparseOptimizerDefaults, apply_table_optimizers,
-                                      resolve_table_settings)
+    from sharding.constraints import SparseOptimizerDefaults, resolve_table_settings
+    from sharding.table_optimizers import apply_table_optimizers
     from sharding.dist import destroy_distributed, free_port, init_distributed
     from sharding.parallel import shard_model_from_config
     from trainer.config import ShardingConfig

@@ -12,11 +12,10 @@ from data.schema import FeatureSpec, Schema
 from sharding.constraints import (
     ShardingConfigError,
     SparseOptimizerDefaults,
-    apply_table_optimizers,
     build_constraints,
     resolve_table_settings,
-    table_weights,
 )
+from sharding.table_optimizers import apply_table_optimizers, table_weights
 from trainer.config import (
     COMPUTE_KERNELS,
     SHARDING_TYPES,
