@@ -5,9 +5,15 @@ User tower, per row with history embeddings ``e_1..e_L`` (most recent ``max_len`
 
 * behaviour-to-interest routing: ``ê_i = S e_i / ‖e_i‖`` with one shared bilinear map
   ``S [D, D]``;
-  routing logits ``b [K, L]`` start from a fixed random draw (a buffer, so that the K capsules
-  differ although ``S`` is shared, as in the paper); for ``routing_iters`` rounds:
-  ``w = softmax_k(b)``, ``z_k = Σ_i w_ki ê_i``, ``c_k = squash(z_k)``, ``b_ki += ⟨c_k, ê_i⟩``;
+  routing logits ``b [K, L]`` start from a fixed random draw (``routing_init = "random"``: a
+  buffer, so that the K capsules differ although ``S`` is shared, as in the paper) or, with
+  ``routing_init = "spread"``, from K history items chosen farthest-point first (the most
+  recent item, then each time the item least similar to those chosen):
+  ``b_ki = s · cos(ê_seed(k), ê_i)``, so the capsules start on distinct regions of the history
+  rather than on random mixtures of it; for ``routing_iters`` rounds:
+  ``w = softmax_k(b)``, ``z_k = Σ_i w_ki ê_i``, ``c_k = squash(z_k)``,
+  ``b_ki += ⟨c_k, ê_i⟩`` (``routing_scale = 0``, the paper) or ``b_ki += s · cos(c_k, ê_i)``
+  (``s = routing_scale > 0``: a soft k-means whose sharpness does not depend on the norms);
   ``squash(z) = ‖z‖² / (1 + ‖z‖²) · z / ‖z‖``; padding positions take no part;
 * each capsule is concatenated with the user profile (pooled user features) and passed
   through a ReLU MLP → ``[B, K, D]``, L2-normalised.
@@ -61,6 +67,11 @@ class MINDArgs(RetrievalArgs):
     attention_sharpness: float = 0.0
     #: seed of the fixed initial routing logits.
     routing_seed: int = 0
+    #: s, routing agreement as ``s · cosine`` (0: the paper's raw dot product).
+    routing_scale: float = 0.0
+    #: initial routing logits: "random" (a fixed draw) or "spread" (farthest-point history
+    #: items as seeds, see the module docstring).
+    routing_init: str = "random"
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -73,8 +84,11 @@ class MINDUser(UserTower):
     """Multi-interest extractor + profile MLP (see the module docstring)."""
 
     def __init__(self, profile_dim: int, dim: int, hidden: list, num_interests: int,
-                 routing_iters: int, max_len: int, routing_seed: int = 0) -> None:
+                 routing_iters: int, max_len: int, routing_seed: int = 0,
+                 routing_scale: float = 0.0, routing_init: str = "random") -> None:
         super().__init__()
+        self.routing_scale = routing_scale
+        self.spread = routing_init == "spread"
         self.num_interests = num_interests
         self.routing_iters = routing_iters
         self.bilinear = nn.Linear(dim, dim, bias=False)
@@ -97,13 +111,42 @@ class MINDUser(UserTower):
         padded, _ = jagged_to_padded(self.bilinear(F.normalize(hist, dim=-1)), offsets, t)
         mask = (torch.arange(t, device=hist.device).unsqueeze(0)
                 < lengths.unsqueeze(1)).to(hist.dtype).unsqueeze(1)  # [B, 1, T]
-        logits = self.routing_init[:, :t].to(hist.dtype).unsqueeze(0).expand(b, k, t)
+        if self.spread:
+            logits = self.spread_logits(padded, mask[:, 0])
+        else:
+            logits = self.routing_init[:, :t].to(hist.dtype).unsqueeze(0).expand(b, k, t)
+        unit = F.normalize(padded, dim=-1)
         caps = hist.new_zeros(b, k, hist.shape[1])
         for _ in range(self.routing_iters):
             w = torch.softmax(logits, dim=1) * mask
             caps = squash(torch.einsum("bkt,btd->bkd", w, padded))
-            logits = logits + torch.einsum("bkd,btd->bkt", caps, padded)
+            if self.routing_scale:
+                agree = torch.einsum("bkd,btd->bkt", F.normalize(caps, dim=-1), unit)
+                logits = logits + self.routing_scale * agree
+            else:
+                logits = logits + torch.einsum("bkd,btd->bkt", caps, padded)
         return caps
+
+    def spread_logits(self, padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, K, T]`` initial logits ``s · cos(ê_seed(k), ê_i)`` from farthest-point seeds
+        (``padded [B, T, D]``, ``mask [B, T]``; the seeds are picked without gradient)."""
+        b, t = mask.shape
+        unit = F.normalize(padded, dim=-1)
+        sim = unit @ unit.transpose(1, 2)  # [B, T, T]
+        rows = torch.arange(b, device=padded.device)
+        with torch.no_grad():
+            # Rows are left-aligned, oldest first: the most recent item is the first seed.
+            seed = (mask.sum(1) - 1).clamp(min=0).long()
+            seeds = [seed]
+            closest = sim[rows, seed]
+            for _ in range(1, self.num_interests):
+                # Padding positions are never chosen (and rows shorter than K repeat a seed).
+                seed = (closest + (1.0 - mask) * 4.0).argmin(1)
+                seeds.append(seed)
+                closest = torch.maximum(closest, sim[rows, seed])
+        chosen = torch.stack(seeds, 1)  # [B, K]
+        init = torch.gather(sim, 1, chosen.unsqueeze(2).expand(b, self.num_interests, t))
+        return init.detach() * (self.routing_scale or 1.0)
 
     def forward(self, profile: torch.Tensor, hist: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
@@ -116,10 +159,15 @@ def build_mind(schema: Schema, args: MINDArgs, device: str = "meta") -> Retrieva
     check_retrieval_args(args)
     if args.num_interests < 1 or args.routing_iters < 1:
         raise ValueError("model.args.num_interests and model.args.routing_iters must be >= 1")
+    if args.routing_scale < 0:
+        raise ValueError(f"model.args.routing_scale must be >= 0, got {args.routing_scale}")
+    if args.routing_init not in ("random", "spread"):
+        raise ValueError(f"model.args.routing_init must be 'random' or 'spread', got "
+                         f"{args.routing_init!r}")
     ebc, ec, item, dim, user_features, profile = build_retrieval_tables(schema, args, device)
     max_len = args.max_len or item.max_len
     tower = MINDUser(profile, dim, list(args.hidden), args.num_interests, args.routing_iters,
-                     max_len, args.routing_seed)
+                     max_len, args.routing_seed, args.routing_scale, args.routing_init)
     model = RetrievalModel(ebc, ec, tower, item.name, item.table or item.name,
                            item.num_embeddings, user_features, max_len)
     return place(model, device)

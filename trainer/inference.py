@@ -160,32 +160,65 @@ class PlainPooled:
 
 
 class PlainEmbeddingBags(nn.Module):
-    """Pure-torch ``EmbeddingBagCollection`` over the same tables (sum / mean pooling)."""
+    """Pure-torch ``EmbeddingBagCollection`` over the same tables (sum / mean pooling), with
+    all pooled features of one (width, pooling) group looked up by ONE ``F.embedding_bag``.
+
+    At construction the group's tables are stacked into one ``[Σ rows, D]`` buffer (each
+    table once, however many features read it; row-wise int8/int4 quantisation of the stack
+    is the per-table quantisation, since every row has its own scale and offset) and each
+    feature remembers its table's first row. ``forward`` shifts every feature's ids by that
+    row, concatenates them feature-major (all of feature 0's rows, then feature 1's, ...),
+    and pools the ``F·B`` bags in one call: ``[F·B, D]`` viewed as ``[F, B, D]``, so a
+    feature's pooled ``[B, D]`` is a contiguous slice. One ATen call instead of one per
+    feature (26 for the Criteo layout) is the point: each call pays dispatch and an offsets
+    pass, and the compiled program fuses the id shifts and the concatenation into one loop.
+    """
 
     def __init__(self, ebc: EmbeddingBagCollection, quant: str = "fp32") -> None:
         super().__init__()
-        self.tables = nn.ModuleDict()
-        self.features: List[Tuple[str, str, str]] = []  # (feature, table, mode)
         weights = {name: m.weight for name, m in ebc.embedding_bags.items()}
+        groups: Dict[Tuple[int, str], List[Tuple[str, str]]] = {}  # (D, mode) → [(f, table)]
         for cfg in ebc.embedding_bag_configs():
-            self.tables[cfg.name] = TableRows(weights[cfg.name], quant)
             mode = "mean" if cfg.pooling.name == "MEAN" else "sum"
-            self.features.extend((f, cfg.name, mode) for f in cfg.feature_names)
+            groups.setdefault((cfg.embedding_dim, mode), []).extend(
+                (f, cfg.name) for f in cfg.feature_names)
+        self.tables = nn.ModuleList()
+        #: per group: (mode, [(feature, first row of its table in the stack)]).
+        self.groups: List[Tuple[str, List[Tuple[str, int]]]] = []
+        for (_, mode), feats in groups.items():
+            first: Dict[str, int] = {}
+            stack: List[torch.Tensor] = []
+            rows = 0
+            for _, table in feats:
+                if table not in first:
+                    first[table] = rows
+                    stack.append(weights[table].detach())
+                    rows += int(weights[table].shape[0])
+            self.tables.append(TableRows(torch.cat(stack), quant))
+            self.groups.append((mode, [(f, first[t]) for f, t in feats]))
 
     def forward(self, features: PlainFeatures) -> PlainPooled:
         out: Dict[str, torch.Tensor] = {}
-        for name, table, mode in self.features:
-            jt = features[name]
-            rows_of = self.tables[table]
+        for rows_of, (mode, feats) in zip(self.tables, self.groups):
+            jts = [features[f] for f, _ in feats]
+            ids = torch.cat([jt.values() + first if first else jt.values()
+                             for jt, (_, first) in zip(jts, feats)])
+            # stack, not cat: the [F, B] lengths tie every feature's row count to one B, so
+            # the pooled [F·B, D] views as [F, B, D] without a guard on the sizes' sum.
+            lengths = torch.stack([jt.lengths() for jt in jts])
+            offsets = F.pad(torch.cumsum(lengths.flatten(), 0), (1, 0))
             if rows_of.quant == "fp32":
-                # One fused gather + pool over the table (no [N, D] intermediate).
-                out[name] = F.embedding_bag(jt.values(), rows_of.weight, jt.offsets(),
-                                            mode=mode, include_last_offset=True)
-                continue
-            rows = rows_of(jt.values())  # [N, D], dequantised
-            # embedding_bag over the looked-up rows: ids 0..N-1, the row's bag from offsets.
-            out[name] = F.embedding_bag(torch.arange(rows.shape[0]), rows, jt.offsets(),
-                                        mode=mode, include_last_offset=True)
+                # One fused gather + pool over the stack (no [N, D] intermediate).
+                pooled = F.embedding_bag(ids, rows_of.weight, offsets, mode=mode,
+                                         include_last_offset=True)
+            else:
+                rows = rows_of(ids)  # [N, D], dequantised
+                # embedding_bag over the looked-up rows: ids 0..N-1, bags from offsets.
+                pooled = F.embedding_bag(torch.arange(rows.shape[0]), rows, offsets,
+                                         mode=mode, include_last_offset=True)
+            pooled = pooled.view(lengths.shape[0], lengths.shape[1], pooled.shape[1])
+            for k, (name, _) in enumerate(feats):
+                out[name] = pooled[k]
         return PlainPooled(out)
 
 

@@ -125,6 +125,10 @@ def test_package_scores_equal_training_time_model(name: str, dataset: str, args:
     assert got.shape == (n, len(info["outputs"])) and n <= expected.shape[0]
     np.testing.assert_allclose(got, expected[:n], atol=1e-5, rtol=0)
     assert expected.std() > 1e-3  # the comparison is not between constants
+    # One row alone: a program exported from a 512-row example must not have specialised
+    # (or guarded) its batch size (a fused lookup once failed a guard at B = 1).
+    one = run_inputs(pkg, table_inputs(pkg, tab.slice(n - 1, 1))).numpy()
+    np.testing.assert_allclose(one, expected[n - 1:n], atol=1e-5, rtol=0)
 
 
 def test_package_scores_raw_csv_through_stored_preprocessing(tmp_path: Path) -> None:

@@ -92,25 +92,35 @@ def _routing_loop(tower: MINDUser, hist: torch.Tensor, lengths: torch.Tensor) ->
         start += n
         b = tower.routing_init[:, :n].clone()  # [K, n]
         caps = torch.zeros(tower.num_interests, hist.shape[1])
+        u = F.normalize(e, dim=-1)
+        s = tower.routing_scale
+        if n and tower.spread:  # farthest-point seeds, the most recent item first
+            seeds = [n - 1]
+            for _ in range(1, tower.num_interests):
+                closest = [max(float(u[i] @ u[j]) for j in seeds) for i in range(n)]
+                seeds.append(min(range(n), key=lambda i: (closest[i], i)))
+            b = torch.stack([u[j] @ u.T for j in seeds]) * (s or 1.0)
         if n:
             for _ in range(tower.routing_iters):
                 w = torch.softmax(b, dim=0)
                 caps = torch.stack([squash(w[j] @ e) for j in range(tower.num_interests)])
-                b = b + caps @ e.T
+                b = b + (s * F.normalize(caps, dim=-1) @ u.T if s else caps @ e.T)
         out.append(caps)
     return torch.stack(out)
 
 
 def test_mind_routing_equals_per_sample_loop() -> None:
-    torch.manual_seed(0)
-    tower = MINDUser(profile_dim=3, dim=8, hidden=[16], num_interests=3, routing_iters=3,
-                     max_len=6)
-    lengths = torch.tensor([4, 0, 6, 1, 3])
-    hist = torch.randn(int(lengths.sum()), 8)
-    batched = tower.routing(hist, lengths)
-    assert batched.shape == (5, 3, 8)
-    assert torch.allclose(batched, _routing_loop(tower, hist, lengths), atol=1e-5)
-    assert tower(torch.randn(5, 3), hist, lengths).shape == (5, 3, 8)
+    # The paper's routing, and cosine agreement from spread seeds.
+    for scale, init in [(0.0, "random"), (10.0, "spread")]:
+        torch.manual_seed(0)
+        tower = MINDUser(profile_dim=3, dim=8, hidden=[16], num_interests=3, routing_iters=3,
+                         max_len=6, routing_scale=scale, routing_init=init)
+        lengths = torch.tensor([4, 0, 6, 1, 3])
+        hist = torch.randn(int(lengths.sum()), 8)
+        batched = tower.routing(hist, lengths)
+        assert batched.shape == (5, 3, 8)
+        assert torch.allclose(batched, _routing_loop(tower, hist, lengths), atol=1e-5), init
+        assert tower(torch.randn(5, 3), hist, lengths).shape == (5, 3, 8)
 
 
 def _brute_ranks(query, targets, hist_ids, hist_lengths, table):  # type: ignore[no-untyped-def]
@@ -174,6 +184,9 @@ def test_generator_and_data_path(tmp_path) -> None:  # type: ignore[no-untyped-d
                                        "meta.json", "schema.json", "test", "train", "valid"]
     oracle = json.load(open(os.path.join(out, "meta.json")))["oracle"]
     assert 0.0 < oracle["recall@10"] <= oracle["recall@50"] <= oracle["recall@200"] <= 1.0
+    # The planted one-vector and per-interest top-50s hold at most the oracle's mass.
+    for key in ("one_vector_expected_recall@50", "per_interest_expected_recall@50"):
+        assert 0.0 < oracle[key] <= oracle["expected_recall@50"] + 1e-9, (key, oracle)
     assert meta["rows"] == {"train": 800, "valid": 200, "test": 200}  # type: ignore[index]
     schema = Schema.load(out)
     counts = positive_counts(out, "train", "item_seq", 121)
@@ -284,7 +297,9 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
     torch.manual_seed(0)
     feats = ItemFeatures.load(data)
     assert feats is not None
+    # MIND as launch/configs/mind_synthetic.toml routes (spread seeds, cosine agreement).
     args = spec.make_args("default", {"user_features": ["segment"], "hidden": [16],
+                                      "routing_init": "spread", "routing_scale": 10.0,
                                       "item_features": ["category", "brand"],
                                       "item_feature_rows": [65, 257]})
     model = spec.build(schema, args, "cpu").eval()
@@ -330,3 +345,15 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
         fh.write(b"x")
     with pytest.raises(PackageError, match="items.pt"):
         RetrievalPackage(out)
+
+
+@pytest.mark.parametrize("bad,key", [({"routing_init": "kmeans"}, "model.args.routing_init"),
+                                     ({"routing_scale": -1.0}, "model.args.routing_scale")])
+def test_mind_bad_routing_args_name_the_key(bad: dict, key: str) -> None:
+    from data.synth.retrieval import retrieval_schema
+    from models import get_model_spec
+
+    schema = retrieval_schema(RetrievalSynthArgs(**RETRIEVAL_PRESETS["tiny"]))  # type: ignore
+    spec = get_model_spec("mind")
+    with pytest.raises(ValueError, match=key):
+        spec.build(schema, spec.make_args("default", bad), "meta")
