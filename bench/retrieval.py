@@ -7,7 +7,7 @@ time, and exact vs ANN query throughput at K=100.
   the generated ``ci`` retrieval set (``--quick``: the ``tiny`` one, a few steps), 1 and 2
   gloo ranks; the rate is the ``final`` line's ``examples_per_s``;
 * index build: an HNSW inner-product index (the one ``trainer.tasks.retrieval`` evaluates with)
-  over 1M random unit vectors of width 64 (``--quick``: 5k);
+  over 1M random unit vectors of width 64 (``--items``; ``--quick``: 5k);
 * queries per second at K=100 over that corpus: exact (one matmul per chunk of queries and
   ``torch.topk``, all threads) vs the index's search; the ANN recall@100 of the exact top-100
   is printed beside it so speed is never read without its accuracy.
@@ -78,12 +78,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(prog="python -m bench.retrieval", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/)")
+    p.add_argument("--items", type=int, default=1_000_000,
+                   help="corpus size of the index build and the searches (default 1M)")
+    p.add_argument("--skip-training", action="store_true",
+                   help="only the index build and the searches")
     ns = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as work:
-        rates = train_rates(ns.quick, work)
-    search = index_and_qps(5_000 if ns.quick else 1_000_000, 64, 500 if ns.quick else 5000)
-    print(format_table(rates, ["ranks", "examples_per_s", "recall@50"]))
-    print()
+    rates: List[Dict[str, Any]] = []
+    if not ns.skip_training:
+        with tempfile.TemporaryDirectory() as work:
+            rates = train_rates(ns.quick, work)
+        # Printed now: the index build of a large corpus may take long on a loaded machine.
+        print(format_table(rates, ["ranks", "examples_per_s", "recall@50"]), flush=True)
+        print()
+    search = index_and_qps(5_000 if ns.quick else ns.items, 64, 500 if ns.quick else 5000)
     print(format_table([search], ["items", "index_build_s", "exact_qps", "ann_qps",
                                   "ann_speedup", "ann_recall@100_of_exact"]))
     path = write_results("retrieval_quick" if ns.quick else "retrieval",
