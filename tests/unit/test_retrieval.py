@@ -236,12 +236,16 @@ def test_generator_and_data_path(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 
 def test_bench_search_smoke() -> None:
-    """bench.retrieval's search part on a small corpus: both searches agree on the top-100."""
+    """bench.retrieval's search part on a small corpus: every index measured against exact
+    at K=100, the widest search settings find nearly all of the exact top-100."""
     from bench.retrieval import index_and_qps
 
-    res = index_and_qps(3000, 16, 40)
-    assert res["exact_qps"] > 0 and res["ann_qps"] > 0 and res["index_build_s"] > 0
-    assert res["ann_recall@100_of_exact"] >= 0.9, res
+    res = index_and_qps(3000, 40, dim=16)
+    rows = {r["method"].split()[0]: r for r in res["results"]}  # the last setting per kind
+    assert set(rows) == {"exact", "hnsw", "ivf_flat"}
+    assert all(r["qps"] > 0 and 0.0 <= r["recall@100"] <= 1.0 for r in res["results"]), res
+    assert rows["hnsw"]["build_s"] > 0 and rows["ivf_flat"]["build_s"] > 0
+    assert rows["hnsw"]["recall@100"] >= 0.9 and rows["ivf_flat"]["recall@100"] >= 0.9, res
 
 
 def test_movielens_retrieval_leave_one_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
