@@ -67,7 +67,7 @@ from trainer.tasks.sequential import (
     _all_gather,
     _all_gather_jagged,
     _all_reduce,
-    _history_pairs,
+    count_above,
     local_item_shards,
     target_scores,
 )
@@ -186,21 +186,9 @@ def interest_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.T
     per_k = torch.stack([target_scores(query[:, k], targets, shards, reduce)
                          for k in range(query.shape[1])], dim=1)
     t_score = per_k.max(dim=1).values
-    hrow, hid = _history_pairs(targets, hist_ids, hist_lengths)
-    greater = torch.zeros(targets.numel(), dtype=torch.int64, device=query.device)
-    for off, w in shards:
-        for a in range(0, w.shape[0], chunk_rows):
-            lo, hi = off + a, off + min(w.shape[0], a + chunk_rows)
-            e = F.normalize(w[a:hi - off].to(query.dtype), dim=-1)
-            scores = torch.einsum("qkd,rd->qkr", query, e).max(dim=1).values
-            inside = (hid >= lo) & (hid < hi)
-            scores[hrow[inside], hid[inside] - lo] = -math.inf
-            if lo == 0:
-                scores[:, 0] = -math.inf  # padding row
-            # The target is compared through t_score, never with its own column.
-            own = (targets >= lo) & (targets < hi)
-            scores[own.nonzero().squeeze(1), targets[own] - lo] = -math.inf
-            greater += (scores > t_score.unsqueeze(1)).sum(1)
+    greater = count_above(lambda e: torch.einsum("qkd,rd->qkr", query, e).max(dim=1).values,
+                          t_score, targets, hist_ids, hist_lengths, shards, query.dtype,
+                          chunk_rows)
     return reduce(greater), t_score
 
 
