@@ -12,8 +12,16 @@ schema's sparse features: user id, profile fields) go through an ``EmbeddingBagC
 
 Towers:
 
-* item tower: ``ê_j = e_j / ‖e_j‖``, the L2-normalised row of the item table (so the trained
-  item table *is* the index: exact evaluation ranks its shards where they live);
+* item tower (:class:`ItemTower`): ``ê_j = normalise(e_j + Σ_f mean_{c ∈ F_f(j)} t_f[c])``, the
+  item table's row plus, per item feature ``f`` of ``args.item_features`` (e.g. ``category``,
+  multi-hot ``genres``), the mean of the item's ids' rows of that feature's table ``t_f`` (all
+  width ``D``: a sum, no projection, so an item without features, or a model without item
+  features, is its id row). ``F_f(j)`` comes from the dataset's ``item_features.parquet``
+  (:mod:`data.item_features`), held as ``[N, G_f]`` buffers. The data path adds each looked-up
+  item's feature ids (``G_f`` slots per item, 0 = empty) as the extra sequence features
+  ``<role>__<f>`` of the tables ``<item table>_<f>`` (roles: the item feature, ``_pos``,
+  ``_neg``), so the feature tables are EC tables sharded like the item table. The history
+  rows the user towers see are the item tower's unnormalised sums ``[ΣLᵢ, D]``;
 * user tower (model specific): ``[B, K, D]`` L2-normalised user vectors, ``K = 1`` for
   ``two_tower`` and ``K = num_interests`` for ``mind``.
 
@@ -38,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +61,23 @@ from models.blocks import build_ebc
 from models.sequential import item_spec, negatives_feature
 
 POSITIVE_SUFFIX = "_pos"
+ITEM_FEATURE_SEP = "__"
 
 
 def positive_feature(item_feature: str) -> str:
     """Name of the KJT feature that carries each row's positive item (one id per row)."""
     return item_feature + POSITIVE_SUFFIX
+
+
+def item_feature_key(role_feature: str, name: str) -> str:
+    """KJT feature with the ids of item feature ``name`` of every item that ``role_feature``
+    (the item feature, its ``_pos`` or ``_neg``) looks up: ``G`` slots per item."""
+    return role_feature + ITEM_FEATURE_SEP + name
+
+
+def item_feature_table(item_table: str, name: str) -> str:
+    """Embedding table of item feature ``name``."""
+    return f"{item_table}_{name}"
 
 
 @dataclass
@@ -85,6 +105,14 @@ class RetrievalArgs:
     #: features plus the history (the synthetic configs leave ``user_id`` out: see
     #: docs/retrieval.md); the other tables are still looked up, their rows get no gradient.
     user_features: List[str] = field(default_factory=list)
+    #: per-item features the item tower adds to the id embedding (columns of the dataset's
+    #: ``item_features.parquet``, e.g. ``["category"]``; docs/retrieval.md); empty: an item
+    #: is its id embedding.
+    item_features: List[str] = field(default_factory=list)
+    #: vocabulary size of each of ``item_features``, in order. Filled from the dataset by the
+    #: retrieval task kind (and checked against it when set), so that the run's saved config
+    #: rebuilds the same tables at export; leave it empty.
+    item_feature_rows: List[int] = field(default_factory=list)
 
 
 def check_retrieval_args(args: RetrievalArgs) -> None:
@@ -97,6 +125,19 @@ def check_retrieval_args(args: RetrievalArgs) -> None:
         raise ValueError("model.args.embedding_dim and model.args.max_len must be >= 0")
     if any(h < 1 for h in args.hidden):
         raise ValueError(f"model.args.hidden: widths must be >= 1, got {args.hidden}")
+    for name in args.item_features:
+        if not (name.isidentifier() and ITEM_FEATURE_SEP not in name):
+            raise ValueError(f"model.args.item_features: {name!r} is not a plain identifier "
+                             f"(letters, digits, single underscores)")
+    if len(set(args.item_features)) != len(args.item_features):
+        raise ValueError(f"model.args.item_features lists a name twice: {args.item_features}")
+    if args.item_features and len(args.item_feature_rows) != len(args.item_features):
+        raise ValueError(f"model.args.item_feature_rows must give one vocabulary size per "
+                         f"model.args.item_features entry (the retrieval task fills it from "
+                         f"the dataset's item_features.parquet), got {args.item_feature_rows}")
+    if any(r < 2 for r in args.item_feature_rows):
+        raise ValueError(f"model.args.item_feature_rows: sizes must be >= 2, got "
+                         f"{args.item_feature_rows}")
 
 
 def retrieval_item_spec(schema: Schema, args: RetrievalArgs) -> FeatureSpec:
@@ -156,6 +197,75 @@ class UserTower(nn.Module):
     num_interests: int = 1
 
 
+class ItemTower(nn.Module):
+    """Item tower: id row plus the mean of each item feature's rows (see the module docstring).
+
+    Args:
+        features: item feature names; ``tables``: their embedding tables (same order).
+        num_items: rows of the item table.
+
+    Buffers ``lookup_<f>`` (``[num_items, G_f]`` int64, 0 = empty slot) hold every item's
+    feature ids; :meth:`set_lookups` fills them from the dataset and a state dict may bring
+    any ``G_f`` (they resize on load). ``forward(role, embeddings, sequence)`` → ``[n, D]``
+    unnormalised vectors of the ``n`` ids of KJT feature ``role``; :meth:`matrix` → the
+    normalised ``[num_items, D]`` matrix of every item."""
+
+    def __init__(self, features: List[str], tables: List[str], num_items: int) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.tables = list(tables)
+        for name in self.features:
+            self.register_buffer(f"lookup_{name}", torch.zeros(num_items, 1, dtype=torch.int64))
+
+    def lookup(self, name: str) -> torch.Tensor:
+        return getattr(self, f"lookup_{name}")
+
+    def set_lookups(self, lookups: Dict[str, torch.Tensor]) -> None:
+        """``lookups[f]``: ``[num_items, G_f]`` ids of every item (from the dataset)."""
+        for name in self.features:
+            old = self.lookup(name)
+            new = torch.as_tensor(lookups[name], dtype=torch.int64)
+            if new.dim() != 2 or new.shape[0] != old.shape[0]:
+                raise ValueError(f"item feature {name!r}: the lookup has shape "
+                                 f"{tuple(new.shape)}, the item table {old.shape[0]} rows")
+            setattr(self, f"lookup_{name}", new.to(old.device))
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        # A trained model's lookups are [N, G_f]; a freshly built one holds [N, 1] stand-ins.
+        for name in self.features:
+            key = f"{prefix}lookup_{name}"
+            if key in state_dict:
+                setattr(self, f"lookup_{name}", torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, role: str, embeddings: Dict[str, JaggedTensor],
+                sequence: KeyedJaggedTensor) -> torch.Tensor:
+        out = embeddings[role].values()
+        n = out.shape[0]
+        for name in self.features:
+            key = item_feature_key(role, name)
+            g = self.lookup(name).shape[1]
+            rows = embeddings[key].values().reshape(n, g, out.shape[1])
+            mask = (sequence[key].values().reshape(n, g) > 0).to(rows.dtype).unsqueeze(2)
+            out = out + (rows * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return out
+
+    def matrix(self, item_table: torch.Tensor, feature_tables: Dict[str, torch.Tensor]
+               ) -> torch.Tensor:
+        """``[N, D]`` normalised item vectors (row 0, the padding id, zero) from the full
+        item table ``[N, D]`` and each feature's full table ``feature_tables[f]``."""
+        out = item_table.float().clone()
+        for name in self.features:
+            ids = self.lookup(name).to(out.device)
+            rows = feature_tables[name].float()[ids]  # [N, G, D]
+            mask = (ids > 0).to(out.dtype).unsqueeze(2)
+            out = out + (rows * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        out = F.normalize(out, dim=-1)
+        out[0] = 0.0
+        return out
+
+
 class RetrievalModel(nn.Module):
     """``Batch`` → :class:`RetrievalEncoding`: pooled user features (EBC, may be absent) and
     the item table (EC, history / positives / negatives) feeding a :class:`UserTower`.
@@ -174,7 +284,17 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.ebc = ebc
         self.ec = ec
-        self.encoder = RetrievalEncoder(tower, item_feature, user_features, max_len)
+        # The item features are the EC tables that ``build_retrieval_tables`` gave a
+        # ``<item feature>__<name>`` feature (so every builder gets the item tower unchanged).
+        names, tables = [], []
+        for cfg in ec.embedding_configs():
+            for fname in cfg.feature_names:
+                prefix = item_feature + ITEM_FEATURE_SEP
+                if fname.startswith(prefix):
+                    names.append(fname[len(prefix):])
+                    tables.append(cfg.name)
+        self.encoder = RetrievalEncoder(tower, item_feature, user_features, max_len,
+                                        ItemTower(names, tables, num_items))
         self.item_feature = item_feature
         self.item_table = item_table
         self.num_items = num_items
@@ -183,6 +303,10 @@ class RetrievalModel(nn.Module):
     @property
     def tower(self) -> UserTower:
         return self.encoder.tower
+
+    @property
+    def item_tower(self) -> ItemTower:
+        return self.encoder.item_tower
 
     def forward(self, batch: Batch) -> RetrievalEncoding:
         pooled = self.ebc(batch.sparse) if self.ebc is not None else None
@@ -194,9 +318,10 @@ class RetrievalEncoder(nn.Module):
     profile features, history truncation, the user tower, normalisation."""
 
     def __init__(self, tower: UserTower, item_feature: str, user_features: List[str],
-                 max_len: int) -> None:
+                 max_len: int, item_tower: Optional[ItemTower] = None) -> None:
         super().__init__()
         self.tower = tower
+        self.item_tower = item_tower or ItemTower([], [], 0)
         self.item_feature = item_feature
         self.user_features = user_features
         self.max_len = max_len
@@ -209,7 +334,9 @@ class RetrievalEncoder(nn.Module):
                 ) -> RetrievalEncoding:
         hist = embeddings[self.item_feature]
         hist_ids = sequence[self.item_feature].values()
-        values, ids, lengths = hist.values(), hist_ids, hist.lengths()
+        items = self.item_tower
+        values, ids, lengths = items(self.item_feature, embeddings, sequence), hist_ids, \
+            hist.lengths()
         if self.truncate:
             values, ids, lengths = truncate_recent_jagged(values, ids, lengths, self.max_len)
         parts = [dense] if dense.numel() else []
@@ -219,12 +346,12 @@ class RetrievalEncoder(nn.Module):
         b = lengths.numel()
         profile = torch.cat(parts, dim=1) if parts else values.new_zeros(b, 0)
         user = F.normalize(self.tower(profile, values, lengths), dim=-1)
-        pos = embeddings[positive_feature(self.item_feature)]
-        neg = embeddings[negatives_feature(self.item_feature)]
+        pos = items(positive_feature(self.item_feature), embeddings, sequence)
+        neg = items(negatives_feature(self.item_feature), embeddings, sequence)
         return RetrievalEncoding(
-            user=user, pos=F.normalize(pos.values(), dim=-1),
+            user=user, pos=F.normalize(pos, dim=-1),
             pos_ids=sequence[positive_feature(self.item_feature)].values(),
-            neg=F.normalize(neg.values(), dim=-1),
+            neg=F.normalize(neg, dim=-1),
             neg_ids=sequence[negatives_feature(self.item_feature)].values(),
             hist_ids=ids, hist_lengths=lengths)
 
@@ -247,6 +374,16 @@ def build_retrieval_tables(schema: Schema, args: RetrievalArgs, device: str
             feats += [positive_feature(item.name), negatives_feature(item.name)]
         tables.append(EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings,
                                       embedding_dim=dim, feature_names=feats))
+    roles = [item.name, positive_feature(item.name), negatives_feature(item.name)]
+    taken = set(schema.tables())
+    for name, rows in zip(args.item_features, args.item_feature_rows):
+        table = item_feature_table(item.table or item.name, name)
+        if table in taken:
+            raise ValueError(f"model.args.item_features: the table of item feature {name!r}, "
+                             f"{table!r}, is already a table of the schema")
+        tables.append(EmbeddingConfig(name=table, num_embeddings=rows, embedding_dim=dim,
+                                      feature_names=[item_feature_key(r, name)
+                                                     for r in roles]))
     ec = EmbeddingCollection(tables=tables, device=torch.device(device))
     sparse = schema.sparse_features
     ebc = build_ebc(schema, device) if sparse else None

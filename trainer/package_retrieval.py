@@ -11,8 +11,12 @@ package``) dispatches a retrieval checkpoint here. ``DIR`` is a package of
   signature of :mod:`trainer.inference`; the inputs (``package.json["inputs"]["features"]``)
   are the pooled user features the tower reads, in schema order, then the item feature
   (the history, at most ``max_len`` most recent ids: :class:`RetrievalPackage` truncates);
-* ``items.pt``: ``{"items": [num_items, D]}``, the L2-normalised item table (the item tower;
-  row 0 is padding and never returned);
+* ``items.pt``: ``{"items": [num_items, D]}``, the item tower's L2-normalised output for
+  every item (the item table row plus, with ``model.args.item_features``, the mean rows of its
+  feature ids; row 0 is padding and never returned);
+* ``item_features.parquet`` (with item features only; :mod:`data.item_features`): the item →
+  feature ids lookup ``items.pt`` was made from. The user program holds the same lookup and
+  adds the history's item features itself, so callers send item ids only;
 * ``items.faiss``: a FAISS inner-product index over rows ``1..N-1`` (ids = rows; HNSW unless
   ``--index ivf_flat``).
 
@@ -39,7 +43,12 @@ from torch import nn
 
 from data.batch import Batch
 from data.schema import Schema
-from models.retrieval import RetrievalModel, truncate_recent_jagged
+from models.retrieval import (
+    RetrievalModel,
+    item_feature_key,
+    item_feature_table,
+    truncate_recent_jagged,
+)
 
 KIND = "retrieval"
 
@@ -75,7 +84,15 @@ class RetrievalUserProgram(nn.Module):
         b = lengths[-1].shape[0]
         sparse = PlainFeatures({f: PlainJagged(v, ln) for f, v, ln in
                                 zip(self.user_features, values[:n], lengths[:n])}, lengths[-1])
-        seq = PlainFeatures({self.item: PlainJagged(values[n], lengths[n])}, lengths[-1])
+        hist = {self.item: PlainJagged(values[n], lengths[n])}
+        items = self.model.encoder.item_tower
+        for name in items.features:
+            # The history's item features, from the item tower's own lookup (the package's
+            # callers send item ids only).
+            ids = items.lookup(name)
+            hist[item_feature_key(self.item, name)] = PlainJagged(
+                ids[values[n]].reshape(-1), lengths[n] * ids.shape[1])
+        seq = PlainFeatures(hist, lengths[-1])
         enc = self.model(Batch(dense=dense, sparse=sparse,  # type: ignore[arg-type]
                                labels=dense.new_zeros(b), sequence=seq))  # type: ignore[arg-type]
         return enc.user
@@ -126,9 +143,18 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
     with target as d:
         tmp = d.path
         save_program(program, args, tmp, compile, info)
-        table = program.model.ec.tables[model.item_table]
-        items = F.normalize(table.dequantised(), dim=-1)
-        items[0] = 0.0
+        tables = program.model.ec.tables
+        tower = program.model.encoder.item_tower
+        if tower.features:
+            # The item tower over every item: id row + each feature's rows (its lookup).
+            feature_tables = {name: tables[item_feature_table(model.item_table, name)]
+                              .dequantised() for name in tower.features}
+            items = tower.matrix(tables[model.item_table].dequantised(), feature_tables)
+            item_features_file(tower, {n: int(t.shape[0]) for n, t in
+                                       feature_tables.items()}).save(tmp)
+        else:
+            items = F.normalize(tables[model.item_table].dequantised(), dim=-1)
+            items[0] = 0.0
         torch.save({"items": items.contiguous()}, os.path.join(tmp, ITEMS_FILE))
         t = time.time()
         write_index(build_index(items, index_kind, params), os.path.join(tmp, INDEX_FILE))
@@ -136,6 +162,14 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
         write_package_files(tmp, schema, preprocess, config_toml, info)
         d.commit()
     return info
+
+
+def item_features_file(tower: Any, rows: Dict[str, int]) -> Any:
+    """The item tower's lookups as :class:`data.item_features.ItemFeatures` (the package's
+    ``item_features.parquet``: which features made ``items.pt``, checksummed like the rest)."""
+    from data.item_features import ItemFeatures
+
+    return ItemFeatures({n: tower.lookup(n).numpy() for n in tower.features}, rows)
 
 
 class RetrievalPackage:

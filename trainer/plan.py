@@ -29,7 +29,7 @@ from sharding.planfile import save_plan
 from sharding.planner import GB, PlanDoesNotFit
 from sharding.table_optimizers import apply_table_optimizers
 from trainer.config import ConfigError, sparse_optimizer_defaults
-from trainer.trainer import build_model
+from trainer.trainer import build_model, model_task
 from trainer.validation import load_checked_config
 
 
@@ -58,13 +58,15 @@ def run(argv: Sequence[str]) -> int:
     schema_src = cfg.data.schema or cfg.data.path
     try:
         schema = load_schema(schema_src)
-        settings = resolve_table_settings(schema, cfg.sharding,
+        task = model_task(cfg, schema)
+        # The model's tables: the schema's, plus any its task kind adds (item features).
+        settings = resolve_table_settings(task.table_schema(), cfg.sharding,
                                           sparse_optimizer_defaults(cfg.training))
         constraints = build_constraints(settings, args.compute_device)
     except (SchemaError, ShardingConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = build_model(cfg, schema, args.compute_device)
+    model = build_model(cfg, schema, args.compute_device, task)
     # The planner sizes optimizer state from the optimizer attached to each weight.
     apply_table_optimizers(model, settings)
     try:

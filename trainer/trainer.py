@@ -230,7 +230,7 @@ def train(cfg: Config) -> Dict[str, Any]:
         meta = load_meta(cfg.data.path)
         task = model_task(cfg, schema)
         train_reader, valid_reader, test_reader = build_readers(cfg, ctx, schema, task)
-        dmp, optimizer = shard_and_optimize(cfg, ctx, schema,
+        dmp, optimizer = shard_and_optimize(cfg, ctx, task.table_schema(),
                                             build_model(cfg, schema, ctx.device.type, task))
         checkpointer = Checkpointer(cfg.checkpoint.dir or os.path.join(t.run_dir, "checkpoints"),
                                     ctx.rank, ctx.world_size, cfg.checkpoint.keep_last,

@@ -22,7 +22,9 @@ Items and users are renumbered ``1..N`` in raw-id order.
 is an interaction), sparse ``user_id`` and, with a users file, ``gender``, ``age``,
 ``occupation``, ``zip3``; ``item_seq`` (table ``item``) = the user's earlier ratings (time
 order, ties in file order; most recent ``--history-len``) **followed by this item**, the
-positive.
+positive. With a movies file, ``item_features.parquet`` (:mod:`data.item_features`) holds
+every item's multi-hot ``genres`` and its release ``decade`` for the item tower
+(``model.args.item_features = ["genres", "decade"]``).
 Leave-one-out: each user's last rating goes to ``test``, the one before to ``valid``, the
 others to ``train``.
 """
@@ -33,6 +35,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,6 +46,7 @@ from data.convert.common import (DEFAULT_SEQ_EMBEDDING_DIM, BadLines, check_embe
                                  single_id_column)
 from data.convert.sequential import renumber, sort_by_user_time, write_sequences
 from data.convert.text import float_column, integer_column, read_delimited, report_bad_rows
+from data.item_features import ItemFeatures
 from data.schema import FeatureSpec, LabelSpec, Schema
 
 logger = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ logger = logging.getLogger(__name__)
 RATINGS_FILES = ("u.data", "ratings.dat", "ratings.csv")
 MOVIES_FILES = ("u.item", "movies.dat", "movies.csv")
 USERS_FILES = ("u.user", "users.dat")
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
 U_ITEM_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                  "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -138,8 +143,9 @@ def _read_lines(path: str) -> List[str]:
         return [line.rstrip("\r\n") for line in fh if line.strip()]
 
 
-def read_movies(path: str) -> Dict[int, List[str]]:
-    """raw movie id → genre names."""
+def read_movies(path: str, titles: Optional[Dict[int, str]] = None) -> Dict[int, List[str]]:
+    """raw movie id → genre names (and, into ``titles`` when given, raw id → title)."""
+    titles = {} if titles is None else titles
     base = os.path.basename(path).lower()
     genres: Dict[int, List[str]] = {}
     if base.endswith(".csv"):
@@ -148,6 +154,7 @@ def read_movies(path: str) -> Dict[int, List[str]]:
                 try:
                     genres[int(rec["movieId"])] = [g for g in rec["genres"].split("|")
                                                    if g and g != "(no genres listed)"]
+                    titles[int(rec["movieId"])] = rec["title"] or ""
                 except (KeyError, ValueError, TypeError):
                     raise ConvertError(f"{path}:{lineno}: expected movieId,title,genres") from None
         return genres
@@ -157,6 +164,7 @@ def read_movies(path: str) -> Dict[int, List[str]]:
             if len(parts) != 3 or not parts[0].isdigit():
                 raise ConvertError(f"{path}:{lineno}: expected MovieID::Title::Genres")
             genres[int(parts[0])] = [g for g in parts[2].split("|") if g]
+            titles[int(parts[0])] = parts[1]
         else:
             parts = line.split("|")
             if len(parts) != 24 or not parts[0].isdigit():
@@ -164,6 +172,7 @@ def read_movies(path: str) -> Dict[int, List[str]]:
                                    f"(id|title|date|video date|url|19 genre flags)")
             genres[int(parts[0])] = [U_ITEM_GENRES[k] for k, flag in enumerate(parts[5:])
                                      if flag == "1"]
+            titles[int(parts[0])] = parts[1]
     return genres
 
 
@@ -224,6 +233,8 @@ def convert(inputs: Sequence[str], out: str, args: argparse.Namespace) -> Dict[s
             meta["action"] = "2 x rating (half stars)" if half_stars else "rating"
         elif args.task == "retrieval":
             schema, facts = _write_retrieval(writer, user, item, ts, users_path, args)
+            if movies_path:
+                facts["item_features"] = _write_item_genres(writer.tmp, item, movies_path)
             meta.update(facts)
         else:
             schema, facts = _write_ctr(writer, user, item, rating, ts, movies_path, users_path,
@@ -327,6 +338,29 @@ def _write_ctr(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, rating
         writer.write("valid", table.filter(pa.array(is_valid)))
         writer.write("test", table.filter(pa.array(is_test)))
     return schema, facts
+
+
+def _write_item_genres(directory: str, item: np.ndarray, movies_path: str) -> Dict[str, int]:
+    """``item_features.parquet`` (:mod:`data.item_features`) of ``--task retrieval``: each
+    renumbered item's ``genres`` (multi-hot, ids ``1..G`` in genre-name order) and ``decade``
+    (the release year of the title's trailing ``(YYYY)`` in decades, ids ``1..`` in time
+    order); none for a movie the movies file lacks or a title without a year. Returns the
+    vocabulary sizes."""
+    titles: Dict[int, str] = {}
+    genres = read_movies(movies_path, titles)
+    names = sorted({g for gs in genres.values() for g in gs})
+    gid = {g: k + 1 for k, g in enumerate(names)}
+    decade_of = {m: int(y.group(1)) // 10 * 10 for m, t in titles.items()
+                 if (y := _YEAR.search(t)) is not None}
+    did = {d: k + 1 for k, d in enumerate(sorted(set(decade_of.values())))}
+    _, item_keys = renumber(item)  # the same numbering as the rows (raw-id order)
+    per_item: Dict[str, List[List[int]]] = {
+        "genres": [[]] + [[gid[g] for g in genres.get(int(raw), [])] for raw in item_keys],
+        "decade": [[]] + [[did[decade_of[int(raw)]]] if int(raw) in decade_of else []
+                          for raw in item_keys]}
+    rows = {"genres": len(names) + 1, "decade": len(did) + 1}
+    ItemFeatures.from_lists(per_item, rows).save(directory)
+    return rows
 
 
 def _write_retrieval(writer: DatasetWriter, user: np.ndarray, item: np.ndarray, ts: np.ndarray,

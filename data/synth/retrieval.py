@@ -24,6 +24,14 @@ Rows: sparse ``user_id`` (table ``user``), sequence ``item_seq`` (table ``item``
 oldest first **followed by the positive** (the retrieval task strips that last id into the
 label); train rows are shuffled.
 
+Item features (``--item-features 1``, the default): ``item_features.parquet``
+(:mod:`data.item_features`) gives every item a ``category`` — the prototype nearest to its
+planted vector, ``1..prototypes`` (a coarse cluster of the item space that users' interests
+also come from, as a shop's category tree groups what its customers want) — and a finer
+``brand`` — the nearest of ``brands`` random unit centres. They let an item tower place items
+that few rows mention (the cold tail of the Zipf popularity). Their draws come from their own
+seed stream, so the rows and oracle do not depend on them.
+
 Oracle: the ``K`` most likely unseen items under ``P(· | u)``. ``meta.json`` stores
 ``oracle.recall@K`` (fraction of test rows whose positive is in that list — the best recall
 any model can expect under the history-excluded protocol), ``oracle.expected_recall@K``
@@ -44,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from data.convert.common import DatasetWriter, list_column, single_id_column
+from data.item_features import ItemFeatures
 from data.schema import FeatureSpec, Schema
 
 logger = logging.getLogger(__name__)
@@ -80,6 +89,10 @@ class RetrievalSynthArgs:
     hist_len: int = 20
     train_per_user: int = 20
     embedding_dim: int = 32
+    #: write ``item_features.parquet`` (``category``, ``brand``; see the module docstring).
+    item_features: int = 1
+    #: brand centres (the finer item feature).
+    brands: int = 256
     rows_per_file: int = 200_000
     row_group_rows: int = 512
     seed: int = 0
@@ -195,6 +208,31 @@ def generate_interactions(a: RetrievalSynthArgs
     return hist, pos, oracle, which
 
 
+def planted_items(a: RetrievalSynthArgs) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(item vectors ``[N, d]``, prototypes ``[P, d]`` or None): the first draws of
+    :func:`generate_interactions`' stream, replayed."""
+    rng = np.random.default_rng(a.seed)
+    items = _unit(rng.normal(size=(a.num_items, a.true_dim)))
+    rng.permutation(a.num_items)  # the popularity ranks
+    protos = _unit(rng.normal(size=(a.prototypes, a.true_dim))) if a.prototypes > 0 else None
+    return items, protos
+
+
+def item_feature_table(a: RetrievalSynthArgs) -> ItemFeatures:
+    """``category`` (nearest prototype, or of 64 random centres without prototypes) and
+    ``brand`` (nearest of ``brands`` random centres) of every item; row 0 (padding) empty."""
+    items, protos = planted_items(a)
+    rng = np.random.default_rng([a.seed, 11])
+    if protos is None:
+        protos = _unit(rng.normal(size=(64, a.true_dim)))
+    brands = _unit(rng.normal(size=(max(1, a.brands), a.true_dim)))
+    category = np.argmax(items @ protos.T, axis=1) + 1
+    brand = np.argmax(items @ brands.T, axis=1) + 1
+    tables = {"category": np.concatenate(([0], category))[:, None].astype(np.int64),
+              "brand": np.concatenate(([0], brand))[:, None].astype(np.int64)}
+    return ItemFeatures(tables, {"category": protos.shape[0] + 1, "brand": brands.shape[0] + 1})
+
+
 def has_segments(a: RetrievalSynthArgs) -> bool:
     return bool(a.segment_feature) and a.prototypes > 0
 
@@ -251,6 +289,10 @@ def generate_retrieval(out: str, args: RetrievalSynthArgs, overwrite: bool = Fal
                              "items are excluded from the ranking",
             "train_positive_items": int((counts > 0).sum()),
             "oracle": oracle}
+        if args.item_features:
+            features = item_feature_table(args)
+            features.save(writer.tmp)
+            meta["item_features"] = features.rows
         meta = writer.finish(retrieval_schema(args), meta)
     if progress:
         logger.info("dataset %s: %d users x %d train positives, oracle recall@50 %.4f "

@@ -1,15 +1,18 @@
-"""2-rank gloo: the retrieval models sharded (item table row-wise over both ranks, user
-table placed by the planner) against one process holding the concatenated batch.
+"""2-rank gloo: the retrieval models sharded (item table and item feature tables row-wise
+over both ranks, user table placed by the planner) against one process holding the
+concatenated batch.
 
-For ``two_tower`` and ``mind``, on each rank's 32-row batch:
+For ``two_tower`` (item tower = id + ``category`` + ``brand`` rows, the data's item features)
+and ``mind`` (id only), on each rank's 32-row batch:
 
 * the mean of the two ranks' losses — each rank's softmax over **both** ranks' in-batch
   positives and uniform negatives, all-gathered — equals the single-process loss over the
   64-row concatenated batch (the cross-rank in-batch loss);
 * the dense (user tower) gradients, DDP-averaged, equal the reference's gradients of that loss;
-* one fused SGD step moves every item row exactly as SGD on the concatenated batch's loss
-  (the all-gather's backward returns every rank's gradient of an in-batch item to the rank
-  that looked it up, so rows seen only through another rank's softmax move too).
+* one fused SGD step moves every item row (and item feature row) exactly as SGD on the
+  concatenated batch's loss (the all-gather's backward returns every rank's gradient of an
+  in-batch item to the rank that looked it up, so rows seen only through another rank's
+  softmax move too).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
+from data.item_features import ItemFeatures
 from data.reader import ParquetReader
 from data.schema import Schema
 from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
@@ -60,13 +64,22 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
     schema = Schema.load(data_dir)
     spec = get_model_spec(name)
     overrides: Dict[str, Any] = {"num_negatives": 8, "hidden": [16], "embedding_dim": 16}
+    lookups: Dict[str, Any] = {}
     if name == "mind":
         overrides["num_interests"] = 3
+    else:
+        feats = ItemFeatures.load(data_dir)
+        assert feats is not None
+        lookups = feats.tables
+        overrides["item_features"] = list(lookups)
+        overrides["item_feature_rows"] = [feats.rows[n] for n in lookups]
+    tables = ["item"] + [f"item_{n}" for n in lookups]
     args = spec.make_args("default", overrides)
     counts = positive_counts(data_dir, "train", "item_seq", 121)
     torch.manual_seed(0)
     reference = RetrievalTrain(spec.build(schema, args, "cpu"), args)
     reference.loss.set_frequencies(counts)
+    reference.model.item_tower.set_lookups({k: torch.from_numpy(v) for k, v in lookups.items()})
     with torch.no_grad():
         for n, p in reference.named_parameters():
             if ".ec." in n or ".ebc." in n:
@@ -74,15 +87,17 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
     model = RetrievalTrain(spec.build(schema, args, "meta"), args)
     model.loss.set_frequencies(counts)
     model.loss.gather = all_gather_rows
+    model.model.item_tower.set_lookups({k: torch.from_numpy(v) for k, v in lookups.items()})
     apply_sparse_optimizer(model, "sgd", LR)
     dmp, plan = shard_model(model, ctx, batch_size=32, constraints={
-        "item": ParameterConstraints(sharding_types=["row_wise"])})
+        t: ParameterConstraints(sharding_types=["row_wise"]) for t in tables})
     load_full_state(dmp, reference.state_dict())
 
     def batch(rank: int) -> Batch:
         reader = ParquetReader(data_dir, "train", 32, rank=rank, world_size=ctx.world_size,
                                prefetch=0, schema=schema, shuffle=False,
-                               transform=RetrievalBatches("item_seq", 121, 8, 0, "train"))
+                               transform=RetrievalBatches("item_seq", 121, 8, 0, "train",
+                                                          lookups))
         return next(iter(reader))
 
     loss, _ = dmp(batch(ctx.rank))
@@ -100,12 +115,16 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
                     if p.grad is not None and _strip(n) in ref_grads)
     dense_checked = sum(1 for n, p in dmp.named_parameters()
                         if p.grad is not None and _strip(n) in ref_grads)
-    w = reference.model.ec.embeddings["item"].weight
-    stepped = (w - LR * w.grad).detach()
-    step_diff, moved = 0.0, 0.0
-    for off, shard in local_item_shards(dmp, "item"):
-        step_diff = max(step_diff, float((shard - stepped[off:off + shard.shape[0]]).abs().max()))
-        moved = max(moved, float((shard - w[off:off + shard.shape[0]]).abs().max()))
+    step_diff, moved = 0.0, {}
+    for table in tables:
+        w = reference.model.ec.embeddings[table].weight
+        stepped = (w - LR * w.grad).detach()
+        moved[table] = 0.0
+        for off, shard in local_item_shards(dmp, table):
+            step_diff = max(step_diff, float((shard - stepped[off:off + shard.shape[0]])
+                                             .abs().max()))
+            moved[table] = max(moved[table], float((shard - w[off:off + shard.shape[0]])
+                                                   .abs().max()))
     return {"loss": float(mean_loss), "ref_loss": float(ref_loss), "grad_diff": grad_diff,
             "dense_checked": dense_checked, "step_diff": step_diff, "moved": moved,
             "types": sorted({ps.sharding_type for m in plan.plan.values()  # type: ignore
@@ -133,5 +152,8 @@ def test_sharded_retrieval_equals_single_process(tiny_retrieval: str) -> None:
             assert abs(r["loss"] - r["ref_loss"]) < 1e-4, (where, r["loss"], r["ref_loss"])
             assert r["dense_checked"] >= 2, where
             assert r["grad_diff"] < 1e-5, (where, r["grad_diff"])
-            assert r["moved"] > 1e-4, (where, "the fused optimizer changed no item row")
+            assert len(r["moved"]) == (3 if name == "two_tower" else 1), (where, r["moved"])
+            for table, moved in r["moved"].items():
+                # Each rank holds rows of every table; some of its rows must have moved.
+                assert moved > 1e-4, (where, table, "the fused optimizer changed no row")
             assert r["step_diff"] < 1e-5, (where, r["step_diff"])

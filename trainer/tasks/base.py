@@ -65,6 +65,11 @@ class TaskKind(abc.ABC):
         task wrapper."""
         return self.wrap(self.spec.build(self.schema, self.args, "meta"), device_type)
 
+    def table_schema(self) -> Schema:
+        """The schema whose tables the built model has, for the per-table settings and the
+        sharding plan: the dataset's (a kind whose model adds tables extends it)."""
+        return self.schema
+
     @abc.abstractmethod
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         """The task wrapper (loss owner) around the unsharded over-arch ``model``."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,10 +39,12 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
+from data.item_features import ItemFeatures
 from data.reader import ParquetReader, split_files
 from data.schema import FeatureSpec, Schema
 from models.blocks import autocast_dtype, autocast_forward
@@ -50,9 +52,12 @@ from models.retrieval import (
     RetrievalArgs,
     RetrievalLoss,
     RetrievalModel,
+    item_feature_key,
+    item_feature_table,
     positive_feature,
     retrieval_item_spec,
 )
+from models.sequential import negatives_feature
 from sharding.dist import DistContext
 from trainer.config import Config
 from trainer.tasks.sequential import (
@@ -62,7 +67,7 @@ from trainer.tasks.sequential import (
     _all_gather,
     _all_gather_jagged,
     _all_reduce,
-    _history_pairs,
+    count_above,
     local_item_shards,
     target_scores,
 )
@@ -84,9 +89,12 @@ class RetrievalBatches:
     """The reader transform (see the module docstring); timestamps are dropped (unused)."""
 
     def __init__(self, item_feature: str, num_items: int, num_negatives: int, seed: int,
-                 split: str) -> None:
+                 split: str, item_lookups: Optional[Mapping[str, np.ndarray]] = None) -> None:
         self.item_feature = item_feature
         self.pos_feature = positive_feature(item_feature)
+        #: ``[num_items, G_f]`` feature ids of every item, per item feature of the item tower.
+        self.item_lookups = {k: torch.as_tensor(np.asarray(v), dtype=torch.int64)
+                             for k, v in (item_lookups or {}).items()}
         # Another seed per split, so eval negatives are not the train batches' draws.
         split_seed = {"train": 0, "valid": 1, "eval": 2, "test": 2}.get(split, 3)
         self.inner = SequentialBatches(item_feature, num_items, num_negatives,
@@ -97,11 +105,23 @@ class RetrievalBatches:
         seq = out.sequence
         assert seq is not None
         labels = out.labels.long()
-        sequence = KeyedJaggedTensor(
-            keys=seq.keys() + [self.pos_feature],
-            values=torch.cat([seq.values(), labels]),
-            lengths=torch.cat([seq.lengths().int(),
-                               torch.ones(labels.numel(), dtype=torch.int32)]))
+        keys = seq.keys() + [self.pos_feature]
+        values = [seq.values(), labels]
+        lengths = [seq.lengths().int(), torch.ones(labels.numel(), dtype=torch.int32)]
+        if self.item_lookups:
+            # Every looked-up item's feature ids (G slots each) for the item tower.
+            roles = [(self.item_feature, seq[self.item_feature]),
+                     (negatives_feature(self.item_feature), seq[negatives_feature(
+                         self.item_feature)])]
+            role_ids = [(r, jt.values().long(), jt.lengths().int()) for r, jt in roles]
+            role_ids.append((self.pos_feature, labels, lengths[1]))
+            for role, ids, ln in role_ids:
+                for name, table in self.item_lookups.items():
+                    keys.append(item_feature_key(role, name))
+                    values.append(table[ids].reshape(-1))
+                    lengths.append(ln * table.shape[1])
+        sequence = KeyedJaggedTensor(keys=keys, values=torch.cat(values),
+                                     lengths=torch.cat(lengths))
         return Batch(dense=out.dense, sparse=out.sparse, labels=labels, sequence=sequence,
                      timestamps=None, sample_ids=out.sample_ids)
 
@@ -166,22 +186,50 @@ def interest_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.T
     per_k = torch.stack([target_scores(query[:, k], targets, shards, reduce)
                          for k in range(query.shape[1])], dim=1)
     t_score = per_k.max(dim=1).values
-    hrow, hid = _history_pairs(targets, hist_ids, hist_lengths)
-    greater = torch.zeros(targets.numel(), dtype=torch.int64, device=query.device)
-    for off, w in shards:
-        for a in range(0, w.shape[0], chunk_rows):
-            lo, hi = off + a, off + min(w.shape[0], a + chunk_rows)
-            e = F.normalize(w[a:hi - off].to(query.dtype), dim=-1)
-            scores = torch.einsum("qkd,rd->qkr", query, e).max(dim=1).values
-            inside = (hid >= lo) & (hid < hi)
-            scores[hrow[inside], hid[inside] - lo] = -math.inf
-            if lo == 0:
-                scores[:, 0] = -math.inf  # padding row
-            # The target is compared through t_score, never with its own column.
-            own = (targets >= lo) & (targets < hi)
-            scores[own.nonzero().squeeze(1), targets[own] - lo] = -math.inf
-            greater += (scores > t_score.unsqueeze(1)).sum(1)
+    greater = count_above(lambda e: torch.einsum("qkd,rd->qkr", query, e).max(dim=1).values,
+                          t_score, targets, hist_ids, hist_lengths, shards, query.dtype,
+                          chunk_rows)
     return reduce(greater), t_score
+
+
+def table_pieces(dmp: nn.Module, table: str) -> List[Tuple[int, int, torch.Tensor]]:
+    """This rank's ``(first row, first column, weight)`` pieces of the sequence table
+    ``table`` (any sharding type of an EC table: none of them replicates it)."""
+    suffix = f"embeddings.{table}.weight"
+    keys = [k for k in dmp.state_dict() if k.endswith(suffix)]
+    if len(keys) != 1:
+        raise KeyError(f"table {table!r}: expected one state-dict entry ending with {suffix!r}, "
+                       f"found {keys}")
+    w = dmp.state_dict()[keys[0]]
+    if isinstance(w, ShardedTensor):
+        return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]),
+                 s.tensor.detach()) for s in w.local_shards()]
+    return [(0, 0, w.detach())]
+
+
+def full_table(shards: Sequence[Tuple[Any, ...]], rows: int, dim: int) -> torch.Tensor:
+    """``[rows, D]`` table (CPU, as trained) assembled from every rank's ``(row, w)`` or
+    ``(row, column, w)`` pieces."""
+    full = torch.zeros(rows, dim)
+    for piece in shards:
+        off, col, w = piece if len(piece) == 3 else (piece[0], 0, piece[1])
+        full[off:off + w.shape[0], col:col + w.shape[1]] = w.detach().float().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = shards[0][-1].device if shards else torch.device("cpu")
+        full_dev = full.to(dev)
+        dist.all_reduce(full_dev)
+        full = full_dev.cpu()
+    return full
+
+
+def _find_item_tower(module: nn.Module) -> Any:
+    """The :class:`models.retrieval.ItemTower` inside a (sharded, DDP-wrapped) model."""
+    from models.retrieval import ItemTower
+
+    for m in module.modules():
+        if isinstance(m, ItemTower):
+            return m
+    raise KeyError("the model has no item tower")
 
 
 def full_item_matrix(shards: Shards, num_items: int, dim: int) -> torch.Tensor:
@@ -312,13 +360,55 @@ class RetrievalKind(ItemTableKind):
         super().__init__(cfg, schema)
         #: build a FAISS index at every evaluation (needs ``faiss-cpu``).
         self.ann = True
+        #: ``[num_items, G_f]`` ids per item feature of the item tower (empty: id only).
+        self.item_lookups: Dict[str, np.ndarray] = {}
+        if self.args.item_features:
+            self.item_lookups = self._load_item_features(cfg)
+
+    def table_schema(self) -> Schema:
+        """The dataset's schema plus one sequence feature per item feature (its table
+        ``<item table>_<f>``, ``G_f`` ids per history item), as the model builds them."""
+        if not self.item_lookups:
+            return self.schema
+        item = self.item_spec(self.schema)
+        dim = self.args.embedding_dim or item.embedding_dim
+        extra = [FeatureSpec(item_feature_key(item.name, name), "sequence",
+                             table=item_feature_table(self.item_table, name),
+                             num_embeddings=rows, embedding_dim=dim,
+                             max_len=item.max_len * self.item_lookups[name].shape[1])
+                 for name, rows in zip(self.args.item_features, self.args.item_feature_rows)]
+        return Schema(features=list(self.schema.features) + extra,
+                      labels=list(self.schema.labels))
+
+    def _load_item_features(self, cfg: Config) -> Dict[str, np.ndarray]:
+        """The dataset's lookups of ``model.args.item_features``; fills (or checks)
+        ``model.args.item_feature_rows`` in the args and in ``cfg`` (whose saved copy rebuilds
+        the same tables at export)."""
+        names = list(self.args.item_features)
+        feats = ItemFeatures.load(cfg.data.path)
+        assert feats is not None
+        unknown = [n for n in names if n not in feats.names]
+        if unknown:
+            raise ValueError(f"model.args.item_features: {unknown} are not in "
+                             f"{cfg.data.path}/item_features.parquet, which has {feats.names}")
+        if feats.num_items != self.num_items:
+            raise ValueError(f"{cfg.data.path}/item_features.parquet has {feats.num_items} "
+                             f"items, the item table {self.num_items} rows: regenerate it")
+        rows = [feats.rows[n] for n in names]
+        if self.args.item_feature_rows and list(self.args.item_feature_rows) != rows:
+            raise ValueError(f"model.args.item_feature_rows {self.args.item_feature_rows} "
+                             f"disagree with the dataset's item features ({rows}); remove the "
+                             f"key (the task fills it)")
+        self.args.item_feature_rows = rows
+        cfg.model.args = {**cfg.model.args, "item_feature_rows": rows}
+        return {n: feats.tables[n] for n in names}
 
     def item_spec(self, schema: Schema) -> FeatureSpec:
         return retrieval_item_spec(schema, self.args)
 
     def batch_transform(self, split: str) -> Callable[[Batch], Batch]:
         return RetrievalBatches(self.item_feature, self.num_items, self.args.num_negatives,
-                                self.cfg.training.seed, split)
+                                self.cfg.training.seed, split, self.item_lookups)
 
     def wrap(self, model: nn.Module, device_type: str) -> nn.Module:
         task = RetrievalTrain(model, self.args,  # type: ignore[arg-type]
@@ -329,6 +419,9 @@ class RetrievalKind(ItemTableKind):
                 self.cfg.data.path, self.cfg.data.train_split, self.item_feature,
                 self.num_items))
         task.loss.gather = all_gather_rows
+        if self.item_lookups:
+            model.item_tower.set_lookups(  # type: ignore[union-attr, operator]
+                {k: torch.from_numpy(v) for k, v in self.item_lookups.items()})
         return task
 
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
@@ -337,10 +430,19 @@ class RetrievalKind(ItemTableKind):
         shards = local_item_shards(dmp, self.item_table)
         index = None
         build_s = math.nan
+        full: Optional[torch.Tensor] = None
+        if self.item_lookups:
+            # The item tower over every item (id row + feature rows): assembled whole on every
+            # rank, each rank ranking its own slice of the rows (the exact merge is unchanged).
+            full = self._item_matrix(dmp, shards, ctx)
+            ws = dist.get_world_size() if dist.is_initialized() else 1
+            lo, hi = ctx.rank * full.shape[0] // ws, (ctx.rank + 1) * full.shape[0] // ws
+            shards = [(lo, full[lo:hi].to(ctx.device))]
         if self.ann:
-            dim = shards[0][1].shape[1] if shards else 0
-            dims = _all_gather(torch.tensor([dim], device=ctx.device))
-            full = full_item_matrix(shards, self.num_items, int(dims.max()))
+            if full is None:
+                dim = shards[0][1].shape[1] if shards else 0
+                dims = _all_gather(torch.tensor([dim], device=ctx.device))
+                full = full_item_matrix(shards, self.num_items, int(dims.max()))
             if ctx.rank == 0:
                 index = AnnIndex(full)
                 build_s = index.build_s
@@ -350,6 +452,18 @@ class RetrievalKind(ItemTableKind):
         if ctx.rank == 0 and index is not None:
             out["index_build_s"] = build_s
         return out
+
+    def _item_matrix(self, dmp: nn.Module, shards: Shards, ctx: DistContext) -> torch.Tensor:
+        """``[num_items, D]`` normalised item-tower outputs of every item (CPU)."""
+        dim = int(_all_gather(torch.tensor([shards[0][1].shape[1] if shards else 0],
+                                           device=ctx.device)).max())
+        table = full_table(shards, self.num_items, dim)
+        feature_tables = {}
+        for name, rows in zip(self.args.item_features, self.args.item_feature_rows):
+            feature_tables[name] = full_table(
+                table_pieces(dmp, item_feature_table(self.item_table, name)), rows, dim)
+        tower = _find_item_tower(dmp)
+        return tower.matrix(table, feature_tables)
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         if "recall@50" in metrics:

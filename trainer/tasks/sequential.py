@@ -205,12 +205,29 @@ def full_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.Tenso
         chunk_rows: score at most this many items at once (bounds ``[Q, rows]`` memory).
     """
     t_score = target_scores(query, targets, shards, reduce)
+    # [Q, D] @ [D, R]: one matmul per chunk (the brute-force references score the same way).
+    greater = count_above(lambda e: query @ e.T, t_score, targets, hist_ids, hist_lengths,
+                          shards, query.dtype, chunk_rows)
+    return reduce(greater), t_score
+
+
+def count_above(score: Callable[[torch.Tensor], torch.Tensor], t_score: torch.Tensor,
+                targets: torch.Tensor, hist_ids: torch.Tensor, hist_lengths: torch.Tensor,
+                shards: Sequence[Tuple[int, torch.Tensor]], dtype: torch.dtype,
+                chunk_rows: int = 65_536) -> torch.Tensor:
+    """``[Q]`` how many of this rank's items score above each target's ``t_score``, its own
+    history, the padding row 0 and the target itself left out.
+
+    ``score`` maps a chunk of L2-normalised item rows ``[R, D]`` to ``[Q, R]`` scores; each
+    caller keeps its own arithmetic (a matmul, an einsum + max over interests) so the
+    counts match its brute-force reference to the bit.
+    """
     hrow, hid = _history_pairs(targets, hist_ids, hist_lengths)
-    greater = torch.zeros(targets.numel(), dtype=torch.int64, device=query.device)
+    greater = torch.zeros(targets.numel(), dtype=torch.int64, device=t_score.device)
     for off, w in shards:
         for a in range(0, w.shape[0], chunk_rows):
             lo, hi = off + a, off + min(w.shape[0], a + chunk_rows)
-            scores = query @ F.normalize(w[a:hi - off].to(query.dtype), dim=-1).T
+            scores = score(F.normalize(w[a:hi - off].to(dtype), dim=-1))
             inside = (hid >= lo) & (hid < hi)
             scores[hrow[inside], hid[inside] - lo] = -math.inf
             if lo == 0:
@@ -220,7 +237,7 @@ def full_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.Tenso
             own = (targets >= lo) & (targets < hi)
             scores[own.nonzero().squeeze(1), targets[own] - lo] = -math.inf
             greater += (scores > t_score.unsqueeze(1)).sum(1)
-    return reduce(greater), t_score
+    return greater
 
 
 def sample_unseen(targets: torch.Tensor, hist_ids: torch.Tensor, hist_lengths: torch.Tensor,
