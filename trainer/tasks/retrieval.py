@@ -69,6 +69,7 @@ from trainer.tasks.sequential import (
     _all_reduce,
     count_above,
     local_item_shards,
+    table_state,
     target_scores,
 )
 from trainer.tasks.base import eval_batches, run_eval
@@ -195,12 +196,7 @@ def interest_ranks(query: torch.Tensor, targets: torch.Tensor, hist_ids: torch.T
 def table_pieces(dmp: nn.Module, table: str) -> List[Tuple[int, int, torch.Tensor]]:
     """This rank's ``(first row, first column, weight)`` pieces of the sequence table
     ``table`` (any sharding type of an EC table: none of them replicates it)."""
-    suffix = f"embeddings.{table}.weight"
-    keys = [k for k in dmp.state_dict() if k.endswith(suffix)]
-    if len(keys) != 1:
-        raise KeyError(f"table {table!r}: expected one state-dict entry ending with {suffix!r}, "
-                       f"found {keys}")
-    w = dmp.state_dict()[keys[0]]
+    w = table_state(dmp, table)
     if isinstance(w, ShardedTensor):
         return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]),
                  s.tensor.detach()) for s in w.local_shards()]
@@ -234,15 +230,7 @@ def _find_item_tower(module: nn.Module) -> Any:
 
 def full_item_matrix(shards: Shards, num_items: int, dim: int) -> torch.Tensor:
     """``[num_items, D]`` L2-normalised item table assembled from every rank's shards."""
-    full = torch.zeros(num_items, dim)
-    for off, w in shards:
-        full[off:off + w.shape[0]] = F.normalize(w.detach().float().cpu(), dim=-1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = shards[0][1].device if shards else torch.device("cpu")
-        full_dev = full.to(dev)
-        dist.all_reduce(full_dev)
-        full = full_dev.cpu()
-    return full
+    return F.normalize(full_table(shards, num_items, dim), dim=-1)
 
 
 class AnnIndex:

@@ -297,16 +297,22 @@ class RankingMetrics:
         return {**{k: v / n for k, v in self.sums.items()}, "eval_users": float(self.count)}
 
 
-def local_item_shards(dmp: nn.Module, table: str) -> List[Tuple[int, torch.Tensor]]:
-    """This rank's ``(first row, weight [R, D])`` pieces of the sharded table ``table``,
-    read from the model's state dict (views of the live weights)."""
+def table_state(dmp: nn.Module, table: str) -> Any:
+    """The model's state-dict entry of EC table ``table`` (a ``ShardedTensor`` when sharded,
+    else the tensor), found by its ``embeddings.<table>.weight`` suffix."""
     suffix = f"embeddings.{table}.weight"
     state = dmp.state_dict()
     keys = [k for k in state if k.endswith(suffix)]
     if len(keys) != 1:
-        raise KeyError(f"item table {table!r}: expected one state-dict entry ending with "
+        raise KeyError(f"table {table!r}: expected one state-dict entry ending with "
                        f"{suffix!r}, found {keys}")
-    w = state[keys[0]]
+    return state[keys[0]]
+
+
+def local_item_shards(dmp: nn.Module, table: str) -> List[Tuple[int, torch.Tensor]]:
+    """This rank's ``(first row, weight [R, D])`` pieces of the sharded table ``table``,
+    read from the model's state dict (views of the live weights)."""
+    w = table_state(dmp, table)
     if isinstance(w, ShardedTensor):
         full_dim = w.size(1)
         out = []
