@@ -75,6 +75,20 @@ def item_feature_key(role_feature: str, name: str) -> str:
     return role_feature + ITEM_FEATURE_SEP + name
 
 
+def item_feature_ids(lookup: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Jagged feature ids of the items ``ids`` (jagged by ``lengths``) from one feature's
+    ``[num_items, G]`` lookup: ``G`` slots per item, so values ``[n·G]`` and lengths ``·G``."""
+    return lookup[ids].reshape(-1), lengths * lookup.shape[1]
+
+
+def _slot_mean(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[n, D]`` mean of ``rows [n, G, D]`` over the slots whose id (``ids [n, G]``) is > 0
+    (zero where an item has none)."""
+    mask = (ids > 0).to(rows.dtype).unsqueeze(2)
+    return (rows * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 def item_feature_table(item_table: str, name: str) -> str:
     """Embedding table of item feature ``name``."""
     return f"{item_table}_{name}"
@@ -247,8 +261,7 @@ class ItemTower(nn.Module):
             key = item_feature_key(role, name)
             g = self.lookup(name).shape[1]
             rows = embeddings[key].values().reshape(n, g, out.shape[1])
-            mask = (sequence[key].values().reshape(n, g) > 0).to(rows.dtype).unsqueeze(2)
-            out = out + (rows * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out = out + _slot_mean(rows, sequence[key].values().reshape(n, g))
         return out
 
     def matrix(self, item_table: torch.Tensor, feature_tables: Dict[str, torch.Tensor]
@@ -258,9 +271,7 @@ class ItemTower(nn.Module):
         out = item_table.float().clone()
         for name in self.features:
             ids = self.lookup(name).to(out.device)
-            rows = feature_tables[name].float()[ids]  # [N, G, D]
-            mask = (ids > 0).to(out.dtype).unsqueeze(2)
-            out = out + (rows * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out = out + _slot_mean(feature_tables[name].float()[ids], ids)  # [N, G, D] rows
         out = F.normalize(out, dim=-1)
         out[0] = 0.0
         return out

@@ -45,6 +45,7 @@ from data.batch import Batch
 from data.schema import Schema
 from models.retrieval import (
     RetrievalModel,
+    item_feature_ids,
     item_feature_key,
     item_feature_table,
     truncate_recent_jagged,
@@ -89,9 +90,8 @@ class RetrievalUserProgram(nn.Module):
         for name in items.features:
             # The history's item features, from the item tower's own lookup (the package's
             # callers send item ids only).
-            ids = items.lookup(name)
             hist[item_feature_key(self.item, name)] = PlainJagged(
-                ids[values[n]].reshape(-1), lengths[n] * ids.shape[1])
+                *item_feature_ids(items.lookup(name), values[n], lengths[n]))
         seq = PlainFeatures(hist, lengths[-1])
         enc = self.model(Batch(dense=dense, sparse=sparse,  # type: ignore[arg-type]
                                labels=dense.new_zeros(b), sequence=seq))  # type: ignore[arg-type]

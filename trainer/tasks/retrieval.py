@@ -52,6 +52,7 @@ from models.retrieval import (
     RetrievalArgs,
     RetrievalLoss,
     RetrievalModel,
+    item_feature_ids,
     item_feature_key,
     item_feature_table,
     positive_feature,
@@ -118,9 +119,10 @@ class RetrievalBatches:
             role_ids.append((self.pos_feature, labels, lengths[1]))
             for role, ids, ln in role_ids:
                 for name, table in self.item_lookups.items():
+                    v, n = item_feature_ids(table, ids, ln)
                     keys.append(item_feature_key(role, name))
-                    values.append(table[ids].reshape(-1))
-                    lengths.append(ln * table.shape[1])
+                    values.append(v)
+                    lengths.append(n)
         sequence = KeyedJaggedTensor(keys=keys, values=torch.cat(values),
                                      lengths=torch.cat(lengths))
         return Batch(dense=out.dense, sparse=out.sparse, labels=labels, sequence=sequence,
