@@ -211,12 +211,12 @@ def bench_topk(items: int, queries: int, dim: int = 64, seed: int = 0, k: int = 
     _, exact = exact_topk(users, cat, k)
     exact_s = time.perf_counter() - t
     rows = [{"method": "exact", "qps": queries / exact_s, key: 1.0, "build_s": 0.0}]
-    wide = 2 if k > 10 else 1  # a wider beam / more lists for a longer list of neighbours
-    builds = [("hnsw", {"M": 16, "efConstruction": 40},
-               [{"efSearch": e * wide} for e in (16, 32, 64)] if k <= 10
-               else [{"efSearch": e} for e in (k, 2 * k, 4 * k)]),
+    # A longer list of neighbours (k > 10) needs a wider beam and more probed lists.
+    ef = (16, 32, 64) if k <= 10 else (k, 2 * k, 4 * k)
+    probes = (8, 32, 64) if k <= 10 else (16, 64, 128)
+    builds = [("hnsw", {"M": 16, "efConstruction": 40}, [{"efSearch": e} for e in ef]),
               ("ivf_flat", {"nlist": max(16, min(int(4 * np.sqrt(items)), items // 39))},
-               [{"nprobe": n * wide} for n in (8, 32, 64)])]
+               [{"nprobe": n} for n in probes])]
     for kind, params, searches in builds:
         t = time.perf_counter()
         index = build_index(cat, kind, params)
