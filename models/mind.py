@@ -21,7 +21,14 @@ User tower, per row with history embeddings ``e_1..e_L`` (most recent ``max_len`
 Training: label-aware attention mixes the K interests towards the positive (``RetrievalLoss.
 user_vectors``; ``β = attention_sharpness``, ``1/τ`` by default — the paper's ``pow(·, p)``
 on unnormalised dots becomes a sharpness on cosines here, and large β approaches the hard
-max that serving uses). Serving: each of the K vectors retrieves its neighbours and a query
+max that serving uses), and that one mix scores every candidate of the sampled softmax
+(``label_attention = "positive"``, the paper). With ``label_attention = "candidate"`` every
+candidate attends over the interests with itself as the label (``RetrievalLoss.scores``):
+its score is a smooth max over the interests, the rule serving ranks by, so the loss also
+penalises an interest that scores a negative above the positive when the positive chose
+another interest — the paper's mix never sees those errors, serving's max does. On the
+``multi`` preset this is what makes MIND beat ``two_tower`` (docs/retrieval.md).
+Serving: each of the K vectors retrieves its neighbours and a query
 returns the union, ranked by ``max_k ⟨u_k, ê_j⟩`` (``trainer.tasks.retrieval``).
 
 Shapes: ``profile [B, P]``, ``hist [ΣLᵢ, D]`` → ``[B, K, D]``.
@@ -44,6 +51,7 @@ from torch import nn
 from data.schema import Schema
 from models.blocks import place
 from models.retrieval import (
+    LABEL_ATTENTION,
     RetrievalArgs,
     RetrievalModel,
     UserTower,
@@ -72,6 +80,10 @@ class MINDArgs(RetrievalArgs):
     #: initial routing logits: "random" (a fixed draw) or "spread" (farthest-point history
     #: items as seeds, see the module docstring).
     routing_init: str = "random"
+    #: what the label-aware attention in training attends towards: "positive" (the paper: the
+    #: positive's mix of the interests scores every candidate) or "candidate" (every candidate
+    #: scored by its own attention over the interests, a smooth max: serving's rule).
+    label_attention: str = "positive"
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -164,6 +176,9 @@ def build_mind(schema: Schema, args: MINDArgs, device: str = "meta") -> Retrieva
     if args.routing_init not in ("random", "spread"):
         raise ValueError(f"model.args.routing_init must be 'random' or 'spread', got "
                          f"{args.routing_init!r}")
+    if args.label_attention not in LABEL_ATTENTION:
+        raise ValueError(f"model.args.label_attention must be one of {LABEL_ATTENTION}, got "
+                         f"{args.label_attention!r}")
     ebc, ec, item, dim, user_features, profile = build_retrieval_tables(schema, args, device)
     max_len = args.max_len or item.max_len
     tower = MINDUser(profile, dim, list(args.hidden), args.num_interests, args.routing_iters,

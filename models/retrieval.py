@@ -28,6 +28,10 @@ Towers:
 Loss (:class:`RetrievalLoss`), for row ``i`` with user vectors ``u_i`` and positive ``p_i``:
 with ``K > 1`` the label-aware attention (MIND) mixes the interests into one vector,
 ``v_i = normalise(Σ_k softmax_k(β ⟨u_ik, ê_{p_i}⟩) u_ik)``; ``K = 1`` gives ``v_i = u_i1``.
+With ``label_attention = "candidate"`` every candidate ``j`` (the positive too) attends with
+itself as the label instead: its score is ``Σ_k softmax_k(β c_ijk) c_ijk``,
+``c_ijk = ⟨u_ik, ê_j⟩``, in place of ``⟨v_i, ê_j⟩`` (a smooth max over the interests: the
+score serving ranks by).
 Candidates are the positive, the in-batch positives of **all ranks** and the uniform negatives
 of all ranks (gathered through :attr:`RetrievalLoss.gather`, which the trainer sets to a
 differentiable all-gather; identity in one process). Logits ``s_ij = ⟨v_i, ê_j⟩ / τ − log Q_j``
@@ -61,6 +65,8 @@ from models.blocks import build_ebc
 from models.sequential import item_spec, negatives_feature
 
 POSITIVE_SUFFIX = "_pos"
+#: what MIND's label-aware attention in training is towards (see ``RetrievalLoss.scores``).
+LABEL_ATTENTION = ("positive", "candidate")
 ITEM_FEATURE_SEP = "__"
 
 
@@ -432,6 +438,8 @@ class RetrievalLoss(nn.Module):
         in_batch: use the gathered in-batch positives as negatives.
         num_items: rows of the item table (ids ``1..num_items-1``; 0 is padding).
         attention_sharpness: β of MIND's label-aware attention (0: ``1 / τ``).
+        label_attention: with K > 1, what the label-aware attention is towards: "positive"
+            (the paper) or "candidate" (every column its own label; :meth:`scores`).
 
     ``log_freq [num_items]`` (a buffer) holds ``log P(j)``; with ``logq`` the corrections
     apply. ``gather`` concatenates a tensor over ranks along dim 0 (differentiably); the
@@ -442,8 +450,12 @@ class RetrievalLoss(nn.Module):
     """
 
     def __init__(self, temperature: float, in_batch: bool, logq: bool, num_items: int,
-                 attention_sharpness: float = 0.0) -> None:
+                 attention_sharpness: float = 0.0, label_attention: str = "positive") -> None:
         super().__init__()
+        if label_attention not in LABEL_ATTENTION:
+            raise ValueError(f"model.args.label_attention must be one of {LABEL_ATTENTION}, "
+                             f"got {label_attention!r}")
+        self.label_attention = label_attention
         self.temperature = temperature
         self.in_batch = in_batch
         self.logq = logq
@@ -469,9 +481,29 @@ class RetrievalLoss(nn.Module):
         att = torch.softmax(self.sharpness * torch.einsum("bkd,bd->bk", user, pos), dim=1)
         return F.normalize(torch.einsum("bk,bkd->bd", att, user), dim=-1)
 
+    def scores(self, user: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(``[B, 1]``, ``[B, C]``) cosines of each row's user vector(s) with its positive
+        ``pos [B, D]`` and with the candidates ``cand [C, D]``.
+
+        ``K = 1``: the one vector. ``label_attention = "positive"`` (MIND's paper): the
+        positive's attention mix :meth:`user_vectors` scores every column. ``"candidate"``:
+        every column attends over the K interests with itself as the label,
+        ``Σ_k softmax_k(β c_k) c_k`` with ``c_k = ⟨u_k, ê_j⟩`` — a smooth max over the
+        interests, the score the serving rule (an item's best interest) ranks by, so an
+        interest that points at negatives is penalised even where the positive chose another.
+        """
+        if user.shape[1] > 1 and self.label_attention == "candidate":
+            sp = torch.einsum("bkd,bd->bk", user, pos)
+            sc = torch.einsum("bkd,cd->bkc", user, cand)
+            return ((torch.softmax(self.sharpness * sp, 1) * sp).sum(1, keepdim=True),
+                    (torch.softmax(self.sharpness * sc, 1) * sc).sum(1))
+        v = self.user_vectors(user, pos)
+        return (v * pos).sum(-1, keepdim=True), v @ cand.T
+
     def logits(self, enc: RetrievalEncoding) -> torch.Tensor:
         """``[B, 1 + C]`` corrected logits, the positive first, accidental hits at −inf."""
-        v = self.user_vectors(enc.user, enc.pos)
+        v = enc.user
         pos_ids = enc.pos_ids.long()
         cols, col_ids, col_logq = [], [], []
         all_pos_ids = self.gather(pos_ids)
@@ -487,8 +519,9 @@ class RetrievalLoss(nn.Module):
         col_logq.append(torch.full((u_all,), math.log(u_all / max(self.num_items - 1, 1)),
                                    dtype=v.dtype, device=v.device))
         cand, cand_ids = torch.cat(cols), torch.cat(col_ids)
-        pos_logit = (v * enc.pos).sum(-1, keepdim=True) / self.temperature
-        neg_logit = v @ cand.T / self.temperature
+        pos_score, cand_score = self.scores(enc.user, enc.pos, cand)
+        pos_logit = pos_score / self.temperature
+        neg_logit = cand_score / self.temperature
         if self.logq:
             pos_logit = pos_logit - (self.log_freq[pos_ids] + math.log(b_all)).unsqueeze(1)
             neg_logit = neg_logit - torch.cat(col_logq).to(v.dtype).unsqueeze(0)

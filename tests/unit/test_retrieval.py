@@ -47,14 +47,14 @@ def _encoding(b: int, k: int, n: int, d: int, num_items: int, seed: int) -> Retr
         hist_ids=torch.zeros(0, dtype=torch.int64), hist_lengths=torch.zeros(b, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k,label", [(1, "positive"), (3, "positive"), (3, "candidate")])
 @pytest.mark.parametrize("logq", [True, False])
-def test_logq_loss_equals_brute_force(k: int, logq: bool) -> None:
+def test_logq_loss_equals_brute_force(k: int, label: str, logq: bool) -> None:
     num_items, b, n, d, tau = 30, 6, 5, 8, 0.2
     enc = _encoding(b, k, n, d, num_items, seed=k)
     counts = torch.arange(num_items) % 7
     loss_fn = RetrievalLoss(tau, in_batch=True, logq=logq, num_items=num_items,
-                            attention_sharpness=3.0)
+                            attention_sharpness=3.0, label_attention=label)
     loss_fn.set_frequencies(counts)
     loss, _ = loss_fn(enc, enc.pos_ids)
 
@@ -69,15 +69,24 @@ def test_logq_loss_equals_brute_force(k: int, logq: bool) -> None:
             att = [math.exp(3.0 * float(enc.user[i, j] @ enc.pos[i])) for j in range(k)]
             v = sum(a / sum(att) * enc.user[i, j].double() for j, a in enumerate(att))
             v = v / v.norm()
+
+        def score(item: torch.Tensor) -> float:
+            if label == "positive":
+                return float(v @ item.double())
+            # every candidate its own label: attention over the interests towards the item
+            c = [float(enc.user[i, j].double() @ item.double()) for j in range(k)]
+            w = [math.exp(3.0 * x) for x in c]
+            return sum(wj / sum(w) * x for wj, x in zip(w, c))
+
         cands = []  # (score, id, log Q): the positive, the in-batch positives, the uniform ones
         for j in range(b):
-            cands.append((float(v @ enc.pos[j].double()), int(enc.pos_ids[j]),
+            cands.append((score(enc.pos[j]), int(enc.pos_ids[j]),
                           math.log(b * p[int(enc.pos_ids[j])])))
         for j in range(n):
-            cands.append((float(v @ enc.neg[j].double()), int(enc.neg_ids[j]),
+            cands.append((score(enc.neg[j]), int(enc.neg_ids[j]),
                           math.log(n / (num_items - 1))))
         own = int(enc.pos_ids[i])
-        pos_logit = float(v @ enc.pos[i].double()) / tau - (math.log(b * p[own]) if logq else 0)
+        pos_logit = score(enc.pos[i]) / tau - (math.log(b * p[own]) if logq else 0)
         logits = [pos_logit] + [s / tau - (lq if logq else 0.0)
                                 for s, cid, lq in cands if cid != own]
         total += math.log(sum(math.exp(x) for x in logits)) - pos_logit
@@ -352,7 +361,8 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
 
 
 @pytest.mark.parametrize("bad,key", [({"routing_init": "kmeans"}, "model.args.routing_init"),
-                                     ({"routing_scale": -1.0}, "model.args.routing_scale")])
+                                     ({"routing_scale": -1.0}, "model.args.routing_scale"),
+                                     ({"label_attention": "max"}, "model.args.label_attention")])
 def test_mind_bad_routing_args_name_the_key(bad: dict, key: str) -> None:
     from data.synth.retrieval import retrieval_schema
     from models import get_model_spec

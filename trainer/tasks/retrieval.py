@@ -496,7 +496,8 @@ class RetrievalTrain(nn.Module):
         super().__init__()
         self.model = model
         self.loss = RetrievalLoss(args.temperature, args.in_batch_negatives,
-                                  args.logq_correction, model.num_items, attention_sharpness)
+                                  args.logq_correction, model.num_items, attention_sharpness,
+                                  str(getattr(args, "label_attention", "positive")))
         self.autocast_dtype = autocast_dtype(dense_dtype)
         self.device_type = device_type
 
