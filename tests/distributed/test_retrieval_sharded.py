@@ -3,7 +3,8 @@ over both ranks, user table placed by the planner) against one process holding t
 concatenated batch.
 
 For ``two_tower`` (item tower = id + ``category`` + ``brand`` rows, the data's item features)
-and ``mind`` (id only), on each rank's 32-row batch:
+and ``mind`` (id only; label-aware attention towards every candidate, spread routing), on
+each rank's 32-row batch:
 
 * the mean of the two ranks' losses — each rank's softmax over **both** ranks' in-batch
   positives and uniform negatives, all-gathered — equals the single-process loss over the
@@ -66,7 +67,10 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
     overrides: Dict[str, Any] = {"num_negatives": 8, "hidden": [16], "embedding_dim": 16}
     lookups: Dict[str, Any] = {}
     if name == "mind":
-        overrides["num_interests"] = 3
+        # the shipped mind_synthetic settings: every candidate scored by its own label-aware
+        # attention over the interests (the paper's positive-only mix scores like two_tower)
+        overrides.update(num_interests=3, label_attention="candidate", routing_init="spread",
+                         routing_scale=10.0, attention_sharpness=20.0)
     else:
         feats = ItemFeatures.load(data_dir)
         assert feats is not None
