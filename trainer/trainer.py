@@ -69,6 +69,15 @@ def model_task(cfg: Config, schema: Schema) -> TaskKind:
     return get_task_kind(get_model_spec(cfg.model.name).task, cfg, schema)
 
 
+def checked_task(cfg: Config, schema: Schema) -> TaskKind:
+    """:func:`model_task`, after checking the config against the model's tables (raises
+    ``ConfigError``): the dataset's plus any the model adds (the retrieval kind's item
+    feature tables), so ``[sharding.tables.item_category]`` is a valid entry."""
+    task = model_task(cfg, schema)
+    check_against_data(cfg, task.table_schema(), cfg.data.schema or cfg.data.path)
+    return task
+
+
 def build_model(cfg: Config, schema: Schema, device_type: str = "cpu",
                 task: Optional[TaskKind] = None) -> nn.Module:
     """The unsharded model in its task wrapper, embedding collections on the meta device
@@ -226,9 +235,8 @@ def train(cfg: Config) -> Dict[str, Any]:
             _log_to_file(os.path.join(t.run_dir, "train.log"))
         seed_everything(t.seed)
         schema = load_schema(cfg.data.schema or cfg.data.path)
-        check_against_data(cfg, schema, cfg.data.schema or cfg.data.path)
+        task = checked_task(cfg, schema)
         meta = load_meta(cfg.data.path)
-        task = model_task(cfg, schema)
         train_reader, valid_reader, test_reader = build_readers(cfg, ctx, schema, task)
         dmp, optimizer = shard_and_optimize(cfg, ctx, task.table_schema(),
                                             build_model(cfg, schema, ctx.device.type, task))

@@ -371,3 +371,30 @@ def test_mind_bad_routing_args_name_the_key(bad: dict, key: str) -> None:
     spec = get_model_spec("mind")
     with pytest.raises(ValueError, match=key):
         spec.build(schema, spec.make_args("default", bad), "meta")
+
+
+def test_item_feature_tables_take_sharding_overrides(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``[sharding.tables.item_category]`` (a table the model adds, not the dataset) passes
+    the trainer's config check and is applied like a dataset table's entry; an unknown
+    table is named with the model's tables."""
+    from sharding.constraints import resolve_table_settings
+    from trainer.config import ConfigError, load_config, sparse_optimizer_defaults
+    from trainer.trainer import checked_task
+
+    data = str(tmp_path / "tiny")
+    generate_retrieval(data, RetrievalSynthArgs(**RETRIEVAL_PRESETS["tiny"]),  # type: ignore
+                       progress=False)
+    base = ["--model.name=two_tower", f"--data.path={data}",
+            "--model.args.item_features=[\"category\",\"brand\"]",
+            "--sharding.tables.item_category.sharding_types=[\"table_wise\"]"]
+    cfg = load_config(None, base)
+    schema = Schema.load(data)
+    tables = checked_task(cfg, schema).table_schema()
+    settings = resolve_table_settings(tables, cfg.sharding, sparse_optimizer_defaults(
+        cfg.training))
+    assert tuple(settings["item_category"].sharding_types) == ("table_wise",)
+    assert settings["item_brand"].sharding_types is None  # the planner's choice
+    bad = load_config(None, base + ["--sharding.tables.item_colour.lr=0.1"])
+    with pytest.raises(ConfigError, match="no table 'item_colour'; its tables are: .*"
+                                          "item_category, item_brand"):
+        checked_task(bad, schema)
