@@ -22,7 +22,8 @@ Training: label-aware attention mixes the K interests towards the positive (``Re
 user_vectors``; ``β = attention_sharpness``, ``1/τ`` by default — the paper's ``pow(·, p)``
 on unnormalised dots becomes a sharpness on cosines here, and large β approaches the hard
 max that serving uses), and that one mix scores every candidate of the sampled softmax
-(``label_attention = "positive"``, the paper). With ``label_attention = "candidate"`` every
+(``label_attention = "positive"``, the paper; the ``paper`` flavour). With
+``label_attention = "candidate"`` (the default) every
 candidate attends over the interests with itself as the label (``RetrievalLoss.scores``):
 its score is a smooth max over the interests, the rule serving ranks by, so the loss also
 penalises an interest that scores a negative above the positive when the positive chose
@@ -80,10 +81,11 @@ class MINDArgs(RetrievalArgs):
     #: initial routing logits: "random" (a fixed draw) or "spread" (farthest-point history
     #: items as seeds, see the module docstring).
     routing_init: str = "random"
-    #: what the label-aware attention in training attends towards: "positive" (the paper: the
-    #: positive's mix of the interests scores every candidate) or "candidate" (every candidate
-    #: scored by its own attention over the interests, a smooth max: serving's rule).
-    label_attention: str = "positive"
+    #: what the label-aware attention in training attends towards: "candidate" (every candidate
+    #: scored by its own attention over the interests, a smooth max: serving's rule; MIND
+    #: trails two_tower without it, docs/retrieval.md) or "positive" (the paper: the
+    #: positive's mix of the interests scores every candidate; the ``paper`` flavour).
+    label_attention: str = "candidate"
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -192,7 +194,9 @@ MODEL_SPEC = ModelSpec(
     name="mind",
     args_cls=MINDArgs,
     build=build_mind,
-    flavours={"default": MINDArgs()},
+    # "paper": the paper's routing (random initial logits, raw dot agreement) and label-aware
+    # attention towards the positive only.
+    flavours={"default": MINDArgs(), "paper": MINDArgs(label_attention="positive")},
     task="retrieval",
     description="MIND multi-interest retrieval: K user vectors by capsule routing over the "
                 "history, label-aware attention in training, union of neighbours in serving",
