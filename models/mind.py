@@ -186,7 +186,8 @@ def build_mind(schema: Schema, args: MINDArgs, device: str = "meta") -> Retrieva
     tower = MINDUser(profile, dim, list(args.hidden), args.num_interests, args.routing_iters,
                      max_len, args.routing_seed, args.routing_scale, args.routing_init)
     model = RetrievalModel(ebc, ec, tower, item.name, item.table or item.name,
-                           item.num_embeddings, user_features, max_len)
+                           item.num_embeddings, user_features, max_len,
+                           dense_item_features=list(args.item_dense_features))
     return place(model, device)
 
 

@@ -12,11 +12,12 @@ schema's sparse features: user id, profile fields) go through an ``EmbeddingBagC
 
 Towers:
 
-* item tower (:class:`ItemTower`): ``ê_j = normalise(e_j + Σ_f mean_{c ∈ F_f(j)} t_f[c])``, the
-  item table's row plus, per item feature ``f`` of ``args.item_features`` (e.g. ``category``,
-  multi-hot ``genres``), the mean of the item's ids' rows of that feature's table ``t_f`` (all
-  width ``D``: a sum, no projection, so an item without features, or a model without item
-  features, is its id row). ``F_f(j)`` comes from the dataset's ``item_features.parquet``
+* item tower (:class:`ItemTower`): ``ê_j = normalise(e_j + Σ_f mean_{c ∈ F_f(j)} t_f[c] +
+  W x_j)``, the item table's row plus, per item feature ``f`` of ``args.item_features`` (e.g.
+  ``category``, multi-hot ``genres``), the mean of the item's ids' rows of that feature's table
+  ``t_f`` (all width ``D``: a sum, no projection, so an item without features, or a model
+  without item features, is its id row), plus the linear map ``W [D, F]`` (zero at start) of
+  its standardised numeric features ``x_j [F]`` (``args.item_dense_features``, e.g. a price). ``F_f(j)`` comes from the dataset's ``item_features.parquet``
   (:mod:`data.item_features`), held as ``[N, G_f]`` buffers. The data path adds each looked-up
   item's feature ids (``G_f`` slots per item, 0 = empty) as the extra sequence features
   ``<role>__<f>`` of the tables ``<item table>_<f>`` (roles: the item feature, ``_pos``,
@@ -129,6 +130,10 @@ class RetrievalArgs:
     #: ``item_features.parquet``, e.g. ``["category"]``; docs/retrieval.md); empty: an item
     #: is its id embedding.
     item_features: List[str] = field(default_factory=list)
+    #: per-item numeric features the item tower adds through a linear map to D (float columns
+    #: of ``item_features.parquet``, e.g. ``["log_popularity"]``), standardised over the items
+    #: by the retrieval task kind; empty: none.
+    item_dense_features: List[str] = field(default_factory=list)
     #: vocabulary size of each of ``item_features``, in order. Filled from the dataset by the
     #: retrieval task kind (and checked against it when set), so that the run's saved config
     #: rebuilds the same tables at export; leave it empty.
@@ -149,6 +154,14 @@ def check_retrieval_args(args: RetrievalArgs) -> None:
         if not (name.isidentifier() and ITEM_FEATURE_SEP not in name):
             raise ValueError(f"model.args.item_features: {name!r} is not a plain identifier "
                              f"(letters, digits, single underscores)")
+    for name in args.item_dense_features:
+        if not name.isidentifier():
+            raise ValueError(f"model.args.item_dense_features: {name!r} is not a plain "
+                             f"identifier")
+    both = set(args.item_features) & set(args.item_dense_features)
+    if both or len(set(args.item_dense_features)) != len(args.item_dense_features):
+        raise ValueError(f"model.args.item_dense_features lists a name twice or one of "
+                         f"model.args.item_features: {args.item_dense_features}")
     if len(set(args.item_features)) != len(args.item_features):
         raise ValueError(f"model.args.item_features lists a name twice: {args.item_features}")
     if args.item_features and len(args.item_feature_rows) != len(args.item_features):
@@ -230,12 +243,24 @@ class ItemTower(nn.Module):
     unnormalised vectors of the ``n`` ids of KJT feature ``role``; :meth:`matrix` → the
     normalised ``[num_items, D]`` matrix of every item."""
 
-    def __init__(self, features: List[str], tables: List[str], num_items: int) -> None:
+    def __init__(self, features: List[str], tables: List[str], num_items: int,
+                 dense_features: Optional[List[str]] = None, dim: int = 0) -> None:
         super().__init__()
         self.features = list(features)
         self.tables = list(tables)
+        self.dense_features = list(dense_features or [])
         for name in self.features:
             self.register_buffer(f"lookup_{name}", torch.zeros(num_items, 1, dtype=torch.int64))
+        #: ``[num_items, F]`` standardised numeric features (:meth:`set_dense`) and their
+        #: projection to D; zero-initialised, so training starts from the id (+ categorical)
+        #: tower and the projection grows only as far as the features help.
+        self.register_buffer("dense_values", torch.zeros(num_items, len(self.dense_features)))
+        self.dense: Optional[nn.Linear] = None
+        if self.dense_features:
+            if dim < 1:
+                raise ValueError("ItemTower: numeric item features need the width D")
+            self.dense = nn.Linear(len(self.dense_features), dim, bias=False)
+            nn.init.zeros_(self.dense.weight)
 
     def lookup(self, name: str) -> torch.Tensor:
         return getattr(self, f"lookup_{name}")
@@ -249,6 +274,21 @@ class ItemTower(nn.Module):
                 raise ValueError(f"item feature {name!r}: the lookup has shape "
                                  f"{tuple(new.shape)}, the item table {old.shape[0]} rows")
             setattr(self, f"lookup_{name}", new.to(old.device))
+
+    def set_dense(self, values: torch.Tensor) -> None:
+        """``values [num_items, F]``: every item's standardised numeric features, in
+        ``dense_features`` order (from the dataset)."""
+        old = self.dense_values
+        values = torch.as_tensor(values, dtype=old.dtype)
+        if values.shape != old.shape:
+            raise ValueError(f"numeric item features {self.dense_features}: values of shape "
+                             f"{tuple(values.shape)}, expected {tuple(old.shape)}")
+        self.dense_values = values.to(old.device)
+
+    @property
+    def has_features(self) -> bool:
+        """Whether an item is more than its id row (its full matrix needs :meth:`matrix`)."""
+        return bool(self.features or self.dense_features)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
@@ -268,8 +308,11 @@ class ItemTower(nn.Module):
             g = self.lookup(name).shape[1]
             rows = embeddings[key].values().reshape(n, g, out.shape[1])
             out = out + _slot_mean(rows, sequence[key].values().reshape(n, g))
+        if self.dense is not None:
+            out = out + self.dense(self.dense_values[sequence[role].values()].to(out.dtype))
         return out
 
+    @torch.no_grad()
     def matrix(self, item_table: torch.Tensor, feature_tables: Dict[str, torch.Tensor]
                ) -> torch.Tensor:
         """``[N, D]`` normalised item vectors (row 0, the padding id, zero) from the full
@@ -278,6 +321,8 @@ class ItemTower(nn.Module):
         for name in self.features:
             ids = self.lookup(name).to(out.device)
             out = out + _slot_mean(feature_tables[name].float()[ids], ids)  # [N, G, D] rows
+        if self.dense is not None:
+            out = out + self.dense(self.dense_values.to(out.device)).float()
         out = F.normalize(out, dim=-1)
         out[0] = 0.0
         return out
@@ -297,7 +342,8 @@ class RetrievalModel(nn.Module):
 
     def __init__(self, ebc: Optional[EmbeddingBagCollection], ec: EmbeddingCollection,
                  tower: UserTower, item_feature: str, item_table: str, num_items: int,
-                 user_features: List[str], max_len: int) -> None:
+                 user_features: List[str], max_len: int,
+                 dense_item_features: Optional[List[str]] = None) -> None:
         super().__init__()
         self.ebc = ebc
         self.ec = ec
@@ -310,8 +356,10 @@ class RetrievalModel(nn.Module):
                 if fname.startswith(prefix):
                     names.append(fname[len(prefix):])
                     tables.append(cfg.name)
+        dim = next(c.embedding_dim for c in ec.embedding_configs() if c.name == item_table)
         self.encoder = RetrievalEncoder(tower, item_feature, user_features, max_len,
-                                        ItemTower(names, tables, num_items))
+                                        ItemTower(names, tables, num_items,
+                                                  dense_item_features, dim))
         self.item_feature = item_feature
         self.item_table = item_table
         self.num_items = num_items

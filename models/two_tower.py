@@ -55,7 +55,8 @@ def build_two_tower(schema: Schema, args: TwoTowerArgs, device: str = "meta") ->
     ebc, ec, item, dim, user_features, profile = build_retrieval_tables(schema, args, device)
     tower = TwoTowerUser(profile, dim, list(args.hidden))
     model = RetrievalModel(ebc, ec, tower, item.name, item.table or item.name,
-                           item.num_embeddings, user_features, args.max_len or item.max_len)
+                           item.num_embeddings, user_features, args.max_len or item.max_len,
+                           dense_item_features=list(args.item_dense_features))
     return place(model, device)
 
 

@@ -145,8 +145,9 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
         save_program(program, args, tmp, compile, info)
         tables = program.model.ec.tables
         tower = program.model.encoder.item_tower
-        if tower.features:
-            # The item tower over every item: id row + each feature's rows (its lookup).
+        if tower.has_features:
+            # The item tower over every item: id row + each feature's rows (its lookup) + the
+            # projection of its numeric features.
             feature_tables = {name: tables[item_feature_table(model.item_table, name)]
                               .dequantised() for name in tower.features}
             items = tower.matrix(tables[model.item_table].dequantised(), feature_tables)
@@ -165,11 +166,13 @@ def write_retrieval_package(model: RetrievalModel, schema: Schema, config_toml: 
 
 
 def item_features_file(tower: Any, rows: Dict[str, int]) -> Any:
-    """The item tower's lookups as :class:`data.item_features.ItemFeatures` (the package's
-    ``item_features.parquet``: which features made ``items.pt``, checksummed like the rest)."""
+    """The item tower's lookups (and standardised numeric features) as
+    :class:`data.item_features.ItemFeatures` (the package's ``item_features.parquet``: which
+    features made ``items.pt``, checksummed like the rest)."""
     from data.item_features import ItemFeatures
 
-    return ItemFeatures({n: tower.lookup(n).numpy() for n in tower.features}, rows)
+    dense = {n: tower.dense_values[:, i].numpy() for i, n in enumerate(tower.dense_features)}
+    return ItemFeatures({n: tower.lookup(n).numpy() for n in tower.features}, rows, dense)
 
 
 class RetrievalPackage:

@@ -24,7 +24,8 @@ is an interaction), sparse ``user_id`` and, with a users file, ``gender``, ``age
 order, ties in file order; most recent ``--history-len``) **followed by this item**, the
 positive. With a movies file, ``item_features.parquet`` (:mod:`data.item_features`) holds
 every item's multi-hot ``genres`` and its release ``decade`` for the item tower
-(``model.args.item_features = ["genres", "decade"]``).
+(``model.args.item_features = ["genres", "decade"]``), and the numeric release ``year``
+(``model.args.item_dense_features = ["year"]``).
 Leave-one-out: each user's last rating goes to ``test``, the one before to ``valid``, the
 others to ``train``.
 """
@@ -344,8 +345,10 @@ def _write_item_genres(directory: str, item: np.ndarray, movies_path: str) -> Di
     """``item_features.parquet`` (:mod:`data.item_features`) of ``--task retrieval``: each
     renumbered item's ``genres`` (multi-hot, ids ``1..G`` in genre-name order) and ``decade``
     (the release year of the title's trailing ``(YYYY)`` in decades, ids ``1..`` in time
-    order); none for a movie the movies file lacks or a title without a year. Returns the
-    vocabulary sizes."""
+    order); none for a movie the movies file lacks or a title without a year. Also the
+    numeric ``year`` (that release year; the median year of the dated movies where there is
+    none: a numeric feature needs a value for every item, and the median places an undated
+    movie in the middle rather than at 0 AD). Returns the vocabulary sizes."""
     titles: Dict[int, str] = {}
     genres = read_movies(movies_path, titles)
     names = sorted({g for gs in genres.values() for g in gs})
@@ -359,7 +362,11 @@ def _write_item_genres(directory: str, item: np.ndarray, movies_path: str) -> Di
         "decade": [[]] + [[did[decade_of[int(raw)]]] if int(raw) in decade_of else []
                           for raw in item_keys]}
     rows = {"genres": len(names) + 1, "decade": len(did) + 1}
-    ItemFeatures.from_lists(per_item, rows).save(directory)
+    year_of = {m: float(y.group(1)) for m, t in titles.items()
+               if (y := _YEAR.search(t)) is not None}
+    fill = float(np.median(list(year_of.values()))) if year_of else 0.0
+    year = np.array([0.0] + [year_of.get(int(raw), fill) for raw in item_keys])
+    ItemFeatures.from_lists(per_item, rows, {"year": year}).save(directory)
     return rows
 
 

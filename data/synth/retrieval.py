@@ -28,8 +28,9 @@ Item features (``--item-features 1``, the default): ``item_features.parquet``
 (:mod:`data.item_features`) gives every item a ``category`` — the prototype nearest to its
 planted vector, ``1..prototypes`` (a coarse cluster of the item space that users' interests
 also come from, as a shop's category tree groups what its customers want) — and a finer
-``brand`` — the nearest of ``brands`` random unit centres. They let an item tower place items
-that few rows mention (the cold tail of the Zipf popularity). Their draws come from their own
+``brand`` — the nearest of ``brands`` random unit centres — and the numeric
+``log_popularity`` (the planted ``log π_j``, as observed sales would give it). They let an
+item tower place items that few rows mention (the cold tail of the Zipf popularity). Their draws come from their own
 seed stream, so the rows and oracle do not depend on them.
 
 Oracle: the ``K`` most likely unseen items under ``P(· | u)``. ``meta.json`` stores
@@ -211,16 +212,27 @@ def generate_interactions(a: RetrievalSynthArgs
 def planted_items(a: RetrievalSynthArgs) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(item vectors ``[N, d]``, prototypes ``[P, d]`` or None): the first draws of
     :func:`generate_interactions`' stream, replayed."""
+    return _planted(a)[:2]
+
+
+def planted_log_popularity(a: RetrievalSynthArgs) -> np.ndarray:
+    """``[N]`` log of every item's planted Zipf popularity share (``log π_j``), replayed."""
+    return _planted(a)[2]
+
+
+def _planted(a: RetrievalSynthArgs) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
     rng = np.random.default_rng(a.seed)
     items = _unit(rng.normal(size=(a.num_items, a.true_dim)))
-    rng.permutation(a.num_items)  # the popularity ranks
+    pop = 1.0 / np.power(rng.permutation(a.num_items) + 1.0, a.zipf)
     protos = _unit(rng.normal(size=(a.prototypes, a.true_dim))) if a.prototypes > 0 else None
-    return items, protos
+    return items, protos, np.log(pop / pop.sum())
 
 
 def item_feature_table(a: RetrievalSynthArgs) -> ItemFeatures:
     """``category`` (nearest prototype, or of 64 random centres without prototypes) and
-    ``brand`` (nearest of ``brands`` random centres) of every item; row 0 (padding) empty."""
+    ``brand`` (nearest of ``brands`` random centres) of every item, and the numeric
+    ``log_popularity`` (``log π_j``, as a shop's sales counts would give it); row 0 (padding)
+    empty / 0."""
     items, protos = planted_items(a)
     rng = np.random.default_rng([a.seed, 11])
     if protos is None:
@@ -230,7 +242,9 @@ def item_feature_table(a: RetrievalSynthArgs) -> ItemFeatures:
     brand = np.argmax(items @ brands.T, axis=1) + 1
     tables = {"category": np.concatenate(([0], category))[:, None].astype(np.int64),
               "brand": np.concatenate(([0], brand))[:, None].astype(np.int64)}
-    return ItemFeatures(tables, {"category": protos.shape[0] + 1, "brand": brands.shape[0] + 1})
+    dense = {"log_popularity": np.concatenate(([0.0], planted_log_popularity(a)))}
+    return ItemFeatures(tables, {"category": protos.shape[0] + 1, "brand": brands.shape[0] + 1},
+                        dense)
 
 
 def has_segments(a: RetrievalSynthArgs) -> bool:

@@ -2,7 +2,8 @@
 over both ranks, user table placed by the planner) against one process holding the
 concatenated batch.
 
-For ``two_tower`` (item tower = id + ``category`` + ``brand`` rows, the data's item features)
+For ``two_tower`` (item tower = id + ``category`` + ``brand`` rows + the projected numeric
+``log_popularity``, the data's item features)
 and ``mind`` (id only; label-aware attention towards every candidate, spread routing), on
 each rank's 32-row batch:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,7 +40,12 @@ from sharding.parallel import shard_model
 from sharding.sharders import apply_sparse_optimizer
 from launch.spawn import run_ranks
 from sharding.state import _strip, load_full_state
-from trainer.tasks.retrieval import RetrievalBatches, all_gather_rows, positive_counts
+from trainer.tasks.retrieval import (
+    RetrievalBatches,
+    all_gather_rows,
+    positive_counts,
+    standardise_items,
+)
 from trainer.tasks.sequential import local_item_shards
 
 LR = 0.5
@@ -77,6 +84,8 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
         lookups = feats.tables
         overrides["item_features"] = list(lookups)
         overrides["item_feature_rows"] = [feats.rows[n] for n in lookups]
+        overrides["item_dense_features"] = feats.dense_names  # log_popularity
+        dense = torch.from_numpy(standardise_items(np.stack(list(feats.dense.values()), 1)))
     tables = ["item"] + [f"item_{n}" for n in lookups]
     args = spec.make_args("default", overrides)
     counts = positive_counts(data_dir, "train", "item_seq", 121)
@@ -92,6 +101,12 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
     model.loss.set_frequencies(counts)
     model.loss.gather = all_gather_rows
     model.model.item_tower.set_lookups({k: torch.from_numpy(v) for k, v in lookups.items()})
+    if name == "two_tower":
+        # the numeric feature's projection (zero when built) non-zero, so it shapes the loss
+        for m in (reference, model):
+            m.model.item_tower.set_dense(dense)
+        with torch.no_grad():
+            reference.model.item_tower.dense.weight.uniform_(-0.5, 0.5)
     apply_sparse_optimizer(model, "sgd", LR)
     dmp, plan = shard_model(model, ctx, batch_size=32, constraints={
         t: ParameterConstraints(sharding_types=["row_wise"]) for t in tables})
@@ -117,8 +132,9 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
     grad_diff = max(float((p.grad - ref_grads[_strip(n)]).abs().max())
                     for n, p in dmp.named_parameters()
                     if p.grad is not None and _strip(n) in ref_grads)
-    dense_checked = sum(1 for n, p in dmp.named_parameters()
-                        if p.grad is not None and _strip(n) in ref_grads)
+    checked = [_strip(n) for n, p in dmp.named_parameters()
+               if p.grad is not None and _strip(n) in ref_grads]
+    dense_checked = len(checked)
     step_diff, moved = 0.0, {}
     for table in tables:
         w = reference.model.ec.embeddings[table].weight
@@ -130,7 +146,7 @@ def _parity(ctx: DistContext, data_dir: str, name: str) -> Dict[str, Any]:
             moved[table] = max(moved[table], float((shard - w[off:off + shard.shape[0]])
                                                    .abs().max()))
     return {"loss": float(mean_loss), "ref_loss": float(ref_loss), "grad_diff": grad_diff,
-            "dense_checked": dense_checked, "step_diff": step_diff, "moved": moved,
+            "dense_checked": dense_checked, "checked": checked, "step_diff": step_diff, "moved": moved,
             "types": sorted({ps.sharding_type for m in plan.plan.values()  # type: ignore
                              for ps in m.values()})}
 
@@ -155,6 +171,8 @@ def test_sharded_retrieval_equals_single_process(tiny_retrieval: str) -> None:
             assert "row_wise" in r["types"], (where, r["types"])
             assert abs(r["loss"] - r["ref_loss"]) < 1e-4, (where, r["loss"], r["ref_loss"])
             assert r["dense_checked"] >= 2, where
+            if name == "two_tower":  # the numeric item feature's projection
+                assert "model.encoder.item_tower.dense.weight" in r["checked"], where
             assert r["grad_diff"] < 1e-5, (where, r["grad_diff"])
             assert len(r["moved"]) == (3 if name == "two_tower" else 1), (where, r["moved"])
             for table, moved in r["moved"].items():

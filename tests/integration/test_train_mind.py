@@ -20,14 +20,11 @@ of at least 0.02 and MIND at 0.80 of the oracle (measured 0.833).
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Tuple
-
 import pytest
 
 from data.synth.retrieval import RETRIEVAL_PRESETS, RetrievalSynthArgs, generate_retrieval
 from launch.spawn import run_ranks
-from sharding.dist import DistContext
+from tests.integration.runner import train_in_turn
 
 pytestmark = pytest.mark.slow
 
@@ -36,31 +33,13 @@ MIN_GAP = 0.02  # MIND − two_tower recall@50: measured 0.034 (seed 0), 0.033 (
 MIN_ORACLE_FRACTION = 0.80  # MIND recall@50 / oracle: measured 0.833 (seed 0), 0.801 (seed 1)
 
 
-def _train_both(ctx: DistContext, repo_root: str, runs: List[Tuple[str, List[str]]],
-                run_root: str) -> List[Dict[str, float]]:
-    """On each rank: ``train()`` each config in turn on the spawn's process group; their final
-    metrics (rank 0's hold the values)."""
-    from trainer.config import load_config
-    from trainer.trainer import train
-
-    os.chdir(repo_root)  # the configs' relative paths
-    finals = []
-    for config, extra in runs:
-        cfg = load_config(f"launch/configs/{config}.toml",
-                          ["--training.log_every=100", f"--training.run_dir={run_root}/{config}",
-                           "--checkpoint.save_at_end=false", *extra])
-        final = train(cfg)
-        finals.append({k: float(v) for k, v in final.items() if v is not None})
-    return finals
-
-
 def test_mind_beats_two_tower_on_multi_interest_preset(repo_root: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = str(tmp_path / "multi")
     generate_retrieval(data, RetrievalSynthArgs(**RETRIEVAL_PRESETS["multi"]),  # type: ignore
                        progress=False)
     extra = [f"--data.path={data}", f"--training.epochs={EPOCHS}"]
-    runs = [("two_tower_synthetic", extra), ("mind_synthetic", extra)]
-    ranks = run_ranks(_train_both, 2, repo_root, runs, str(tmp_path / "runs"),
+    runs = [(c, c, extra) for c in ("two_tower_synthetic", "mind_synthetic")]
+    ranks = run_ranks(train_in_turn, 2, repo_root, runs, str(tmp_path / "runs"),
                       timeout_s=1200, cpu_threads=None)
     two_tower, mind = ranks[0]
     print({"two_tower": two_tower, "mind": mind})  # the measured numbers, with pytest -s

@@ -22,8 +22,8 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from sharding.dist import DistContext
 from launch.spawn import run_ranks
+from tests.integration.runner import train_in_turn
 
 pytestmark = pytest.mark.slow
 
@@ -58,35 +58,6 @@ RUNS: Dict[str, Tuple[str, str, List[str]]] = {
 }
 
 
-def _train_all(ctx: DistContext, repo_root: str,
-               runs: List[Tuple[str, str, str, List[str]]], run_root: str
-               ) -> List[Dict[str, float]]:
-    """On each rank: ``train()`` every run in turn on the spawn's process group; returns their
-    final metrics.
-
-    ``train()`` joins the group the spawn's worker created and, not having created it,
-    leaves it for the next run (the worker destroys it at the end). Only rank 0 computes
-    the final metrics (the other ranks' values are None).
-    """
-    import torch.distributed as dist
-
-    from trainer.config import load_config
-    from trainer.trainer import train
-
-    os.chdir(repo_root)  # the configs' relative paths
-    finals = []
-    for name, config, data, extra in runs:
-        cfg = load_config(f"launch/configs/{config}.toml",
-                          [f"--data.path={data}", "--training.log_every=100",
-                           f"--training.run_dir={run_root}/{name}",
-                           "--checkpoint.save_at_end=false", *extra])
-        final = train(cfg)
-        # The caller's group survives the run (train() destroys only a group it created).
-        assert dist.is_initialized(), f"train() destroyed the caller's process group ({config})"
-        finals.append({k: float(v) for k, v in final.items() if v is not None})
-    return finals
-
-
 @pytest.fixture(scope="module")
 def run_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Each run's directory is ``run_root/<name>``."""
@@ -107,9 +78,9 @@ def finals(repo_root: str, ci_ctr2: str, esmm_ctr2: str,
     epoch_steps = len(ParquetReader(esmm_ctr2, "train", naive_batch, rank=0, world_size=2,
                                     prefetch=0, validate=False))
     extra = {"naive_cvr": [f"--training.eval_every={epoch_steps}"]}
-    runs = [(name, config, data[d], [*args, *extra.get(name, [])])
+    runs = [(name, config, [f"--data.path={data[d]}", *args, *extra.get(name, [])])
             for name, (config, d, args) in RUNS.items()]
-    ranks = run_ranks(_train_all, 2, repo_root, runs, run_root, timeout_s=900,
+    ranks = run_ranks(train_in_turn, 2, repo_root, runs, run_root, timeout_s=900,
                       cpu_threads=None)
     by_name = dict(zip(RUNS, ranks[0]))
     with open(os.path.join(run_root, "naive_cvr", "metrics.jsonl")) as fh:

@@ -17,13 +17,12 @@ Measured on a shared 2-core CPU (see docs/results/models.md): on ``ctr --preset 
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import pytest
 
 from launch.spawn import run_ranks
-from sharding.dist import DistContext
+from tests.integration.runner import train_in_turn
 
 pytestmark = pytest.mark.slow
 
@@ -43,25 +42,6 @@ RUNS: Dict[str, Tuple[str, str, int, int]] = {
 }
 
 
-def _train_all(ctx: DistContext, repo_root: str, runs: List[Tuple[str, str, List[str]]],
-               run_root: str) -> List[Dict[str, float]]:
-    """On each rank: ``train()`` every run in turn on the spawn's process group (``train()``
-    leaves a group it did not create); returns their final metrics (rank 0's are the
-    values, the other ranks' are None and dropped)."""
-    from trainer.config import load_config
-    from trainer.trainer import train
-
-    os.chdir(repo_root)  # the configs' relative paths
-    finals = []
-    for name, config, extra in runs:
-        cfg = load_config(f"launch/configs/{config}.toml",
-                          ["--training.log_every=100", f"--training.run_dir={run_root}/{name}",
-                           "--checkpoint.save_at_end=false", *extra])
-        final = train(cfg)
-        finals.append({k: float(v) for k, v in final.items() if v is not None})
-    return finals
-
-
 @pytest.fixture(scope="module")
 def finals(repo_root: str, ci_ctr: str, ci_seq: str,
            tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, float]]:
@@ -70,7 +50,7 @@ def finals(repo_root: str, ci_ctr: str, ci_seq: str,
     runs = [(name, config, [f"--data.path={data[d]}", f"--data.batch_size={batch}",
                             f"--training.epochs={epochs}"])
             for name, (config, d, epochs, batch) in RUNS.items()]
-    ranks = run_ranks(_train_all, 2, repo_root, runs, str(tmp_path_factory.mktemp("zoo")),
+    ranks = run_ranks(train_in_turn, 2, repo_root, runs, str(tmp_path_factory.mktemp("zoo")),
                       timeout_s=2400, cpu_threads=None)
     by_name = dict(zip(RUNS, ranks[0]))
     for name, final in by_name.items():

@@ -31,6 +31,7 @@ from trainer.tasks.retrieval import (
     ann_ranks,
     interest_ranks,
     positive_counts,
+    standardise_items,
 )
 
 
@@ -286,6 +287,9 @@ def test_movielens_retrieval_leave_one_out(tmp_path) -> None:  # type: ignore[no
     assert feats is not None
     assert feats.tables["genres"].tolist() == [[0, 0], [3, 2], [1, 0], [0, 0], [2, 0]]
     assert feats.tables["decade"].tolist() == [[0], [1], [2], [0], [1]]
+    # The numeric release year; movie 30 (unknown) takes the median of 1995, 2001, 1990.
+    assert feats.dense_names == ["year"]
+    assert feats.dense["year"].tolist() == [0.0, 1995.0, 2001.0, 1995.0, 1990.0]
 
 
 # two_tower (K = 1) is packaged by tests/integration/test_train_retrieval.py.
@@ -295,9 +299,9 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
     checked manifest) answers top-K as brute force over the unsharded towers does: the
     exported user vectors equal the model's, the exact top-K is the K best items outside the
     history by the best interest's score, and the index finds >= 0.95 of them. The item tower
-    reads the item features (``category``, ``brand``): an item's vector is
-    ``normalise(e_id + e_category + e_brand)``, the history's too (the program looks the
-    features up itself), and the package carries the lookup."""
+    reads the item features (``category``, ``brand``, the numeric ``log_popularity``): an
+    item's vector is ``normalise(e_id + e_category + e_brand + W x)``, the history's too (the
+    program looks the features up itself), and the package carries the lookup."""
     from models import get_model_spec
     from trainer.package import PackageError
     from trainer.package_retrieval import RetrievalPackage, write_retrieval_package
@@ -314,9 +318,16 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
     args = spec.make_args("default", {"user_features": ["segment"], "hidden": [16],
                                       "routing_init": "spread", "routing_scale": 10.0,
                                       "item_features": ["category", "brand"],
-                                      "item_feature_rows": [65, 257]})
+                                      "item_feature_rows": [65, 257],
+                                      "item_dense_features": ["log_popularity"]})
     model = spec.build(schema, args, "cpu").eval()
     model.item_tower.set_lookups({k: torch.from_numpy(v) for k, v in feats.tables.items()})
+    x = torch.from_numpy(standardise_items(feats.dense["log_popularity"][:, None]))  # [N, 1]
+    assert abs(float(x[1:].mean())) < 1e-5 and abs(float(x[1:].std(unbiased=False)) - 1) < 1e-4
+    model.item_tower.set_dense(x)
+    with torch.no_grad():  # zero when built; a trained projection is not
+        model.item_tower.dense.weight.normal_(0.0, 0.05)
+    w = model.item_tower.dense.weight.detach()  # [D, 1]
     out = str(tmp_path / "pkg")
     info = write_retrieval_package(model, schema, "", out, model_name=name, compile="none")
     assert info["inputs"]["features"] == ["segment", "item_seq"]
@@ -336,10 +347,12 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
                                                               "item_brand")}
     cat, brand = (torch.from_numpy(feats.tables[n][:, 0]) for n in ("category", "brand"))
     items = torch.nn.functional.normalize(emb["item"] + emb["item_category"][cat]
-                                          + emb["item_brand"][brand], dim=-1)
+                                          + emb["item_brand"][brand] + x @ w.T, dim=-1)
     assert torch.allclose(pkg.items[1:], items[1:], atol=1e-6)
-    assert ItemFeatures.load(out).tables["category"].tolist() == \
-        feats.tables["category"].tolist()  # type: ignore[union-attr]
+    packaged = ItemFeatures.load(out)
+    assert packaged is not None
+    assert packaged.tables["category"].tolist() == feats.tables["category"].tolist()
+    assert np.allclose(packaged.dense["log_popularity"], x[:, 0].numpy())
     scores = torch.einsum("bkd,nd->bn", enc.user, items) if k_vectors == 1 else \
         torch.einsum("bkd,nd->bkn", enc.user, items).max(1).values
     scores[:, 0] = -math.inf
@@ -362,7 +375,10 @@ def test_package_topk_equals_brute_force(name: str, tmp_path) -> None:  # type: 
 
 @pytest.mark.parametrize("bad,key", [({"routing_init": "kmeans"}, "model.args.routing_init"),
                                      ({"routing_scale": -1.0}, "model.args.routing_scale"),
-                                     ({"label_attention": "max"}, "model.args.label_attention")])
+                                     ({"label_attention": "max"}, "model.args.label_attention"),
+                                     ({"item_features": ["category"], "item_feature_rows": [65],
+                                       "item_dense_features": ["category"]},
+                                      "model.args.item_dense_features")])
 def test_mind_bad_routing_args_name_the_key(bad: dict, key: str) -> None:
     from data.synth.retrieval import retrieval_schema
     from models import get_model_spec
@@ -398,3 +414,34 @@ def test_item_feature_tables_take_sharding_overrides(tmp_path) -> None:  # type:
     with pytest.raises(ConfigError, match="no table 'item_colour'; its tables are: .*"
                                           "item_category, item_brand"):
         checked_task(bad, schema)
+
+
+def test_item_features_file_numeric_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Numeric item features round-trip beside the categorical ones; an empty, non-finite or
+    non-numeric value is refused naming the file, the column and the item."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.item_features import ITEM_FEATURES_FILE, ItemFeaturesError
+
+    feats = ItemFeatures.from_lists({"genres": [[], [1, 2], [2]]}, {"genres": 3},
+                                    {"year": np.array([0.0, 1994.0, 2001.5])})
+    feats.save(str(tmp_path))
+    back = ItemFeatures.load(str(tmp_path))
+    assert back is not None and back.names == ["genres"] and back.dense_names == ["year"]
+    assert back.dense["year"].tolist() == [0.0, 1994.0, 2001.5]
+    assert back.tables["genres"].tolist() == [[0, 0], [1, 2], [2, 0]]
+    path = os.path.join(str(tmp_path), ITEM_FEATURES_FILE)
+    table = pq.read_table(path)
+    meta = table.schema.metadata
+    for bad, match in ((pa.array([0.0, None, 2.0]), "'year' is empty at item 1"),
+                       (pa.array([0.0, 1.0, float("nan")]), "'year': item 2 has nan"),
+                       (pa.array(["a", "b", "c"]), "'year' has type string")):
+        pq.write_table(table.set_column(table.column_names.index("year"), "year", bad)
+                       .replace_schema_metadata(meta), path)
+        with pytest.raises(ItemFeaturesError, match=match) as e:
+            ItemFeatures.load(str(tmp_path))
+        assert path in str(e.value)
+    # The task standardises over the real items (row 0, the padding id, stays 0).
+    z = standardise_items(np.array([[5.0, 1.0], [1.0, 1.0], [3.0, 1.0]]))
+    assert z.tolist() == [[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0]]

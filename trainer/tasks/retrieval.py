@@ -220,6 +220,17 @@ def full_table(shards: Sequence[Tuple[Any, ...]], rows: int, dim: int) -> torch.
     return full
 
 
+def standardise_items(values: np.ndarray) -> np.ndarray:
+    """``[N, F]`` numeric item features → zero mean, unit variance per column over the items
+    ``1..N-1`` (row 0, the padding id, is set to 0; a constant column becomes 0), float32."""
+    real = values[1:].astype(np.float64)
+    mean = real.mean(0) if real.size else np.zeros(values.shape[1])
+    std = real.std(0) if real.size else np.ones(values.shape[1])
+    out = (values - mean) / np.where(std > 0, std, 1.0)
+    out[0] = 0.0
+    return out.astype(np.float32)
+
+
 def _find_item_tower(module: nn.Module) -> Any:
     """The :class:`models.retrieval.ItemTower` inside a (sharded, DDP-wrapped) model."""
     from models.retrieval import ItemTower
@@ -352,8 +363,10 @@ class RetrievalKind(ItemTableKind):
         self.ann = True
         #: ``[num_items, G_f]`` ids per item feature of the item tower (empty: id only).
         self.item_lookups: Dict[str, np.ndarray] = {}
-        if self.args.item_features:
-            self.item_lookups = self._load_item_features(cfg)
+        #: ``[num_items, F]`` standardised numeric item features (None: none).
+        self.item_dense: Optional[np.ndarray] = None
+        if self.args.item_features or self.args.item_dense_features:
+            self.item_lookups, self.item_dense = self._load_item_features(cfg)
 
     def table_schema(self) -> Schema:
         """The dataset's schema plus one sequence feature per item feature (its table
@@ -370,17 +383,25 @@ class RetrievalKind(ItemTableKind):
         return Schema(features=list(self.schema.features) + extra,
                       labels=list(self.schema.labels))
 
-    def _load_item_features(self, cfg: Config) -> Dict[str, np.ndarray]:
-        """The dataset's lookups of ``model.args.item_features``; fills (or checks)
-        ``model.args.item_feature_rows`` in the args and in ``cfg`` (whose saved copy rebuilds
-        the same tables at export)."""
+    def _load_item_features(self, cfg: Config
+                            ) -> Tuple[Dict[str, np.ndarray], Optional[np.ndarray]]:
+        """The dataset's lookups of ``model.args.item_features`` and the standardised
+        ``[num_items, F]`` values of ``model.args.item_dense_features`` (None without any);
+        fills (or checks) ``model.args.item_feature_rows`` in the args and in ``cfg`` (whose
+        saved copy rebuilds the same tables at export)."""
         names = list(self.args.item_features)
         feats = ItemFeatures.load(cfg.data.path)
         assert feats is not None
         unknown = [n for n in names if n not in feats.names]
         if unknown:
-            raise ValueError(f"model.args.item_features: {unknown} are not in "
-                             f"{cfg.data.path}/item_features.parquet, which has {feats.names}")
+            raise ValueError(f"model.args.item_features: {unknown} are not categorical "
+                             f"features of {cfg.data.path}/item_features.parquet, which has "
+                             f"{feats.names} (numeric: {feats.dense_names})")
+        unknown = [n for n in self.args.item_dense_features if n not in feats.dense_names]
+        if unknown:
+            raise ValueError(f"model.args.item_dense_features: {unknown} are not numeric "
+                             f"features of {cfg.data.path}/item_features.parquet, which has "
+                             f"{feats.dense_names} (categorical: {feats.names})")
         if feats.num_items != self.num_items:
             raise ValueError(f"{cfg.data.path}/item_features.parquet has {feats.num_items} "
                              f"items, the item table {self.num_items} rows: regenerate it")
@@ -391,7 +412,11 @@ class RetrievalKind(ItemTableKind):
                              f"key (the task fills it)")
         self.args.item_feature_rows = rows
         cfg.model.args = {**cfg.model.args, "item_feature_rows": rows}
-        return {n: feats.tables[n] for n in names}
+        dense = None
+        if self.args.item_dense_features:
+            dense = standardise_items(np.stack([feats.dense[n] for n in
+                                                self.args.item_dense_features], axis=1))
+        return {n: feats.tables[n] for n in names}, dense
 
     def item_spec(self, schema: Schema) -> FeatureSpec:
         return retrieval_item_spec(schema, self.args)
@@ -412,6 +437,9 @@ class RetrievalKind(ItemTableKind):
         if self.item_lookups:
             model.item_tower.set_lookups(  # type: ignore[union-attr, operator]
                 {k: torch.from_numpy(v) for k, v in self.item_lookups.items()})
+        if self.item_dense is not None:
+            model.item_tower.set_dense(  # type: ignore[union-attr, operator]
+                torch.from_numpy(self.item_dense))
         return task
 
     def evaluate(self, pipeline: TrainPipelineSparseDist, dmp: nn.Module,
@@ -421,7 +449,7 @@ class RetrievalKind(ItemTableKind):
         index = None
         build_s = math.nan
         full: Optional[torch.Tensor] = None
-        if self.item_lookups:
+        if self.item_lookups or self.item_dense is not None:
             # The item tower over every item (id row + feature rows): assembled whole on every
             # rank, each rank ranking its own slice of the rows (the exact merge is unchanged).
             full = self._item_matrix(dmp, shards, ctx)
