@@ -37,12 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.io import atomic_path
+from data.reader import DataError
 
 ITEM_FEATURES_FILE = "item_features.parquet"
 _META_KEY = b"shardrec.item_features"
 
 
-class ItemFeaturesError(ValueError):
+class ItemFeaturesError(DataError):
     """A missing or malformed item features file; the message names the file and the fix."""
 
 

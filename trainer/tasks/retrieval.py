@@ -60,7 +60,7 @@ from models.retrieval import (
 )
 from models.sequential import negatives_feature
 from sharding.dist import DistContext
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.tasks.sequential import (
     ItemTableKind,
     RankingMetrics,
@@ -394,20 +394,20 @@ class RetrievalKind(ItemTableKind):
         assert feats is not None
         unknown = [n for n in names if n not in feats.names]
         if unknown:
-            raise ValueError(f"model.args.item_features: {unknown} are not categorical "
+            raise ConfigError(f"model.args.item_features: {unknown} are not categorical "
                              f"features of {cfg.data.path}/item_features.parquet, which has "
                              f"{feats.names} (numeric: {feats.dense_names})")
         unknown = [n for n in self.args.item_dense_features if n not in feats.dense_names]
         if unknown:
-            raise ValueError(f"model.args.item_dense_features: {unknown} are not numeric "
+            raise ConfigError(f"model.args.item_dense_features: {unknown} are not numeric "
                              f"features of {cfg.data.path}/item_features.parquet, which has "
                              f"{feats.dense_names} (categorical: {feats.names})")
         if feats.num_items != self.num_items:
-            raise ValueError(f"{cfg.data.path}/item_features.parquet has {feats.num_items} "
+            raise ConfigError(f"{cfg.data.path}/item_features.parquet has {feats.num_items} "
                              f"items, the item table {self.num_items} rows: regenerate it")
         rows = [feats.rows[n] for n in names]
         if self.args.item_feature_rows and list(self.args.item_feature_rows) != rows:
-            raise ValueError(f"model.args.item_feature_rows {self.args.item_feature_rows} "
+            raise ConfigError(f"model.args.item_feature_rows {self.args.item_feature_rows} "
                              f"disagree with the dataset's item features ({rows}); remove the "
                              f"key (the task fills it)")
         self.args.item_feature_rows = rows
