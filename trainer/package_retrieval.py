@@ -13,10 +13,12 @@ package``) dispatches a retrieval checkpoint here. ``DIR`` is a package of
   (the history, at most ``max_len`` most recent ids: :class:`RetrievalPackage` truncates);
 * ``items.pt``: ``{"items": [num_items, D]}``, the item tower's L2-normalised output for
   every item (the item table row plus, with ``model.args.item_features``, the mean rows of its
-  feature ids; row 0 is padding and never returned);
+  feature ids and, with ``model.args.item_dense_features``, the linear map of its
+  standardised numeric features; row 0 is padding and never returned);
 * ``item_features.parquet`` (with item features only; :mod:`data.item_features`): the item →
-  feature ids lookup ``items.pt`` was made from. The user program holds the same lookup and
-  adds the history's item features itself, so callers send item ids only;
+  feature ids lookup and the standardised numeric values ``items.pt`` was made from. The user
+  program holds the same lookup and values and adds the history's item features itself, so
+  callers send item ids only;
 * ``items.faiss``: a FAISS inner-product index over rows ``1..N-1`` (ids = rows; HNSW unless
   ``--index ivf_flat``).
 
