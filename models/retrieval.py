@@ -17,8 +17,9 @@ Towers:
   ``category``, multi-hot ``genres``), the mean of the item's ids' rows of that feature's table
   ``t_f`` (all width ``D``: a sum, no projection, so an item without features, or a model
   without item features, is its id row), plus the linear map ``W [D, F]`` (zero at start) of
-  its standardised numeric features ``x_j [F]`` (``args.item_dense_features``, e.g. a price). ``F_f(j)`` comes from the dataset's ``item_features.parquet``
-  (:mod:`data.item_features`), held as ``[N, G_f]`` buffers. The data path adds each looked-up
+  its standardised numeric features ``x_j [F]`` (``args.item_dense_features``, e.g. a price).
+  ``F_f(j)`` comes from the dataset's ``item_features.parquet`` (:mod:`data.item_features`),
+  held as ``[N, G_f]`` buffers. The data path adds each looked-up
   item's feature ids (``G_f`` slots per item, 0 = empty) as the extra sequence features
   ``<role>__<f>`` of the tables ``<item table>_<f>`` (roles: the item feature, ``_pos``,
   ``_neg``), so the feature tables are EC tables sharded like the item table. The history
@@ -500,10 +501,7 @@ class RetrievalLoss(nn.Module):
     def __init__(self, temperature: float, in_batch: bool, logq: bool, num_items: int,
                  attention_sharpness: float = 0.0, label_attention: str = "positive") -> None:
         super().__init__()
-        if label_attention not in LABEL_ATTENTION:
-            raise ValueError(f"model.args.label_attention must be one of {LABEL_ATTENTION}, "
-                             f"got {label_attention!r}")
-        self.label_attention = label_attention
+        self.label_attention = label_attention  # checked with the config (models.mind)
         self.temperature = temperature
         self.in_batch = in_batch
         self.logq = logq

@@ -30,8 +30,9 @@ planted vector, ``1..prototypes`` (a coarse cluster of the item space that users
 also come from, as a shop's category tree groups what its customers want) — and a finer
 ``brand`` — the nearest of ``brands`` random unit centres — and the numeric
 ``log_popularity`` (the planted ``log π_j``, as observed sales would give it). They let an
-item tower place items that few rows mention (the cold tail of the Zipf popularity). Their draws come from their own
-seed stream, so the rows and oracle do not depend on them.
+item tower place items that few rows mention (the cold tail of the Zipf popularity). Their
+draws come from their own seed stream (``log_popularity`` replays the planted one), so the
+rows and oracle do not depend on them.
 
 Oracle: the ``K`` most likely unseen items under ``P(· | u)``. ``meta.json`` stores
 ``oracle.recall@K`` (fraction of test rows whose positive is in that list — the best recall
@@ -215,12 +216,8 @@ def planted_items(a: RetrievalSynthArgs) -> Tuple[np.ndarray, Optional[np.ndarra
     return _planted(a)[:2]
 
 
-def planted_log_popularity(a: RetrievalSynthArgs) -> np.ndarray:
-    """``[N]`` log of every item's planted Zipf popularity share (``log π_j``), replayed."""
-    return _planted(a)[2]
-
-
 def _planted(a: RetrievalSynthArgs) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """(item vectors, prototypes or None, ``[N]`` log planted popularity ``log π_j``)."""
     rng = np.random.default_rng(a.seed)
     items = _unit(rng.normal(size=(a.num_items, a.true_dim)))
     pop = 1.0 / np.power(rng.permutation(a.num_items) + 1.0, a.zipf)
@@ -233,7 +230,7 @@ def item_feature_table(a: RetrievalSynthArgs) -> ItemFeatures:
     ``brand`` (nearest of ``brands`` random centres) of every item, and the numeric
     ``log_popularity`` (``log π_j``, as a shop's sales counts would give it); row 0 (padding)
     empty / 0."""
-    items, protos = planted_items(a)
+    items, protos, log_pop = _planted(a)
     rng = np.random.default_rng([a.seed, 11])
     if protos is None:
         protos = _unit(rng.normal(size=(64, a.true_dim)))
@@ -242,7 +239,7 @@ def item_feature_table(a: RetrievalSynthArgs) -> ItemFeatures:
     brand = np.argmax(items @ brands.T, axis=1) + 1
     tables = {"category": np.concatenate(([0], category))[:, None].astype(np.int64),
               "brand": np.concatenate(([0], brand))[:, None].astype(np.int64)}
-    dense = {"log_popularity": np.concatenate(([0.0], planted_log_popularity(a)))}
+    dense = {"log_popularity": np.concatenate(([0.0], log_pop))}
     return ItemFeatures(tables, {"category": protos.shape[0] + 1, "brand": brands.shape[0] + 1},
                         dense)
 

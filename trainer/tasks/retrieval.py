@@ -449,7 +449,7 @@ class RetrievalKind(ItemTableKind):
         index = None
         build_s = math.nan
         full: Optional[torch.Tensor] = None
-        if self.item_lookups or self.item_dense is not None:
+        if _find_item_tower(dmp).has_features:
             # The item tower over every item (id row + feature rows): assembled whole on every
             # rank, each rank ranking its own slice of the rows (the exact merge is unchanged).
             full = self._item_matrix(dmp, shards, ctx)
